@@ -1,0 +1,75 @@
+"""Defaults shared by every dataset config (paper Appendix B.1 and Table 6).
+
+Every field can be overridden on the command line, e.g. ``--config.batch_size=4096``.
+Dataset configs call :func:`get_base_config` and set the ``dataset`` / ``data`` block.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = 'kuairand'        # kuairand | kaggle_revenue | tabular | synthetic
+  c.data_dir = ''               # '' = the embedded sample (kuairand only)
+  c.cache_dir = ''              # '' = ~/.cache/htl_jax (prepared arrays, keyed by inputs)
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ''              # tabular: CSV or Parquet file
+  c.data.categorical = ''       # tabular: comma-separated column names
+  c.data.numeric = ''           # tabular: comma-separated column names
+  c.data.tasks = ''             # tabular: binary task columns in chain order
+  c.data.core = ''              # tabular: core (continuous) column
+  c.data.time_column = ''       # tabular: '' = seeded random 8:1:1 split
+  c.data.numeric_buckets = 20   # quantile buckets for numeric columns (fitted on train)
+  c.data.numeric_encoding = 'quantile'  # quantile | standardize (then uniform buckets)
+  c.data.max_rows = 0           # 0 = all rows (handy for quick looks at big logs)
+  # Model.
+  c.model = 'htlnet'
+  c.embed_dim = 10              # d of the shared embedding
+  c.tower_dims = (128, 64, 32)
+  c.label_embed_dim = 10        # L_d of the LEU tables
+  c.fusion_dim = 32             # k of the IFU projections h1, h2, h3
+  c.head = 'mse'                # mse | ziln
+  c.core_transform = 'standardize'  # none | standardize | log1p (MSE head only)
+  c.use_label_embedding = True
+  c.use_representation = True
+  c.fusion = 'attention'        # attention | concat
+  c.stop_gradient = True
+  c.gumbel_noise = True
+  c.num_experts = 4             # mmoe / ple / adatt
+  c.expert_dims = (128, 64)     # mmoe / ple / adatt / shared_bottom bottom
+  c.aitm_alpha = 0.6            # AITM calibrator weight
+  c.tafe_dtl_weight = 1.0       # TAFE dependence task learning loss weight
+  c.lambda_pair = 0.0           # pairwise ranking loss weight (every model)
+  # Label-embedding temperature (Appendix A, Table 6).
+  c.tau0 = 10.0
+  c.tau_decay = 0.5
+  c.tau_decay_steps = 1000
+  c.tau_min = 0.1
+  # Gradient process (Algorithm 1, Eq. 16-17).
+  c.grad_process = 'htl'        # htl | pcgrad | metabalance | none
+  c.grad_conflict = True        # Eq. 16 projection on/off
+  c.grad_magnitude = True       # Eq. 17 magnitude alignment on/off
+  c.alpha = 1e-3                # Algorithm 1's step size on theta_s: Adam lr of the embedding
+  c.gamma = 0.1
+  c.clip = 10.0
+  c.per_leaf = False
+  c.metabalance_beta = 0.9
+  c.metabalance_relax = 0.7
+  # Optimisation.
+  c.seed = 0
+  c.batch_size = 2048           # global batch, split across devices
+  c.eval_batch_size = 8192
+  c.num_epochs = 10
+  c.max_steps = 0               # 0 = num_epochs * steps_per_epoch
+  c.learning_rate = 1e-3
+  c.l2 = 1e-6
+  # Loop.
+  c.eval_every = 500            # steps; also at each epoch end
+  c.checkpoint_every = 500
+  c.patience = 3                # evals without validation improvement before stopping
+  c.best_metric = ''            # '' = nrmse of the core task (ziln head: gini)
+  c.log_every = 100
+  return c

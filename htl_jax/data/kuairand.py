@@ -1,0 +1,178 @@
+"""KuaiRand-Pure loader (the paper's "KuaiRand" dataset; DESIGN section 7).
+
+Reads ``log_random_4_22_to_5_08_pure.csv`` joined with ``user_features_pure.csv`` and
+``video_features_basic_pure.csv`` from ``config.data_dir``, or, when ``data_dir`` is '', from
+the generated sample shipped in ``htl_jax/data/sample/kuairand/`` (same names and columns,
+made by ``tools/make_kuairand_sample.py``).
+
+Tasks: ``click`` = ``is_click`` -> ``long_view`` = ``long_view`` (nested under click), core
+``watch_time`` = ``play_time_ms / 1000`` (seconds). Split chronologically by ``time_ms``.
+
+Feature fields (no outcome column is ever a feature: ``play_time_ms``, ``long_view``, the
+``is_*`` feedback, ``*_stay_time``, ``is_profile_enter``):
+
+* log: ``user_id``, ``video_id``, ``tab``, ``hour`` (``hourmin // 100``), ``weekday`` (of
+  ``date``), ``duration_ms`` (numeric). ``is_rand`` is constant in the random log and is
+  dropped; ``date`` itself would be unseen in valid / test under the chronological split.
+* user: ``user_active_degree``, ``is_lowactive_period``, ``is_live_streamer``,
+  ``is_video_author``, the ``*_range`` bins of the follow / fans / friend counts and of
+  ``register_days`` (the raw counts are dropped: the bins carry them), ``onehot_feat0..17``.
+* video: ``author_id``, ``video_type``, ``upload_type``, ``visible_status``, ``music_id``,
+  ``music_type``, ``tag`` (multi-valued cells such as ``"2,28"`` keep their FIRST tag,
+  ``"2"``), ``server_width``, ``server_height`` (categorical), ``video_duration``
+  (numeric) and ``video_age_days`` = log date - ``upload_dt`` (numeric).
+
+Quirks: every categorical column is read as a string, so ``1`` / ``1.0`` / ``-124`` / empty
+never break type inference; empty cells are null (OOV id 0); the sentinel ``-124`` in a
+categorical column is its own category; negative values in the numeric columns (durations,
+ages) are null. ``config.data.max_rows > 0`` keeps only the first rows of the log.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import numpy as np
+import polars as pl
+
+from htl_jax.data.pipeline import data_option
+from htl_jax.data.schema import DataError, RawTable
+
+LOG_FILE = 'log_random_4_22_to_5_08_pure.csv'
+USER_FILE = 'user_features_pure.csv'
+VIDEO_FILE = 'video_features_basic_pure.csv'
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample', 'kuairand')
+
+BINARY_TASKS = ('click', 'long_view')
+CORE_TASK = 'watch_time'
+LABEL_COLUMNS = ('is_click', 'long_view', 'play_time_ms')
+
+# Columns read from each file, with explicit dtypes (String = categorical, read verbatim).
+_LOG_SCHEMA = {
+    'user_id': pl.Int64, 'video_id': pl.Int64, 'date': pl.Int64, 'hourmin': pl.Int64,
+    'time_ms': pl.Int64, 'is_click': pl.Float64, 'long_view': pl.Float64,
+    'play_time_ms': pl.Float64, 'duration_ms': pl.Float64, 'tab': pl.String,
+}
+_USER_CATEGORICAL = (
+    'user_active_degree', 'is_lowactive_period', 'is_live_streamer', 'is_video_author',
+    'follow_user_num_range', 'fans_user_num_range', 'friend_user_num_range',
+    'register_days_range') + tuple(f'onehot_feat{i}' for i in range(18))
+_USER_SCHEMA = {'user_id': pl.Int64, **{c: pl.String for c in _USER_CATEGORICAL}}
+_VIDEO_CATEGORICAL = ('author_id', 'video_type', 'upload_type', 'visible_status', 'music_id',
+                      'music_type', 'tag', 'server_width', 'server_height')
+_VIDEO_SCHEMA = {'video_id': pl.Int64, 'upload_dt': pl.String, 'video_duration': pl.Float64,
+                 **{c: pl.String for c in _VIDEO_CATEGORICAL}}
+
+LOG_FIELDS = ('user_id', 'video_id', 'tab', 'hour', 'weekday', 'duration_ms')
+NUMERIC_FIELDS = ('duration_ms', 'video_duration', 'video_age_days')
+FIELDS = LOG_FIELDS + _USER_CATEGORICAL + _VIDEO_CATEGORICAL + ('video_duration',
+                                                                  'video_age_days')
+OUTCOME_COLUMNS = ('is_click', 'is_like', 'is_follow', 'is_comment', 'is_forward', 'is_hate',
+                   'long_view', 'play_time_ms', 'profile_stay_time', 'comment_stay_time',
+                   'is_profile_enter')
+
+
+def data_dir(config: Any) -> str:
+  """The directory holding the three CSV files ('' = the embedded sample)."""
+  return str(getattr(config, 'data_dir', '') or '') or SAMPLE_DIR
+
+
+def input_files(config: Any) -> list[str]:
+  """The three input files, for the preprocessing cache key."""
+  root = data_dir(config)
+  return [os.path.join(root, name) for name in (LOG_FILE, USER_FILE, VIDEO_FILE)]
+
+
+def _read(path: str, schema: dict[str, pl.DataType], n_rows: int | None = None
+          ) -> pl.DataFrame:
+  """Reads the columns of ``schema`` from a CSV; missing file / column -> DataError."""
+  if not os.path.isfile(path):
+    raise DataError(f'{path}: file not found')
+  try:
+    header = pl.read_csv(path, n_rows=0).columns
+  except (pl.exceptions.PolarsError, OSError) as e:
+    raise DataError(f'{path}: cannot read the CSV header: {e}') from e
+  missing = [c for c in schema if c not in header]
+  if missing:
+    raise DataError(f'{path}: missing column(s) {missing}')
+  try:
+    return pl.read_csv(path, columns=list(schema), schema_overrides=schema, n_rows=n_rows)
+  except (pl.exceptions.PolarsError, OSError) as e:
+    raise DataError(f'{path}: cannot parse: {e}') from e
+
+
+def _unique_keys(table: pl.DataFrame, key: str, path: str) -> pl.DataFrame:
+  """Keeps the first row of each key so that the join never duplicates log rows."""
+  nulls = table[key].null_count()
+  if nulls:
+    raise DataError(f'{path}: column {key!r}: {nulls} rows with an empty id')
+  unique = table.unique(subset=key, keep='first', maintain_order=True)
+  if unique.height != table.height:
+    logging.warning('%s: %d duplicate %s rows dropped (first kept)', path,
+                    table.height - unique.height, key)
+  return unique
+
+
+def _dense_codes(table: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
+  """Replaces string categories of a small table by order-preserving integer codes.
+
+  The pipeline sorts the train values and numbers them, so a code that preserves the string
+  order gives exactly the same ids while the 1M-row joined table holds ints, not strings.
+  """
+  return table.with_columns([pl.col(c).rank('dense').cast(pl.Int64) for c in columns])
+
+
+def _empty_to_null(expr: pl.Expr) -> pl.Expr:
+  expr = expr.str.strip_chars()
+  return pl.when(expr.str.len_chars() > 0).then(expr).otherwise(None)
+
+
+def load_raw(config: Any) -> RawTable:
+  """Reads, joins and derives the KuaiRand fields (module docstring)."""
+  paths = input_files(config)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise DataError(f'{missing[0]}: file not found'
+                    + (f' (also missing: {missing[1:]})' if missing[1:] else ''))
+  log_path, user_path, video_path = paths
+  max_rows = int(data_option(config, 'max_rows', 0))
+  log = _read(log_path, _LOG_SCHEMA, n_rows=max_rows if max_rows > 0 else None)
+  users = _unique_keys(_read(user_path, _USER_SCHEMA), 'user_id', user_path)
+  videos = _unique_keys(_read(video_path, _VIDEO_SCHEMA), 'video_id', video_path)
+
+  bad_time = log['time_ms'].null_count()
+  if bad_time:
+    raise DataError(f'{log_path}: column \'time_ms\': {bad_time} rows with an empty time')
+  users = _dense_codes(
+      users.with_columns([_empty_to_null(pl.col(c)) for c in _USER_CATEGORICAL]),
+      _USER_CATEGORICAL)
+  videos = videos.with_columns(
+      [_empty_to_null(pl.col(c)) for c in _VIDEO_CATEGORICAL if c != 'tag']
+      + [_empty_to_null(pl.col('tag').str.split(',').list.first()).alias('tag'),
+         pl.col('upload_dt').str.strptime(pl.Date, '%Y-%m-%d', strict=False)])
+  videos = _dense_codes(videos, _VIDEO_CATEGORICAL)
+
+  log_date = pl.col('date').cast(pl.String).str.strptime(pl.Date, '%Y%m%d', strict=False)
+  frame = (
+      log.lazy()
+      .with_columns(
+          hour=pl.col('hourmin') // 100,
+          weekday=log_date.dt.weekday(),
+          log_date=log_date,
+          tab=_empty_to_null(pl.col('tab')).rank('dense'),
+      )
+      .join(users.lazy(), on='user_id', how='left')
+      .join(videos.lazy(), on='video_id', how='left')
+      .with_columns(video_age_days=(pl.col('log_date') - pl.col('upload_dt')).dt.total_days())
+      .with_columns([pl.when(pl.col(c) >= 0).then(pl.col(c).cast(pl.Float64)).otherwise(None)
+                     .alias(c) for c in NUMERIC_FIELDS])
+      .collect()
+  )
+  labels = frame.select(LABEL_COLUMNS[:2]).to_numpy().astype(np.float32)
+  core = (frame['play_time_ms'].to_numpy().astype(np.float64) / 1000.0).astype(np.float32)
+  return RawTable(
+      features=frame.select(FIELDS), numeric=NUMERIC_FIELDS, labels=labels, core=core,
+      time=frame['time_ms'].to_numpy(), binary_tasks=BINARY_TASKS, core_task=CORE_TASK,
+      source=log_path, label_columns=LABEL_COLUMNS)

@@ -1,0 +1,111 @@
+"""AdaTT baseline: Adaptive Task-to-Task Fusion Network (AdaTT-sp).
+
+Li et al., "AdaTT: Adaptive Task-to-Task Fusion Network for Multitask Learning in
+Recommendations", KDD 2023 (https://doi.org/10.1145/3580305.3599769); reference code
+https://github.com/facebookresearch/AdaTT.
+
+AdaTT-sp has task-specific fusion units only: at each fusion level every task owns a group
+of ``experts_per_task`` experts; the fusion unit of task ``t`` combines
+
+- an adaptive gate over ALL experts of the level, ``g_t(x)^T E(x)`` with
+  ``g_t(x) = softmax(W_t x)`` reading task ``t``'s input to the level, and
+- the residual self-expert connection ``v_t^T E_t(x)``: a learned linear combination of task
+  ``t``'s own experts (``v_t`` fixed to 1 when a task has a single expert).
+
+Choices and simplifications (documented here, not in the paper):
+
+- one fusion level per entry of ``cfg.expert_dims``; at level ``l`` every expert is a one-layer
+  ReLU MLP of width ``cfg.expert_dims[l]`` (as in :mod:`htl_jax.models.ple`);
+- ``experts_per_task`` defaults to 2 (so ``v_t`` is learned); gates are single linear layers;
+- ``num_shared_experts > 0`` turns on the general AdaTT with a shared module (its experts
+  join every gate's pool; at non-final levels a shared fusion unit feeds the next level's
+  shared experts). The registered ``adatt`` model is AdaTT-sp, ``num_shared_experts = 0``.
+
+All tasks read ``e = flatten(embs[0])`` and fuse each other's experts, so
+``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import experts as moe
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+def _uniform_init(scale: float):
+  """``U(-scale, scale)`` initializer (the reference code's init of ``v_t``)."""
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, minval=-scale, maxval=scale)
+
+  return init
+
+
+class AdaTT(nn.Module):
+  """AdaTT with task-specific (and optionally shared) fusion units and a tower per task."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+  experts_per_task: int = 2
+  num_shared_experts: int = 0
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  def _self_residual(self, own_experts: jax.Array, name: str) -> jax.Array:
+    """Residual ``v^T E_own``: ``[B, m, D] -> [B, D]``; unit weights when ``m == 1``."""
+    num = own_experts.shape[1]
+    if num == 1:
+      return own_experts[:, 0]
+    weights = self.param(name, _uniform_init(math.sqrt(1.0 / num)), (num,))
+    return jnp.einsum('m,bmd->bd', weights, own_experts)
+
+  def _fusion_level(self, level: int, width: int, inputs: list[jax.Array],
+                    last: bool) -> list[jax.Array]:
+    """One fusion level. ``inputs``: per task, then the shared module's input if any."""
+    dims = (width,)
+    num_tasks = self.spec.num_tasks
+    sizes = [self.experts_per_task] * num_tasks
+    if self.num_shared_experts:
+      sizes.append(self.num_shared_experts)
+    groups = [
+        moe.ExpertBank(dims, size, name=f'level_{level}_experts_{u}')(inputs[u])
+        for u, size in enumerate(sizes)
+    ]
+    every_expert = jnp.concatenate(groups, axis=1)
+    num_units = num_tasks if last else len(sizes)
+    fused = []
+    for u in range(num_units):
+      gate = moe.SoftmaxGate(every_expert.shape[1], name=f'level_{level}_gate_{u}')(inputs[u])
+      residual = self._self_residual(groups[u], f'level_{level}_self_weights_{u}')
+      fused.append(moe.mix(gate, every_expert) + residual)
+    return fused
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    num_modules = self.spec.num_tasks + (1 if self.num_shared_experts else 0)
+    inputs = [e] * num_modules
+    num_levels = len(self.cfg.expert_dims)
+    for level, width in enumerate(self.cfg.expert_dims):
+      inputs = self._fusion_level(level, width, inputs, last=level == num_levels - 1)
+    num_binary = self.spec.num_binary
+    outputs = []
+    for t in range(self.spec.num_tasks):
+      out_dim = self.cfg.core_out_dim if t == num_binary else 1
+      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(inputs[t])
+      outputs.append(out)
+    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
+    return ModelOutput(probs, outputs[-1])

@@ -1,0 +1,66 @@
+"""AITM baseline: Adaptive Information Transfer Multi-task framework.
+
+Xi et al., "Modeling the Sequential Dependence among Audience Multi-step Conversions with
+Multi-task Learning in Targeted Display Advertising", KDD 2021
+(https://doi.org/10.1145/3447548.3467071); reference code https://github.com/xidongbo/AITM.
+
+Every task ``t`` has a tower (ReLU MLP ``cfg.tower_dims``) over ``e = flatten(embs[0])``
+whose last hidden layer is ``q_t`` (dimension ``k = cfg.tower_dims[-1]``). For ``t > 1``
+(Eq. 1-4):
+
+- the Info module transfers ``p_{t-1} = ReLU(Dense_k(z_{t-1}))`` from the previous task;
+- the AIT module fuses ``z_t = sum_{u in {p_{t-1}, q_t}} w_u h1(u)`` with
+  ``w_u = softmax_u(<h2(u), h3(u)> / sqrt(k))``; ``h1, h2, h3`` (the paper's W1..W3) are one
+  set of Dense layers shared by all tasks;
+- ``z_1 = q_1``; the prediction is ``sigmoid(Dense_1(z_t))``.
+
+The core task, last in the chain, receives the transfer from the last binary task and its
+own linear head of ``cfg.core_out_dim`` units. The behavioural expectation calibrator
+(Eq. 11) is :func:`htl_jax.losses.aitm_calibrator`, applied by the trainer. The transfer is
+not stopped, so ``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class AITM(nn.Module):
+  """Towers, Info transfer ``t-1 -> t`` and one shared AIT attention."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    k = self.cfg.tower_dims[-1]
+    ait = layers.AttentionFusion(k, name='ait')  # W1, W2, W3 shared by all tasks.
+    num_binary = self.spec.num_binary
+    outputs, z = [], None
+    for t in range(num_binary + 1):
+      q = layers.MLP(self.cfg.tower_dims, name=f'tower_{t}')(e)[-1]
+      if z is None:
+        z = q
+      else:
+        transfer = nn.relu(nn.Dense(k, kernel_init=layers.XAVIER, name=f'info_{t}')(z))
+        z = ait([transfer, q])
+      out_dim = self.cfg.core_out_dim if t == num_binary else 1
+      outputs.append(nn.Dense(out_dim, kernel_init=layers.XAVIER, name=f'out_{t}')(z))
+    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
+    return ModelOutput(probs, outputs[-1])

@@ -1,0 +1,52 @@
+"""ESMM baseline: Entire Space Multi-task Model, generalized to a T-step chain.
+
+Ma et al., "Entire Space Multi-Task Model: An Effective Approach for Estimating
+Post-Click Conversion Rate", SIGIR 2018 (https://doi.org/10.1145/3209978.3210104).
+
+ESMM models ``pCTCVR = pCTR * pCVR`` (Eq. 2) so that every probability is trained over the
+entire impression space. For the chain ``y^1 >= y^2 >= ... >= y^T`` tower ``t`` outputs the
+conditional probability ``q_t = P(y^t = 1 | y^{t-1} = 1)`` (``q_1 = P(y^1 = 1)``) and the
+model returns ``p_t = prod_{u <= t} q_u``, monotone non-increasing in ``t``; the losses are
+applied to ``p_t`` only, as in the paper. The core task has its own tower. All towers read
+``e = flatten(embs[0])`` and ``p_t`` reads towers ``1..t``, so ``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class ESMM(nn.Module):
+  """Chain ESMM: ``p_t = q_1 * ... * q_t`` with a conditional tower per step."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    num_binary = self.spec.num_binary
+    logits = []
+    for t in range(num_binary):
+      logit, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(e)
+      logits.append(logit)
+    conditional = jax.nn.sigmoid(jnp.concatenate(logits, axis=-1))  # q_t, [B, T]
+    probs = jnp.cumprod(conditional, axis=-1)
+    core, _ = layers.Tower(self.cfg.tower_dims, self.cfg.core_out_dim,
+                           name=f'tower_{num_binary}')(e)
+    return ModelOutput(probs, core)

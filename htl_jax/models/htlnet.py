@@ -1,0 +1,82 @@
+"""HTLNet: Hybrid Targets Learning Network (Tang et al., RecSys 2024, arXiv 2403.17442).
+
+Section 3 of DESIGN.md fixes every open point; in short, for binary tasks ``1..T`` and the
+core task ``T+1``:
+
+- task 1's tower reads ``e`` (the concatenated field embeddings);
+- task ``t > 1`` reads ``concat(rep_f^{t-1}, le_f^{t-1}, e)`` (Eq. 6), where ``le_f^{t-1}``
+  and ``rep_f^{t-1}`` are the IFU fusions (Eq. 13-14) of the label embeddings ``le^1..le^{t-1}``
+  (LEU, Eq. 11-12) and of the first-hidden-layer representations ``rep^1..rep^{t-1}``;
+- ``stop_gradient`` (Eq. 15) on ``yhat^u`` before the LEU and on ``rep^u`` before the IFU;
+- the core head is linear (MSE) or ZILN.
+
+With Eq. 15 on, every task's loss reaches the shared embedding only through its own tower's
+read of ``e``, so ``isolated_towers`` is True and the trainer takes the one-backward-pass
+path for per-task gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class HTLNet(nn.Module):
+  """HTLNet with LEU, IFU and stop-gradient; ablation switches in :class:`ModelConfig`."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return self.cfg.stop_gradient
+
+  def _detach(self, x: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(x) if self.cfg.stop_gradient else x
+
+  def _task_input(self, t: int, e: jax.Array, reps: list[jax.Array],
+                  label_embs: list[jax.Array]) -> jax.Array:
+    """Tower input of task ``t`` (0-based): Eq. 6 for ``t > 0``."""
+    if t == 0:
+      return e
+    parts = []
+    if self.cfg.use_representation:
+      fuse = layers.make_fusion(self.cfg.fusion, self.cfg.fusion_dim, f'ifu_rep_{t}')
+      parts.append(fuse(reps[:t]))
+    if self.cfg.use_label_embedding:
+      fuse = layers.make_fusion(self.cfg.fusion, self.cfg.fusion_dim, f'ifu_label_{t}')
+      parts.append(fuse(label_embs[:t]))
+    return jnp.concatenate(parts + [e], axis=-1)
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    num_binary = self.spec.num_binary
+    noise = None
+    if train and self.cfg.gumbel_noise and self.cfg.use_label_embedding:
+      noise = layers.gumbel_noise(self.make_rng('gumbel'), (num_binary, 2), example_index)
+    reps, label_embs, probs = [], [], []
+    for t in range(num_binary + 1):
+      e = layers.flatten_fields(embs[t])
+      x = self._task_input(t, e, reps, label_embs)
+      is_core = t == num_binary
+      out_dim = self.cfg.core_out_dim if is_core else 1
+      out, rep = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
+      if is_core:
+        return ModelOutput(jnp.stack(probs, axis=-1), out)
+      prob = jax.nn.sigmoid(out[:, 0])
+      probs.append(prob)
+      reps.append(self._detach(rep))
+      if self.cfg.use_label_embedding:
+        leu = layers.LabelEmbedding(self.cfg.label_embed_dim, name=f'leu_{t}')
+        label_embs.append(leu(self._detach(prob), tau,
+                              None if noise is None else noise[:, t]))
+    raise AssertionError('unreachable')

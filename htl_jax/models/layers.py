@@ -1,0 +1,132 @@
+"""Building blocks shared by HTLNet and the baselines.
+
+- :class:`Tower`: the per-task MLP ``[128, 64, 32]`` with ReLU and Xavier init (Appendix B.1);
+  it also returns the output of its FIRST hidden layer, the transferred representation
+  ``rep^t`` of HTLNet.
+- :class:`LabelEmbedding`: the Label Embedding Unit (LEU, Eq. 11-12) with Gumbel-softmax.
+- :class:`AttentionFusion` / :class:`ConcatFusion`: the Information Fusion Unit (IFU,
+  Eq. 13-14) and its concatenation ablation.
+- :func:`flatten_fields`: ``[B, F, d] -> [B, F*d]``, the concatenated field embeddings ``e``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+XAVIER = nn.initializers.xavier_uniform()
+PROB_EPS = 1e-7
+
+
+def flatten_fields(emb: jax.Array) -> jax.Array:
+  """Concatenate the field embeddings: ``[B, F, d] -> [B, F*d]`` (the vector ``e``)."""
+  return emb.reshape(emb.shape[0], -1)
+
+
+class MLP(nn.Module):
+  """ReLU MLP with Xavier-initialised kernels; returns every hidden layer's output."""
+
+  dims: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    hidden = []
+    for i, dim in enumerate(self.dims):
+      x = nn.relu(nn.Dense(dim, kernel_init=XAVIER, name=f'dense_{i}')(x))
+      hidden.append(x)
+    return hidden
+
+
+class Tower(nn.Module):
+  """A task tower: MLP then a linear output of ``out_dim`` units.
+
+  Returns ``(output, rep)`` where ``rep`` is the first hidden layer's output (Appendix B.1:
+  the representation HTLNet transfers to later tasks).
+  """
+
+  dims: Sequence[int]
+  out_dim: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    hidden = MLP(self.dims, name='mlp')(x)
+    out = nn.Dense(self.out_dim, kernel_init=XAVIER, name='out')(hidden[-1])
+    return out, hidden[0]
+
+
+def gumbel_noise(key: jax.Array, shape: tuple[int, ...],
+                 example_index: Optional[jax.Array]) -> jax.Array:
+  """Gumbel(0, 1) noise ``[B, *shape]``, drawn per example from ``fold_in(key, index)``.
+
+  Keying the noise by the example's position in the split (not by its place in the local
+  batch) gives the same noise for the same example on 1 or N devices.
+  """
+  if example_index is None:
+    raise ValueError('gumbel_noise needs example_index')
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_index)
+  return jax.vmap(lambda k: jax.random.gumbel(k, shape))(keys)
+
+
+class LabelEmbedding(nn.Module):
+  """Label Embedding Unit (LEU), Eq. 11-12 of the paper.
+
+  ``p = softmax(([log(1 - yhat), log(yhat)] + g) / tau)`` and ``le = p @ E`` with a table
+  ``E in R^{2 x L_d}`` (row 0 = label 0, row 1 = label 1). ``g`` is Gumbel noise (training
+  only, when enabled) and ``yhat`` is clamped to ``[1e-7, 1 - 1e-7]``.
+  """
+
+  dim: int
+
+  @nn.compact
+  def __call__(self, prob: jax.Array, tau: jax.Array,
+               noise: Optional[jax.Array] = None) -> jax.Array:
+    table = self.param('table', XAVIER, (2, self.dim))
+    prob = jnp.clip(prob, PROB_EPS, 1.0 - PROB_EPS)
+    log_probs = jnp.stack([jnp.log1p(-prob), jnp.log(prob)], axis=-1)
+    if noise is not None:
+      log_probs = log_probs + noise
+    weights = jax.nn.softmax(log_probs / tau, axis=-1)
+    return weights @ table
+
+
+class AttentionFusion(nn.Module):
+  """Information Fusion Unit (IFU), Eq. 13-14.
+
+  For the vectors ``x^1..x^t`` of the preceding tasks:
+  ``w_u = softmax_u(<h2(x^u), h3(x^u)> / sqrt(k))`` and ``out = sum_u w_u h1(x^u)`` with
+  ``h1, h2, h3`` Dense(k).
+  """
+
+  dim: int
+
+  @nn.compact
+  def __call__(self, items: Sequence[jax.Array]) -> jax.Array:
+    stacked = jnp.stack(items, axis=1)                      # [B, U, in]
+    values = nn.Dense(self.dim, kernel_init=XAVIER, name='h1')(stacked)
+    queries = nn.Dense(self.dim, kernel_init=XAVIER, name='h2')(stacked)
+    keys = nn.Dense(self.dim, kernel_init=XAVIER, name='h3')(stacked)
+    scores = jnp.sum(queries * keys, axis=-1) / jnp.sqrt(float(self.dim))  # [B, U]
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum('bu,buk->bk', weights, values)
+
+
+class ConcatFusion(nn.Module):
+  """Ablation ``fusion='concat'``: concatenate ``x^1..x^t`` and project with Dense(k)."""
+
+  dim: int
+
+  @nn.compact
+  def __call__(self, items: Sequence[jax.Array]) -> jax.Array:
+    return nn.Dense(self.dim, kernel_init=XAVIER, name='proj')(jnp.concatenate(items, -1))
+
+
+def make_fusion(kind: str, dim: int, name: str) -> nn.Module:
+  """The IFU (``'attention'``) or its ablation (``'concat'``)."""
+  if kind == 'attention':
+    return AttentionFusion(dim, name=name)
+  if kind == 'concat':
+    return ConcatFusion(dim, name=name)
+  raise ValueError(f"fusion must be 'attention' or 'concat', got {kind!r}")

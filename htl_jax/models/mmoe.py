@@ -1,0 +1,51 @@
+"""MMoE baseline: Multi-gate Mixture-of-Experts.
+
+Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate
+Mixture-of-Experts", KDD 2018 (https://doi.org/10.1145/3219819.3220007). ``cfg.num_experts``
+shared experts (ReLU MLPs ``cfg.expert_dims``) read ``e = flatten(embs[0])``; task ``k`` has
+its own gate ``g^k(e) = softmax(W_gk e)`` (Eq. 5) and tower ``h^k(sum_i g^k_i(e) f_i(e))``
+(Eq. 4). The experts are shared, so ``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import experts as moe
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class MMoE(nn.Module):
+  """One-level MMoE with a softmax gate and a tower per task."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    expert_out = moe.ExpertBank(self.cfg.expert_dims, self.cfg.num_experts,
+                                name='experts')(e)               # [B, n, D]
+    num_binary = self.spec.num_binary
+    outputs = []
+    for t in range(num_binary + 1):
+      gate = moe.SoftmaxGate(self.cfg.num_experts, name=f'gate_{t}')(e)
+      out_dim = self.cfg.core_out_dim if t == num_binary else 1
+      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(
+          moe.mix(gate, expert_out))
+      outputs.append(out)
+    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
+    return ModelOutput(probs, outputs[-1])

@@ -1,0 +1,86 @@
+"""PLE baseline: Progressive Layered Extraction.
+
+Tang et al., "Progressive Layered Extraction (PLE): A Novel Multi-Task Learning (MTL) Model
+for Personalized Recommendations", RecSys 2020 (https://doi.org/10.1145/3383313.3412236).
+
+Choices (the paper leaves them to the application):
+
+- one extraction level per entry of ``cfg.expert_dims``; at level ``l`` every expert is a
+  one-layer ReLU MLP of width ``cfg.expert_dims[l]``, so an expert path is as deep as an MMoE
+  expert (``(128, 64)`` gives two levels; a single entry gives one level, i.e. CGC);
+- ``experts_per_task`` (default 1) task-specific experts per task and ``cfg.num_experts``
+  shared experts per level;
+- Customized Gate Control (Eq. 2-4): task ``k``'s gate, a softmax over its own and the shared
+  experts, reads task ``k``'s input to the level (``e = flatten(embs[0])`` at level 1, its
+  previous-level output after, Eq. 5); at every level but the last a shared gate over all
+  experts feeds the shared experts of the next level (Eq. 6).
+
+The shared experts make ``isolated_towers`` False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import experts as moe
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class PLE(nn.Module):
+  """Multi-level PLE with CGC gating and a tower per task."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+  experts_per_task: int = 1
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  def _extraction_level(self, level: int, width: int, task_in: list[jax.Array],
+                        shared_in: jax.Array,
+                        last: bool) -> tuple[list[jax.Array], Optional[jax.Array]]:
+    """One extraction network (Eq. 5-6); returns the next level's task and shared inputs."""
+    dims = (width,)
+    num_shared = self.cfg.num_experts
+    task_experts = [
+        moe.ExpertBank(dims, self.experts_per_task, name=f'level_{level}_task_{t}')(x)
+        for t, x in enumerate(task_in)
+    ]
+    shared_experts = moe.ExpertBank(dims, num_shared, name=f'level_{level}_shared')(shared_in)
+    task_out = []
+    for t, x in enumerate(task_in):
+      selected = jnp.concatenate([task_experts[t], shared_experts], axis=1)
+      gate = moe.SoftmaxGate(selected.shape[1], name=f'level_{level}_gate_{t}')(x)
+      task_out.append(moe.mix(gate, selected))
+    if last:
+      return task_out, None
+    every_expert = jnp.concatenate(task_experts + [shared_experts], axis=1)
+    gate = moe.SoftmaxGate(every_expert.shape[1], name=f'level_{level}_gate_shared')(shared_in)
+    return task_out, moe.mix(gate, every_expert)
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    num_binary = self.spec.num_binary
+    task_in, shared_in = [e] * self.spec.num_tasks, e
+    num_levels = len(self.cfg.expert_dims)
+    for level, width in enumerate(self.cfg.expert_dims):
+      task_in, shared_in = self._extraction_level(level, width, task_in, shared_in,
+                                                  last=level == num_levels - 1)
+    outputs = []
+    for t, x in enumerate(task_in):
+      out_dim = self.cfg.core_out_dim if t == num_binary else 1
+      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
+      outputs.append(out)
+    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
+    return ModelOutput(probs, outputs[-1])

@@ -1,0 +1,45 @@
+"""Shared-Bottom baseline (Caruana, "Multitask Learning", Machine Learning 28, 1997).
+
+https://doi.org/10.1023/A:1007379232211. A shared ReLU MLP bottom (``cfg.expert_dims``) reads
+the concatenated field embeddings ``e = flatten(embs[0])``; every task has its own tower on
+top of the bottom's output. The bottom is shared, so ``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class SharedBottom(nn.Module):
+  """``h = MLP_bottom(e)``; task ``t``: ``Tower_t(h)``."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    e = layers.flatten_fields(embs[0])
+    bottom = layers.MLP(self.cfg.expert_dims, name='bottom')(e)[-1]
+    num_binary = self.spec.num_binary
+    probs = []
+    for t in range(num_binary):
+      logit, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(bottom)
+      probs.append(jax.nn.sigmoid(logit[:, 0]))
+    core, _ = layers.Tower(self.cfg.tower_dims, self.cfg.core_out_dim,
+                           name=f'tower_{num_binary}')(bottom)
+    return ModelOutput(jnp.stack(probs, axis=-1), core)

@@ -1,0 +1,72 @@
+"""TAFE baseline: task-aware feature extraction with monotone chain probabilities.
+
+Seed paper 2 of the project: Tao et al., "Task Aware Feature Extraction Framework for
+Sequential Dependence Multi-Task Learning", RecSys 2023 (https://doi.org/10.1145/3604915.3608772).
+Only the paper's abstract is available to us, so this module is OUR RECONSTRUCTION from it
+(DESIGN section 5), not the authors' architecture:
+
+(a) task-aware feature extraction: for task ``t`` a sample-wise gate
+    ``a^t = softmax(W_t e + b_t)`` over the ``F`` field embeddings (``e = flatten(embs[0])``)
+    re-weights them, ``x^t_f = F * a^t_f * emb_f`` (the factor ``F`` makes a uniform gate the
+    identity), and a task-specific expert (ReLU MLP ``cfg.expert_dims``) feeds task ``t``'s
+    tower;
+(b) monotone probabilities ``p_t = p_{t-1} * sigmoid(z_t)`` with ``p_0 = 1``, where ``z_t``
+    is tower ``t``'s logit; the core task has its own gate, expert and tower.
+
+(c) the dependence task learning loss is :func:`htl_jax.losses.tafe_dtl_loss`, applied by the
+trainer. The gates read the shared input and ``p_t`` reads towers ``1..t``, so
+``isolated_towers`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import experts as moe
+from htl_jax.models import layers
+from htl_jax.models.interface import ModelConfig, ModelOutput
+
+
+class TaskAwareExtractor(nn.Module):
+  """Field gate, re-weighting and task-specific expert: ``[B, F, d] -> [B, D]``."""
+
+  expert_dims: Sequence[int]
+
+  @nn.compact
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    num_fields = emb.shape[1]
+    gate = moe.SoftmaxGate(num_fields, name='field_gate')(layers.flatten_fields(emb))
+    reweighted = emb * (num_fields * gate)[:, :, None]
+    return layers.MLP(self.expert_dims, name='expert')(layers.flatten_fields(reweighted))[-1]
+
+
+class TAFE(nn.Module):
+  """Reconstructed TAFE: per-task field gates and experts, ``p_t = p_{t-1} sigmoid(z_t)``."""
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  @property
+  def isolated_towers(self) -> bool:
+    return False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    del train, tau, example_index  # Deterministic; no per-example noise.
+    emb = embs[0]
+    num_binary = self.spec.num_binary
+    outputs = []
+    for t in range(num_binary + 1):
+      x = TaskAwareExtractor(self.cfg.expert_dims, name=f'extractor_{t}')(emb)
+      out_dim = self.cfg.core_out_dim if t == num_binary else 1
+      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
+      outputs.append(out)
+    probs = jnp.cumprod(jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1)), axis=-1)
+    return ModelOutput(probs, outputs[-1])

@@ -1,0 +1,122 @@
+"""Per-task gradients of the shared embedding, sparse by id (DESIGN section 4).
+
+The shared parameters ``theta_s`` of every model are the one embedding table
+``E in R^{M x d}`` (fields at offsets into it). Per-task gradients are taken with respect to
+the rows looked up in the batch (``[B, F, d]``), never the dense table, and then summed by
+embedding id, so their cost grows with the batch and not with the vocabulary:
+
+- :func:`row_grads_general`: one ``jax.vjp`` of the task-loss vector, then ``jax.vmap`` over
+  the K one-hot cotangents (no K forward passes). Valid for every model.
+- :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
+  pass of the summed loss gives every task's gradient. Valid when the model's
+  ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
+- :func:`sum_rows_by_id`: ``[K, N, d]`` row gradients -> ``[K, U, d]`` gradients of the
+  ``U <= N`` distinct ids (padded to N). Dot products and norms of these equal those of the
+  dense ``[K, M, d]`` table gradients, so Algorithm 1 on them equals Algorithm 1 on the
+  dense gradients; :func:`scatter_to_table` maps the combined result back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LossVectorFn = Callable[[Any, tuple[jax.Array, ...]], tuple[jax.Array, Any]]
+
+
+class IdGradients(NamedTuple):
+  """Gradients of the distinct ids of a batch.
+
+  Attributes:
+    ids: ``[N]`` int32 distinct table rows, padded with ``ids[0]``-style fill values whose
+      gradients are zero.
+    grads: ``[..., N, d]`` gradient of each id (a leading task axis when per-task).
+  """
+
+  ids: jax.Array
+  grads: jax.Array
+
+
+def table_ids(x: jax.Array, offsets: jax.Array) -> jax.Array:
+  """Field ids ``[B, F]`` -> rows of the one shared table ``[B, F]``."""
+  return x + offsets[None, :]
+
+
+def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+                      num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
+  """Per-task row gradients by ``vmap`` over cotangents of one ``vjp``.
+
+  Args:
+    loss_vector: ``(model_params, embs) -> (losses [K], aux)`` where ``embs`` is a tuple of K
+      arrays ``[B, F, d]``.
+    model_params: the non-shared parameters (towers, experts, ...).
+    rows: ``[B, F, d]`` looked-up embedding rows.
+    num_tasks: K.
+
+  Returns:
+    ``(losses [K], row_grads [K, B, F, d], model_grads of sum(losses), aux)``.
+  """
+  def f(rows, model_params):
+    return loss_vector(model_params, (rows,) * num_tasks)
+
+  losses, vjp_fn, aux = jax.vjp(f, rows, model_params, has_aux=True)
+  eye = jnp.eye(num_tasks, dtype=losses.dtype)
+  row_grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(eye)
+  _, model_grads = vjp_fn(jnp.ones_like(losses))
+  return losses, row_grads, model_grads, aux
+
+
+def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+                       num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
+  """Per-task row gradients in one backward pass (each tower reads its own copy).
+
+  Same contract as :func:`row_grads_general`; only valid for models with isolated towers.
+  """
+  def f(copies, model_params):
+    losses, aux = loss_vector(model_params, tuple(copies[k] for k in range(num_tasks)))
+    return jnp.sum(losses), (losses, aux)
+
+  copies = jnp.broadcast_to(rows, (num_tasks,) + rows.shape)
+  grad_fn = jax.grad(f, argnums=(0, 1), has_aux=True)
+  (row_grads, model_grads), (losses, aux) = grad_fn(copies, model_params)
+  return losses, row_grads, model_grads, aux
+
+
+def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+                     num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
+  """Only the gradient of the summed loss (``grad_process='none'``): rows ``[B, F, d]``."""
+  def f(rows, model_params):
+    losses, aux = loss_vector(model_params, (rows,) * num_tasks)
+    return jnp.sum(losses), (losses, aux)
+
+  (row_grads, model_grads), (losses, aux) = jax.grad(
+      f, argnums=(0, 1), has_aux=True)(rows, model_params)
+  return losses, row_grads, model_grads, aux
+
+
+def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array) -> IdGradients:
+  """Sum row gradients that hit the same table id.
+
+  Args:
+    ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows.
+    row_grads: ``[..., *ids.shape, d]`` gradients of those rows (leading task axis allowed).
+
+  Returns:
+    :class:`IdGradients` with ``N`` slots (distinct ids first, then zero-gradient padding).
+  """
+  flat = ids.reshape(-1)
+  n = flat.shape[0]
+  lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
+  dim = row_grads.shape[-1]
+  flat_grads = row_grads.reshape(lead + (n, dim))
+  unique, inverse = jnp.unique(flat, size=n, fill_value=flat[0], return_inverse=True)
+  summed = jax.ops.segment_sum(jnp.moveaxis(flat_grads, -2, 0), inverse.reshape(-1),
+                               num_segments=n)
+  return IdGradients(unique, jnp.moveaxis(summed, 0, -2))
+
+
+def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:
+  """Dense gradient of ``table`` from the (combined, task-free) gradients of its ids."""
+  return jnp.zeros_like(table).at[id_grads.ids].add(id_grads.grads)

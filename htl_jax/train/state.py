@@ -1,0 +1,152 @@
+"""The train state pytree and how it is built from a config.
+
+``TrainState`` holds everything that changes during training: ``step``, ``params``
+(``{'embedding': {'table': E}, 'model': towers...}``), ``opt_state``
+(``{'balance': gradient-process state, 'optimizer': Adam states}``), the Gumbel-softmax
+temperature ``tau`` (Appendix A: ``tau_0`` decayed by ``tau_decay`` every ``tau_decay_steps``
+steps, floored at ``tau_min``) and the base PRNG key ``rng``. Static things (the model, the
+optimizer, the gradient process) live in :class:`TrainSetup`, bound into the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from htl_jax import optim
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import get_model, isolated_towers
+from htl_jax.models.heads import CoreTransform
+from htl_jax.models.interface import ModelConfig
+from htl_jax.train.objective import Objective
+
+GRAD_PROCESSES = ('htl', 'pcgrad', 'metabalance', 'none')
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  tau: jax.Array
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TauSchedule:
+  """Staircase decay of the LEU temperature, applied after every step."""
+
+  tau0: float = 10.0
+  decay: float = 0.5
+  decay_steps: int = 1000
+  tau_min: float = 0.1
+
+  def next(self, tau: jax.Array, new_step: jax.Array) -> jax.Array:
+    decayed = jnp.maximum(tau * self.decay, self.tau_min)
+    return jnp.where(new_step % self.decay_steps == 0, decayed, tau)
+
+  def at(self, step: int) -> float:
+    """Closed form of the temperature after ``step`` steps (for checks and docs)."""
+    return float(max(self.tau0 * self.decay ** (step // self.decay_steps), self.tau_min))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSetup:
+  """Everything static that the pure step functions need."""
+
+  spec: HybridSpec
+  model: nn.Module
+  objective: Objective
+  tx: optax.GradientTransformation
+  balance: Optional[optax.GradientTransformation]
+  grad_path: str            # 'isolated' | 'general'
+  tau: TauSchedule
+  l2: float
+  offsets: tuple[int, ...]
+
+
+def make_balance(config, num_tasks: int) -> Optional[optax.GradientTransformation]:
+  """The gradient process on the shared embedding (``config.grad_process``)."""
+  name = config['grad_process']
+  if name == 'htl':
+    return optim.hybrid_grad_balance(
+        gamma=config['gamma'], clip=config['clip'], core_index=-1,
+        per_leaf=config['per_leaf'], conflict=config['grad_conflict'],
+        magnitude=config['grad_magnitude'], num_tasks=num_tasks)
+  if name == 'pcgrad':
+    return optim.pcgrad(seed=config['seed'], num_tasks=num_tasks)
+  if name == 'metabalance':
+    return optim.metabalance(num_tasks, beta=config['metabalance_beta'],
+                             relax=config['metabalance_relax'], target_index=-1)
+  if name == 'none':
+    return None
+  raise ValueError(f'grad_process must be one of {GRAD_PROCESSES}, got {name!r}')
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam on the embedding (lr ``alpha``, Algorithm 1's step) and on the rest (``lr``)."""
+  def labels(params):
+    return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+
+  return optax.multi_transform(
+      {'embedding': optax.adam(config['alpha']),
+       'model': optax.adam(config['learning_rate'])},
+      labels)
+
+
+# Config fields that shape the compiled steps; two runs that agree on these (and on the
+# spec and core transform) share one TrainSetup and so one set of compiled functions.
+_SETUP_FIELDS = ('model', 'head', 'aitm_alpha', 'tafe_dtl_weight', 'lambda_pair',
+                 'grad_process', 'gamma', 'clip', 'per_leaf', 'grad_conflict',
+                 'grad_magnitude', 'seed', 'metabalance_beta', 'metabalance_relax', 'alpha',
+                 'learning_rate', 'tau0', 'tau_decay', 'tau_decay_steps', 'tau_min', 'l2')
+
+
+def make_setup(config, spec: HybridSpec, core_transform: CoreTransform) -> TrainSetup:
+  """The static half of training; cached so repeated runs reuse compiled steps."""
+  fields = tuple((k, config[k]) for k in _SETUP_FIELDS)
+  return _cached_setup(fields, ModelConfig.from_config(config), spec, core_transform)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
+                  core_transform: CoreTransform) -> TrainSetup:
+  config = dict(fields)
+  model = get_model(config['model'], spec, model_cfg)
+  return TrainSetup(
+      spec=spec, model=model, objective=Objective.from_config(config, core_transform),
+      tx=make_optimizer(config), balance=make_balance(config, spec.num_tasks),
+      grad_path='isolated' if isolated_towers(model) else 'general',
+      tau=TauSchedule(config['tau0'], config['tau_decay'], config['tau_decay_steps'],
+                      config['tau_min']),
+      l2=float(config['l2']), offsets=spec.field_offsets)
+
+
+def init_state(setup: TrainSetup, config) -> TrainState:
+  """Fresh parameters (Xavier towers, N(0, 0.01^2) embedding) and optimizer states."""
+  spec = setup.spec
+  rng = jax.random.PRNGKey(config.seed)
+  init_key, embed_key, gumbel_key, rng = jax.random.split(rng, 4)
+  # Small normal init of the shared table, as is usual for CTR embeddings.
+  table = 0.01 * jax.random.normal(embed_key, (spec.total_vocab, config.embed_dim))
+  dummy = jnp.zeros((2, spec.num_fields, config.embed_dim))
+  variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
+                               (dummy,) * spec.num_tasks, train=True, tau=config.tau0,
+                               example_index=jnp.arange(2))
+  params = {'embedding': {'table': table}, 'model': variables['params']}
+  balance_state = (setup.balance.init({'embedding': table})
+                   if setup.balance is not None else optax.EmptyState())
+  opt_state = {'balance': balance_state, 'optimizer': setup.tx.init(params)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng)
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

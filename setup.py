@@ -1,0 +1,33 @@
+"""htl-jax: multi-task learning with hybrid targets (HTLNet, RecSys 2024) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='htl-jax',
+    version='0.1.0',
+    description=('HTLNet ("Touch the Core", RecSys 2024) and its baselines for multi-task '
+                 'learning with hybrid targets, in JAX/Flax'),
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['htl_jax', 'htl_jax.*', 'configs',
+                                               'experiments']),
+    package_data={'htl_jax': ['data/sample/kuairand/*.csv']},
+    include_package_data=True,
+    install_requires=[
+        'jax>=0.5.0,<0.13',
+        'flax>=0.10.0,<0.14',
+        'optax>=0.2.4,<0.4',
+        'orbax-checkpoint>=0.11.0,<0.14',
+        'numpy>=1.26',
+        'polars>=1.0',
+        'absl-py>=2.0',
+        'ml-collections>=0.1.1',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11'],
+    },
+    classifiers=['License :: OSI Approved :: Apache Software License',
+                 'Programming Language :: Python :: 3'],
+)

@@ -1,0 +1,47 @@
+"""Shared fixtures: one tiny config and one data cache for the whole session.
+
+JAX compiles dominate the suite's time, so tests share configs (runs with equal
+step-shaping fields reuse compiled steps, see ``htl_jax.train.state.make_setup``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from configs import kuairand
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A seconds-long HTLNet run on the embedded KuaiRand sample. The same overrides are given
+# on the command line by the subprocess tests, so their runs match the in-process ones.
+TINY_OVERRIDES = {
+    'max_steps': 8, 'eval_every': 4, 'checkpoint_every': 4, 'log_every': 4,
+    'batch_size': 128, 'eval_batch_size': 512, 'tower_dims': (16, 8), 'fusion_dim': 8,
+    'label_embed_dim': 4, 'embed_dim': 4, 'tau_decay_steps': 3, 'patience': 5,
+}
+TINY_ARG = 'smoke=True,data.max_rows=2000'
+
+
+def tiny_config(cache_dir: str, **overrides):
+  config = kuairand.get_config(TINY_ARG)
+  for key, value in {**TINY_OVERRIDES, **overrides}.items():
+    config[key] = value
+  config.cache_dir = cache_dir
+  return config
+
+
+def cli_overrides(cache_dir: str) -> list[str]:
+  """``TINY_OVERRIDES`` as ``--config.NAME=VALUE`` flags."""
+  flags = []
+  for key, value in TINY_OVERRIDES.items():
+    text = ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
+    flags.append(f'--config.{key}={text}' if not isinstance(value, tuple)
+                 else f'--config.{key}=({text})')
+  return flags + [f'--config.cache_dir={cache_dir}']
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp('htl_cache'))

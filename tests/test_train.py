@@ -1,0 +1,137 @@
+"""End-to-end training: determinism, resume, 1 vs 2 devices, temperature, NaN handling.
+
+All runs use one tiny HTLNet config (``conftest.TINY_OVERRIDES``) on the embedded KuaiRand
+sample, so they share compiled steps. The 2-device run and the CLI smoke run are
+subprocesses of ``experiments.main`` (``XLA_FLAGS`` must be set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
+from htl_jax.data import load_dataset
+from htl_jax.models.heads import CoreTransform
+from htl_jax.train import loop as loop_lib
+from htl_jax.train.checkpoint import Checkpoints
+from htl_jax.train.state import TauSchedule, init_state, make_setup
+
+
+def _latest_state(config, workdir):
+  """The latest checkpointed TrainState of a finished run."""
+  data = load_dataset(config, config.cache_dir)
+  setup = make_setup(config, data.spec, CoreTransform.fit(config.core_transform,
+                                                          data.train.core))
+  ckpt = Checkpoints(workdir, 'min')
+  state, loop = ckpt.restore_latest(init_state(setup, config))
+  ckpt.close()
+  return state, loop
+
+
+def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _run_main(workdir, cache_dir, extra_env=None, extra_flags=()):
+  env = {**os.environ, **(extra_env or {})}
+  cmd = [sys.executable, '-m', 'experiments.main',
+         f'--config=configs/kuairand.py:{TINY_ARG}', f'--workdir={workdir}',
+         *cli_overrides(cache_dir), *extra_flags]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, cache_dir):
+  """8 uninterrupted steps; every test below compares against it."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  config = tiny_config(cache_dir)
+  result = loop_lib.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_outputs_written(straight_run):
+  config, workdir, result = straight_run
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    saved = json.load(f)
+  assert set(saved['test']) == {'click', 'long_view', 'watch_time'}
+  assert set(saved['test']['click']) == {'auc', 'logloss'}
+  assert set(saved['test']['watch_time']) == {'nrmse', 'nmae', 'spearman', 'gini'}
+  assert saved['test'] == result['test']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [line['step'] for line in lines] == [4, 8]
+  grad = lines[-1]['grad']
+  assert set(grad) == {'click', 'long_view', 'watch_time'}
+  assert grad['watch_time']['cos_core'] == pytest.approx(1.0, abs=1e-5)
+  assert all(np.isfinite(g['norm']) and g['norm'] > 0 for g in grad.values())
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model'] == 'htlnet'
+
+
+def test_same_seed_same_metrics(straight_run, tmp_path):
+  config, _, result = straight_run
+  again = loop_lib.train_and_evaluate(tiny_config(config.cache_dir), str(tmp_path))
+  assert again['test'] == result['test']
+  assert again['valid'] == result['valid']
+
+
+def test_resume_gives_the_same_run(straight_run, tmp_path):
+  config, workdir, result = straight_run
+  half = tiny_config(config.cache_dir, max_steps=4)
+  loop_lib.train_and_evaluate(half, str(tmp_path))
+  resumed = loop_lib.train_and_evaluate(tiny_config(config.cache_dir), str(tmp_path))
+  assert resumed['test'] == result['test']
+  state_a, loop_a = _latest_state(config, workdir)
+  state_b, loop_b = _latest_state(config, str(tmp_path))
+  _assert_trees_equal(state_a, state_b)
+  assert loop_a == loop_b
+  with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
+    assert [json.loads(line)['step'] for line in f] == [4, 8]
+
+
+def test_temperature_survives_checkpoint(straight_run):
+  config, workdir, _ = straight_run
+  state, _ = _latest_state(config, workdir)
+  schedule = TauSchedule(config.tau0, config.tau_decay, config.tau_decay_steps,
+                         config.tau_min)
+  # 8 steps with a decay every 3: tau0 * 0.5^2.
+  assert int(state.step) == 8
+  assert float(state.tau) == pytest.approx(schedule.at(8)) == pytest.approx(2.5)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(straight_run, tmp_path):
+  config, _, _ = straight_run
+  loop_lib.train_and_evaluate(tiny_config(config.cache_dir, max_steps=4), str(tmp_path))
+  exploding = tiny_config(config.cache_dir, learning_rate=1e38, alpha=1e38)
+  with pytest.raises(loop_lib.NonFiniteError, match='non-finite'):
+    loop_lib.train_and_evaluate(exploding, str(tmp_path))
+  state, _ = _latest_state(config, str(tmp_path))
+  assert int(state.step) == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_two_devices_match_one_device(straight_run, tmp_path):
+  """Same global batch on 2 fake CPU devices: same parameters after 8 steps."""
+  config, workdir, result = straight_run
+  done = _run_main(str(tmp_path), config.cache_dir,
+                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert '2 device(s)' in done.stderr
+  state_1, _ = _latest_state(config, workdir)
+  state_2, _ = _latest_state(config, str(tmp_path))
+  _assert_trees_equal(state_1.params, state_2.params, rtol=2e-4, atol=2e-6)
+  assert float(state_1.tau) == float(state_2.tau)
+  with open(os.path.join(tmp_path, 'metrics.json')) as f:
+    two = json.load(f)
+  for task, values in result['test'].items():
+    for name, value in values.items():
+      assert two['test'][task][name] == pytest.approx(value, rel=1e-3, abs=1e-4)

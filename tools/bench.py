@@ -1,0 +1,186 @@
+"""Benchmarks of DESIGN section 9, reported as ratios measured in one run.
+
+    python tools/bench.py --quick --json     # one JSON object on stdout
+    python tools/bench.py                     # every model, more steps, a table
+
+Step times are medians over timed steps at batch 2048 on random KuaiRand-sized inputs
+(45 fields, d = 10, towers [128, 64, 32]). Configurations are timed in interleaved rounds so
+that load from other processes hits all of them alike; only the ratios are meaningful
+across machines. Keys:
+
+- ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,
+  4e4-row vocabulary (goal <= 1.25);
+- ``grad_process_overhead_1e6``: the same with a 1e6-row user-id vocabulary (goal <= 1.3);
+- ``htlnet_vs_shared_bottom``: HTLNet (htl) / Shared-Bottom (none) (goal <= 1.5);
+- ``fast_path_speedup``: HTLNet's per-task gradients by vmap over cotangents / by one
+  backward pass over per-tower copies;
+- ``examples_per_s``: per configuration (goal: HTLNet >= 50k on 2 cores);
+- ``prep_rows_per_s``, ``prep_seconds``, ``prep_peak_rss_mb``: preprocessing a generated
+  1.2M-row KuaiRand-format log (goal <= 15 s), in a subprocess so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from configs.base import get_base_config
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models import MODELS
+from htl_jax.models.heads import CoreTransform
+from htl_jax.train import parallel
+from htl_jax.train.loop import compiled_steps
+from htl_jax.train.state import init_state, make_setup
+
+NUM_FIELDS = 45
+
+
+def make_spec(user_vocab: int) -> HybridSpec:
+  """45 fields: a user id, a video id and 43 small fields (4e4 rows with 20k users)."""
+  sizes = (user_vocab, 8000) + (279,) * (NUM_FIELDS - 2)
+  return HybridSpec(tuple(f'f{i}' for i in range(NUM_FIELDS)), sizes,
+                    ('click', 'long_view'), 'watch_time')
+
+
+def make_batch(spec: HybridSpec, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  # Zipf-like ids, so ids repeat within a batch as in real logs.
+  x = np.stack([np.minimum(rng.zipf(1.3, batch_size), v - 1) for v in spec.vocab_sizes], 1)
+  click = rng.random(batch_size) < 0.18
+  long_view = click & (rng.random(batch_size) < 0.5)
+  core = np.where(click, rng.lognormal(1.5, 1.0, batch_size), 0.0)
+  return {'x': x.astype(np.int32), 'y': np.stack([click, long_view], 1).astype(np.float32),
+          'core': core.astype(np.float32), 'index': np.arange(batch_size, dtype=np.int32),
+          'weight': np.ones(batch_size, np.float32)}
+
+
+class Runner:
+  """One configuration's compiled train step, its state and a batch."""
+
+  def __init__(self, model: str, grad_process: str, spec: HybridSpec, batch_size: int,
+               grad_path: str | None = None):
+    config = get_base_config()
+    config.model, config.grad_process = model, grad_process
+    config.batch_size = batch_size
+    setup = make_setup(config, spec, CoreTransform('standardize', 2.0, 5.0))
+    if grad_path is not None:
+      setup = dataclasses.replace(setup, grad_path=grad_path)
+    self.step = compiled_steps(setup)[0]
+    self.state = parallel.replicate(init_state(setup, config))
+    self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
+    self.times: list[float] = []
+
+  def run(self, steps: int, record: bool = True) -> None:
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch)
+      jax.block_until_ready(metrics)
+      if record:
+        self.times.append(time.perf_counter() - start)
+
+  @property
+  def median(self) -> float:
+    return float(np.median(self.times))
+
+
+def bench_steps(quick: bool, batch_size: int) -> dict:
+  spec_small, spec_large = make_spec(20000), make_spec(1_000_000 - 12000 - 8000)
+  configs = {
+      'htlnet/htl': ('htlnet', 'htl', spec_small, None),
+      'htlnet/none': ('htlnet', 'none', spec_small, None),
+      'htlnet/htl/general_path': ('htlnet', 'htl', spec_small, 'general'),
+      'shared_bottom/none': ('shared_bottom', 'none', spec_small, None),
+      'htlnet/htl/1e6': ('htlnet', 'htl', spec_large, None),
+      'htlnet/none/1e6': ('htlnet', 'none', spec_large, None),
+  }
+  if not quick:
+    for name in MODELS:
+      configs.setdefault(f'{name}/none', (name, 'none', spec_small, None))
+      configs.setdefault(f'{name}/htl', (name, 'htl', spec_small, None))
+  runners = {}
+  for key, (model, process, spec, path) in configs.items():
+    runners[key] = Runner(model, process, spec, batch_size, path)
+    runners[key].run(3, record=False)              # compile and warm up
+  rounds, per_round = (4, 5) if quick else (8, 10)
+  for _ in range(rounds):                          # interleaved, so load hits all alike
+    for runner in runners.values():
+      runner.run(per_round)
+  med = {k: r.median for k, r in runners.items()}
+  return {
+      'grad_process_overhead': med['htlnet/htl'] / med['htlnet/none'],
+      'grad_process_overhead_1e6': med['htlnet/htl/1e6'] / med['htlnet/none/1e6'],
+      'htlnet_vs_shared_bottom': med['htlnet/htl'] / med['shared_bottom/none'],
+      'fast_path_speedup': med['htlnet/htl/general_path'] / med['htlnet/htl'],
+      'examples_per_s': {k: batch_size / v for k, v in med.items()},
+      'step_ms': {k: 1e3 * v for k, v in med.items()},
+  }
+
+
+_PREP_CHILD = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from configs.kuairand import get_config
+from htl_jax.data import load_dataset
+config = get_config()
+config.data_dir = {data_dir!r}
+start = time.perf_counter()
+data = load_dataset(config, None)
+seconds = time.perf_counter() - start
+rows = len(data.train) + len(data.valid) + len(data.test)
+print(json.dumps({{'rows': rows, 'seconds': seconds}}))
+"""
+
+
+def bench_prep(rows: int) -> dict:
+  """Preprocess a generated ``rows``-row KuaiRand-format log, in a child process."""
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_kuairand_sample.py'),
+                    '--rows', str(rows), '--users', '27285', '--videos', '7583',
+                    '--out', tmp], check=True, capture_output=True)
+    child = subprocess.run([sys.executable, '-c', _PREP_CHILD.format(repo=REPO, data_dir=tmp)],
+                           check=True, capture_output=True, text=True)
+  out = json.loads(child.stdout.strip().splitlines()[-1])
+  peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  return {'prep_rows': out['rows'], 'prep_seconds': out['seconds'],
+          'prep_rows_per_s': out['rows'] / out['seconds'], 'prep_peak_rss_mb': peak_kb / 1024}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--quick', action='store_true', help='fewer models and steps')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  parser.add_argument('--batch_size', type=int, default=2048)
+  parser.add_argument('--prep_rows', type=int, default=1_200_000)
+  parser.add_argument('--skip_prep', action='store_true')
+  args = parser.parse_args()
+  result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
+            'backend': jax.default_backend()}
+  if not args.skip_prep:
+    result.update(bench_prep(args.prep_rows))
+  result.update(bench_steps(args.quick, args.batch_size))
+  if args.json:
+    print(json.dumps(result))
+    return
+  for key, value in result.items():
+    if isinstance(value, dict):
+      for sub, v in value.items():
+        print(f'{key:>28s}  {sub:<28s} {v:12.2f}')
+    else:
+      print(f'{key:>28s}  {value}')
+
+
+if __name__ == '__main__':
+  main()
