@@ -26,8 +26,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   # The sample has ~32k training rows: a smaller batch gives enough steps per epoch.
   config.batch_size = 512
   config.num_epochs = 4
-  config.eval_every = 100
-  config.checkpoint_every = 100
+  config.eval_every = 50
+  config.checkpoint_every = 50
   config.tau_decay_steps = 100
   config.log_every = 50
   return common.apply_args(config, arg)

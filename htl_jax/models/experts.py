@@ -1,7 +1,7 @@
 """Mixture-of-experts building blocks shared by the MMoE, PLE, AdaTT and TAFE baselines.
 
-- :class:`ExpertBank`: ``n`` independent ReLU MLP experts over one input, evaluated as one
-  batched computation (``nn.vmap`` over the expert axis), returning ``[B, n, D]``.
+- :class:`ExpertBank`: ``n`` independent ReLU MLP experts over one input, returning
+  ``[B, n, D]``.
 - :class:`SoftmaxGate`: a linear gate followed by a softmax over ``n`` items,
   ``g(x) = softmax(W x)`` (MMoE Eq. 5, PLE Eq. 3, AdaTT Eq. 4).
 - :func:`mix`: the gate-weighted sum of expert outputs, ``sum_i g_i(x) f_i(x)``.
@@ -18,21 +18,12 @@ import jax.numpy as jnp
 from htl_jax.models.layers import MLP, XAVIER
 
 
-class _Expert(nn.Module):
-  """One expert: a ReLU MLP; returns its last hidden layer."""
-
-  dims: Sequence[int]
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return MLP(self.dims, name='mlp')(x)[-1]
-
-
 class ExpertBank(nn.Module):
   """``num`` experts with the same architecture and separate parameters.
 
   Every expert reads the same input ``x [B, I]``; the output is ``[B, num, dims[-1]]``.
-  Parameters carry a leading expert axis of size ``num``.
+  The experts run one by one as plain 2-D matmuls: on XLA:CPU that is about a third faster
+  (forward and backward) than one ``nn.vmap``-batched matmul over the expert axis.
   """
 
   dims: Sequence[int]
@@ -42,15 +33,8 @@ class ExpertBank(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.num < 1:
       raise ValueError(f'an expert bank needs at least one expert, got {self.num}')
-    experts = nn.vmap(
-        _Expert,
-        variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=None,
-        out_axes=1,
-        axis_size=self.num,
-    )
-    return experts(self.dims, name='experts')(x)
+    outputs = [MLP(self.dims, name=f'expert_{i}')(x)[-1] for i in range(self.num)]
+    return jnp.stack(outputs, axis=1)
 
 
 class SoftmaxGate(nn.Module):

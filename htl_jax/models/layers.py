@@ -104,13 +104,19 @@ class AttentionFusion(nn.Module):
 
   @nn.compact
   def __call__(self, items: Sequence[jax.Array]) -> jax.Array:
-    stacked = jnp.stack(items, axis=1)                      # [B, U, in]
-    values = nn.Dense(self.dim, kernel_init=XAVIER, name='h1')(stacked)
-    queries = nn.Dense(self.dim, kernel_init=XAVIER, name='h2')(stacked)
-    keys = nn.Dense(self.dim, kernel_init=XAVIER, name='h3')(stacked)
-    scores = jnp.sum(queries * keys, axis=-1) / jnp.sqrt(float(self.dim))  # [B, U]
-    weights = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum('bu,buk->bk', weights, values)
+    in_dim, k = items[0].shape[-1], self.dim
+    kernels = [self.param(f'{n}_kernel', XAVIER, (in_dim, k)) for n in ('h1', 'h2', 'h3')]
+    biases = [self.param(f'{n}_bias', nn.initializers.zeros, (k,)) for n in ('h1', 'h2', 'h3')]
+    # h1, h2, h3 of every item in ONE matmul ([U*B, in] x [in, 3k]): on CPU this is several
+    # times faster than three Dense layers per item.
+    batch = items[0].shape[0]
+    proj = (jnp.concatenate(items, axis=0) @ jnp.concatenate(kernels, axis=1)
+            + jnp.concatenate(biases))
+    proj = proj.reshape(len(items), batch, 3 * k)
+    values, queries, keys = proj[..., :k], proj[..., k:2 * k], proj[..., 2 * k:]
+    scores = jnp.sum(queries * keys, axis=-1) / jnp.sqrt(float(k))        # [U, B]
+    weights = jax.nn.softmax(scores, axis=0)
+    return jnp.sum(weights[..., None] * values, axis=0)
 
 
 class ConcatFusion(nn.Module):

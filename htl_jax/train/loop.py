@@ -220,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       value = valid[spec.core_task][best_metric]
       improved = loop['best_value'] is None or (
           value < loop['best_value'] if lower_better else value > loop['best_value'])
-      if improved or not np.isfinite(loop['best_value'] or 0.0):
+      if improved:
         loop.update(best_value=float(value), best_step=step, bad_evals=0)
         ckpt.save_best(step, host_state, loop, value)
       else:
