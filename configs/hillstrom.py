@@ -34,4 +34,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.data.tasks = 'visit,conversion'
   config.data.core = 'spend'
   config.data.time_column = ''
+  # 51,200 training rows: batches of 512 give 100 steps an epoch.
+  config.batch_size = 512
+  config.num_epochs = 5
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  config.tau_decay_steps = 100
+  config.log_every = 50
   return common.apply_args(config, arg)
