@@ -63,7 +63,7 @@ def test_row_grads_summed_by_id_equal_dense(path):
   _, params, table, ids, loss_vector = _setup()
   fn = per_task.row_grads_general if path == 'general' else per_task.row_grads_isolated
   losses, row_grads, _, _ = fn(loss_vector, params, table[ids], K)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads)
+  id_grads = per_task.sum_rows_by_id(ids, row_grads, SPEC.total_vocab)
   dense = _dense_task_grads(params, table, ids, loss_vector)
   rebuilt = jax.vmap(lambda g: per_task.scatter_to_table(
       table, per_task.IdGradients(id_grads.ids, g)))(id_grads.grads)
@@ -98,7 +98,7 @@ def test_sparse_process_equals_process_on_dense_table(transform):
           'metabalance': lambda: optim.metabalance(K)}[transform]
   tx = make()
   _, row_grads, _, _ = per_task.row_grads_isolated(loss_vector, params, table[ids], K)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads)
+  id_grads = per_task.sum_rows_by_id(ids, row_grads, SPEC.total_vocab)
   sparse, _ = tx.update({'e': id_grads.grads}, tx.init({'e': table}))
   sparse_table = per_task.scatter_to_table(table, per_task.IdGradients(id_grads.ids,
                                                                        sparse['e']))

@@ -10,9 +10,9 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
 - :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
-- :func:`sum_rows_by_id`: ``[K, N, d]`` row gradients -> ``[K, U, d]`` gradients of the
-  ``U <= N`` distinct ids (padded to N). Dot products and norms of these equal those of the
-  dense ``[K, M, d]`` table gradients, so Algorithm 1 on them equals Algorithm 1 on the
+- :func:`sum_rows_by_id`: ``[K, N, d]`` row gradients -> one slot per distinct id holding
+  the sum of its rows (other slots zero). Dot products and norms of these equal those of
+  the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them equals Algorithm 1 on the
   dense gradients; :func:`scatter_to_table` maps the combined result back.
 """
 
@@ -30,9 +30,9 @@ class IdGradients(NamedTuple):
   """Gradients of the distinct ids of a batch.
 
   Attributes:
-    ids: ``[N]`` int32 distinct table rows, padded with ``ids[0]``-style fill values whose
-      gradients are zero.
-    grads: ``[..., N, d]`` gradient of each id (a leading task axis when per-task).
+    ids: ``[N]`` int32 table rows; an id's summed gradient sits at its first occurrence,
+      its other occurrences hold zeros.
+    grads: ``[..., N, d]`` gradient of each slot (a leading task axis when per-task).
   """
 
   ids: jax.Array
@@ -96,25 +96,39 @@ def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Arr
   return losses, row_grads, model_grads, aux
 
 
-def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array) -> IdGradients:
+def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
+  """For each position, the first position in ``flat_ids`` holding the same id, ``[N]``.
+
+  A scatter-min into an int32 scratch of ``num_ids`` slots then a gather: O(N) work plus an
+  int32 fill of ``num_ids`` (a tenth of a d=10 float table, far less than the optimizer's
+  pass over the table). No sort: XLA:CPU sorts 92k ids in ~27 ms, which this avoids.
+  """
+  n = flat_ids.shape[0]
+  positions = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.full((num_ids,), n, jnp.int32).at[flat_ids].min(positions)
+  return first[flat_ids]
+
+
+def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array, num_ids: int) -> IdGradients:
   """Sum row gradients that hit the same table id.
 
   Args:
     ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows.
     row_grads: ``[..., *ids.shape, d]`` gradients of those rows (leading task axis allowed).
+    num_ids: rows of the table (ids are in ``[0, num_ids)``).
 
   Returns:
-    :class:`IdGradients` with ``N`` slots (distinct ids first, then zero-gradient padding).
+    :class:`IdGradients` with N slots: the slot of an id's first occurrence holds the sum of
+    all its rows' gradients, every other slot holds zeros (``ids`` are the flat ids).
   """
   flat = ids.reshape(-1)
   n = flat.shape[0]
   lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
   dim = row_grads.shape[-1]
   flat_grads = row_grads.reshape(lead + (n, dim))
-  unique, inverse = jnp.unique(flat, size=n, fill_value=flat[0], return_inverse=True)
-  summed = jax.ops.segment_sum(jnp.moveaxis(flat_grads, -2, 0), inverse.reshape(-1),
-                               num_segments=n)
-  return IdGradients(unique, jnp.moveaxis(summed, 0, -2))
+  segment = first_occurrence(flat, num_ids)
+  summed = jax.ops.segment_sum(jnp.moveaxis(flat_grads, -2, 0), segment, num_segments=n)
+  return IdGradients(flat, jnp.moveaxis(summed, 0, -2))
 
 
 def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:

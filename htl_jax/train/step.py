@@ -70,18 +70,18 @@ def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, 
         _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
         setup.spec.num_tasks)
     ids, row_grads, rows = _global_rows(ids, row_grads, rows, 0)
-    table_grad = jnp.zeros_like(table).at[ids].add(row_grads)
   else:
     losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
     ids, row_grads, rows = _global_rows(ids, row_grads, rows, 1)
-    id_grads = per_task.sum_rows_by_id(ids, row_grads)
+    id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
     combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
                                                    balance_state)
-    table_grad = per_task.scatter_to_table(
-        table, per_task.IdGradients(id_grads.ids, combined['embedding']))
+    # Slot j of the combined gradient belongs to id ids.flat[j] (zeros where j is not an
+    # id's first occurrence), so it scatters with the same index array as the rows.
+    row_grads = combined['embedding'].reshape(rows.shape)
   # L2 on the looked-up rows: l2 * mean_b sum_f ||e_bf||^2, added after the process.
-  l2_grads = (2.0 * setup.l2 / rows.shape[0]) * rows
-  table_grad = table_grad.at[ids].add(l2_grads)
+  row_grads = row_grads + (2.0 * setup.l2 / rows.shape[0]) * rows
+  table_grad = jnp.zeros_like(table).at[ids].add(row_grads)
   return table_grad, model_grads, parallel.mean(losses), balance_state
 
 
@@ -120,6 +120,6 @@ def diagnostic_step(setup: TrainSetup, state: TrainState, batch: Batch
   ids, rows = _lookup(setup, state.params, batch)
   _, row_grads, _, _ = _per_task_row_grads(setup, state, batch, rows)
   ids, row_grads, _ = _global_rows(ids, row_grads, rows, 1)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads)
+  id_grads = per_task.sum_rows_by_id(ids, row_grads, setup.spec.total_vocab)
   norms, cosines = task_norms_and_cosines({'embedding': id_grads.grads}, core_index=-1)
   return {'grad_norm': norms, 'grad_cos_core': cosines}
