@@ -16,7 +16,9 @@ across machines. Keys:
   backward pass over per-tower copies;
 - ``examples_per_s``: per configuration (goal: HTLNet >= 50k on 2 cores);
 - ``prep_rows_per_s``, ``prep_seconds``, ``prep_peak_rss_mb``: preprocessing a generated
-  1.2M-row KuaiRand-format log (goal <= 15 s), in a subprocess so its peak memory is its own.
+  1.2M-row KuaiRand-format log (goal <= 15 s), in a subprocess so its peak memory is its own;
+- ``metrics_1m_seconds``: all six metrics of two binary tasks and the core on 1M
+  predictions (goal <= 2 s).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs.base import get_base_config
+from htl_jax import metrics as metrics_lib
 from htl_jax.data.schema import HybridSpec
 from htl_jax.models import MODELS
 from htl_jax.models.heads import CoreTransform
@@ -158,6 +161,18 @@ def bench_prep(rows: int) -> dict:
           'prep_rows_per_s': out['rows'] / out['seconds'], 'prep_peak_rss_mb': peak_kb / 1024}
 
 
+def bench_metrics(n: int = 1_000_000) -> dict:
+  """Seconds for ``evaluate_tasks`` on ``n`` rows with ties (rounded predictions)."""
+  rng = np.random.default_rng(0)
+  y = (rng.random((n, 2)) < [0.18, 0.09]).astype(np.float32)
+  probs = np.round(rng.random((n, 2)), 3)
+  core = rng.lognormal(1.0, 1.0, n) * y[:, 0]
+  start = time.perf_counter()
+  metrics_lib.evaluate_tasks(y, probs, core, np.round(core + rng.random(n), 2),
+                             ('click', 'long_view', 'watch_time'))
+  return {'metrics_1m_seconds': time.perf_counter() - start}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--quick', action='store_true', help='fewer models and steps')
@@ -170,6 +185,7 @@ def main() -> None:
             'backend': jax.default_backend()}
   if not args.skip_prep:
     result.update(bench_prep(args.prep_rows))
+  result.update(bench_metrics())
   result.update(bench_steps(args.quick, args.batch_size))
   if args.json:
     print(json.dumps(result))

@@ -75,13 +75,15 @@ def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.A
   Same contract as :func:`row_grads_general`; only valid for models with isolated towers.
   """
   def f(copies, model_params):
-    losses, aux = loss_vector(model_params, tuple(copies[k] for k in range(num_tasks)))
+    losses, aux = loss_vector(model_params, copies)
     return jnp.sum(losses), (losses, aux)
 
-  copies = jnp.broadcast_to(rows, (num_tasks,) + rows.shape)
+  # K separate arguments (not slices of one stacked array): each copy's gradient is its own
+  # buffer, with no zero-padded [K, B, F, d] cotangent per task to add up.
+  copies = (rows,) * num_tasks
   grad_fn = jax.grad(f, argnums=(0, 1), has_aux=True)
-  (row_grads, model_grads), (losses, aux) = grad_fn(copies, model_params)
-  return losses, row_grads, model_grads, aux
+  (copy_grads, model_grads), (losses, aux) = grad_fn(copies, model_params)
+  return losses, jnp.stack(copy_grads), model_grads, aux
 
 
 def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
