@@ -105,18 +105,19 @@ class AttentionFusion(nn.Module):
   @nn.compact
   def __call__(self, items: Sequence[jax.Array]) -> jax.Array:
     in_dim, k = items[0].shape[-1], self.dim
-    kernels = [self.param(f'{n}_kernel', XAVIER, (in_dim, k)) for n in ('h1', 'h2', 'h3')]
-    biases = [self.param(f'{n}_bias', nn.initializers.zeros, (k,)) for n in ('h1', 'h2', 'h3')]
-    # h1, h2, h3 of every item in ONE matmul ([U*B, in] x [in, 3k]): on CPU this is several
-    # times faster than three Dense layers per item.
-    batch = items[0].shape[0]
-    proj = (jnp.concatenate(items, axis=0) @ jnp.concatenate(kernels, axis=1)
-            + jnp.concatenate(biases))
-    proj = proj.reshape(len(items), batch, 3 * k)
-    values, queries, keys = proj[..., :k], proj[..., k:2 * k], proj[..., 2 * k:]
-    scores = jnp.sum(queries * keys, axis=-1) / jnp.sqrt(float(k))        # [U, B]
+    w1, w2, w3 = (self.param(f'{n}_kernel', XAVIER, (in_dim, k)) for n in ('h1', 'h2', 'h3'))
+    b1, b2, b3 = (self.param(f'{n}_bias', nn.initializers.zeros, (k,))
+                  for n in ('h1', 'h2', 'h3'))
+    if len(items) == 1:                     # softmax over one item: w = 1
+      return items[0] @ w1 + b1
+    # Since the weights sum to 1, sum_u w_u h1(x^u) = h1(sum_u w_u x^u): h1 runs once on
+    # the weighted input, and h2, h3 once on all items stacked along the batch axis.
+    stacked = jnp.concatenate(items, axis=0)                            # [U*B, in]
+    scores = jnp.sum((stacked @ w2 + b2) * (stacked @ w3 + b3), axis=-1)
+    scores = scores.reshape(len(items), -1) / jnp.sqrt(float(k))         # [U, B]
     weights = jax.nn.softmax(scores, axis=0)
-    return jnp.sum(weights[..., None] * values, axis=0)
+    mixed = sum(weights[u][:, None] * x for u, x in enumerate(items))   # [B, in]
+    return mixed @ w1 + b1
 
 
 class ConcatFusion(nn.Module):

@@ -31,11 +31,11 @@ class IdGradients(NamedTuple):
 
   Attributes:
     ids: ``[N]`` int32 table rows; an id's summed gradient sits at its first occurrence,
-      its other occurrences hold zeros.
+      its other occurrences hold zeros. None: ``grads`` is the dense table gradient.
     grads: ``[..., N, d]`` gradient of each slot (a leading task axis when per-task).
   """
 
-  ids: jax.Array
+  ids: jax.Array | None
   grads: jax.Array
 
 
@@ -111,28 +111,38 @@ def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
   return first[flat_ids]
 
 
-def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array, num_ids: int) -> IdGradients:
+def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array, num_ids: int,
+                   dense: bool | None = None) -> IdGradients:
   """Sum row gradients that hit the same table id.
 
   Args:
     ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows.
     row_grads: ``[..., *ids.shape, d]`` gradients of those rows (leading task axis allowed).
     num_ids: rows of the table (ids are in ``[0, num_ids)``).
+    dense: True: sum into a ``[..., num_ids, d]`` table gradient; False: N slots, one per
+      looked-up row. None (default) picks the smaller, so the cost is bounded by
+      ``min(num_ids, N)`` and never grows with the vocabulary beyond the batch.
 
   Returns:
-    :class:`IdGradients` with N slots: the slot of an id's first occurrence holds the sum of
-    all its rows' gradients, every other slot holds zeros (``ids`` are the flat ids).
+    :class:`IdGradients`. Dense: ``ids`` is None and ``grads`` is the table gradient.
+    Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
+    every other slot holds zeros, and ``ids`` are the flat ids.
   """
   flat = ids.reshape(-1)
   n = flat.shape[0]
   lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
   dim = row_grads.shape[-1]
-  flat_grads = row_grads.reshape(lead + (n, dim))
+  rows_first = jnp.moveaxis(row_grads.reshape(lead + (n, dim)), -2, 0)   # [N, ..., d]
+  if dense if dense is not None else num_ids <= n:
+    summed = jnp.zeros((num_ids,) + rows_first.shape[1:], rows_first.dtype)
+    return IdGradients(None, jnp.moveaxis(summed.at[flat].add(rows_first), 0, -2))
   segment = first_occurrence(flat, num_ids)
-  summed = jax.ops.segment_sum(jnp.moveaxis(flat_grads, -2, 0), segment, num_segments=n)
+  summed = jax.ops.segment_sum(rows_first, segment, num_segments=n)
   return IdGradients(flat, jnp.moveaxis(summed, 0, -2))
 
 
 def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:
   """Dense gradient of ``table`` from the (combined, task-free) gradients of its ids."""
+  if id_grads.ids is None:
+    return id_grads.grads
   return jnp.zeros_like(table).at[id_grads.ids].add(id_grads.grads)

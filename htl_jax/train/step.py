@@ -70,18 +70,25 @@ def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, 
         _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
         setup.spec.num_tasks)
     ids, row_grads, rows = _global_rows(ids, row_grads, rows, 0)
+    table_grad = jnp.zeros_like(table)
   else:
     losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
     ids, row_grads, rows = _global_rows(ids, row_grads, rows, 1)
     id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
     combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
                                                    balance_state)
-    # Slot j of the combined gradient belongs to id ids.flat[j] (zeros where j is not an
-    # id's first occurrence), so it scatters with the same index array as the rows.
-    row_grads = combined['embedding'].reshape(rows.shape)
+    combined = per_task.IdGradients(id_grads.ids, combined['embedding'])
+    if combined.ids is None:                # already the dense table gradient
+      table_grad = combined.grads
+      row_grads = jnp.zeros_like(rows)
+    else:
+      # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence),
+      # so it scatters with the same index array as the rows, in the one scatter below.
+      table_grad = jnp.zeros_like(table)
+      row_grads = combined.grads.reshape(rows.shape)
   # L2 on the looked-up rows: l2 * mean_b sum_f ||e_bf||^2, added after the process.
   row_grads = row_grads + (2.0 * setup.l2 / rows.shape[0]) * rows
-  table_grad = jnp.zeros_like(table).at[ids].add(row_grads)
+  table_grad = table_grad.at[ids].add(row_grads)
   return table_grad, model_grads, parallel.mean(losses), balance_state
 
 
