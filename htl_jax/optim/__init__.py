@@ -21,3 +21,9 @@ from htl_jax.optim.transforms import task_norms_and_cosines
 # Per-task gradients of the shared embedding, sparse by id (needs no other htl_jax module).
 from htl_jax.optim import per_task
 
+
+__all__ = [
+    'HybridGradBalanceState', 'MetaBalanceState', 'PCGradState', 'hybrid_grad_balance',
+    'metabalance', 'pcgrad', 'pcgrad_combine', 'pcgrad_task_orders', 'per_task',
+    'task_norms_and_cosines',
+]

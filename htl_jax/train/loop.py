@@ -28,7 +28,7 @@ from htl_jax.models import MODELS
 from htl_jax.models.heads import CORE_TRANSFORMS, CoreTransform
 from htl_jax.train import parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
-from htl_jax.train.state import GRAD_PROCESSES, TrainSetup, TrainState, init_state, make_setup
+from htl_jax.train.state import GRAD_PROCESSES, TrainSetup, init_state, make_setup
 
 
 class ConfigError(ValueError):
