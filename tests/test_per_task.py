@@ -110,3 +110,49 @@ def test_sparse_process_equals_process_on_dense_table(transform):
   dense = _dense_task_grads(params, table, ids, loss_vector)
   dense_out, _ = tx.update({'e': dense}, tx.init({'e': table}))
   np.testing.assert_allclose(sparse_table, dense_out['e'], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('vocab', [(6, 5, 4), (60, 50, 40)], ids=['dense', 'by_id'])
+def test_trainer_table_gradient_is_algorithm_1_plus_l2(vocab):
+  """The train step's table gradient = Algorithm 1 on the dense Jacobian + the L2 gradient.
+
+  A 15-row table is summed densely, a 150-row one by id (it has more rows than the batch
+  has lookups); both batches repeat ids, and the L2 term is on.
+  """
+  from configs.base import get_base_config
+  from htl_jax.models.heads import CoreTransform
+  from htl_jax.train import step as step_lib
+  from htl_jax.train.state import init_state, make_setup
+
+  spec = HybridSpec(SPEC.fields, vocab, SPEC.binary_tasks, SPEC.core_task)
+  config = get_base_config()
+  config.tower_dims, config.fusion_dim, config.label_embed_dim = (8, 4), 4, 3
+  config.embed_dim, config.l2, config.gamma, config.clip = D, 0.05, 0.3, 2.0
+  setup = make_setup(config, spec, CoreTransform('none', 0.0, 1.0))
+  state = init_state(setup, config)
+  table = jax.random.normal(jax.random.PRNGKey(7), state.params['embedding']['table'].shape)
+  state = state.replace(params={**state.params, 'embedding': {'table': table}})
+  keys = jax.random.split(jax.random.PRNGKey(8), 3)
+  x = jnp.stack([jax.random.randint(keys[i], (B,), 0, 3) for i in range(3)], axis=1)
+  y0 = jax.random.bernoulli(keys[1], 0.6, (B,)).astype(jnp.float32)
+  batch = {'x': x, 'y': jnp.stack([y0, y0 * (x[:, 0] > 0)], 1), 'core': 2.0 * y0 + x[:, 1],
+           'index': jnp.arange(B), 'weight': jnp.ones(B)}
+
+  def trainer(state, batch):
+    ids, rows = step_lib._lookup(setup, state.params, batch)
+    return step_lib._shared_table_grad(setup, state, batch, ids, rows)[0]
+
+  got = jax.pmap(trainer, axis_name='batch')(*jax.tree.map(lambda v: v[None], (state, batch)))
+
+  ids = per_task.table_ids(x, jnp.asarray(spec.field_offsets))
+  key = jax.random.fold_in(state.rng, state.step)
+
+  def task_losses(t):
+    out = setup.model.apply({'params': state.params['model']}, (t[ids],) * K, train=True,
+                            tau=state.tau, example_index=batch['index'], rngs={'gumbel': key})
+    return setup.objective.loss_vector(out, batch)
+
+  jacobian = jax.jacrev(task_losses)(table)                            # [K, M, d]
+  combined, _ = setup.balance.update({'embedding': jacobian}, setup.balance.init(None))
+  l2 = jax.grad(lambda t: config.l2 * jnp.mean(jnp.sum(t[ids] ** 2, axis=(1, 2))))(table)
+  np.testing.assert_allclose(got[0], combined['embedding'] + l2, rtol=1e-5, atol=1e-6)

@@ -3,15 +3,20 @@
     python tools/bench.py --quick --json     # one JSON object on stdout
     python tools/bench.py                     # every model, more steps, a table
 
-Step times are medians over timed steps at batch 2048 on random KuaiRand-sized inputs
-(45 fields, d = 10, towers [128, 64, 32]). Configurations are timed in interleaved rounds so
-that load from other processes hits all of them alike; only the ratios are meaningful
-across machines. Keys:
+Step times are medians over windows of steps dispatched back to back (as the training loop
+runs them), at batch 2048 on random KuaiRand-sized inputs (45 fields, d = 10, towers
+[128, 64, 32]). Configurations are timed in interleaved rounds so that load from other
+processes hits all of them alike; only the ratios are meaningful across machines. Like
+``experiments/main.py``, the bench keeps XLA's per-step scratch memory mapped
+(``htl_jax.train.malloc``). Keys:
 
 - ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,
   4e4-row vocabulary (goal <= 1.25);
 - ``grad_process_overhead_1e6``: the same with a 1e6-row user-id vocabulary (goal <= 1.3);
 - ``htlnet_vs_shared_bottom``: HTLNet (htl) / Shared-Bottom (none) (goal <= 1.5);
+- ``htlnet_vs_shared_bottom_flops``: the same ratio of XLA's FLOP counts per step
+  (``gflop_per_step``): with DESIGN's sizes HTLNet does ~2x Shared-Bottom's work, so this is
+  the floor of the step-time ratio when both run at the same FLOP rate;
 - ``fast_path_speedup``: HTLNet's per-task gradients by vmap over cotangents / by one
   backward pass over per-tower copies;
 - ``examples_per_s``: per configuration (goal: HTLNet >= 50k on 2 cores);
@@ -44,7 +49,7 @@ from htl_jax import metrics as metrics_lib
 from htl_jax.data.schema import HybridSpec
 from htl_jax.models import MODELS
 from htl_jax.models.heads import CoreTransform
-from htl_jax.train import parallel
+from htl_jax.train import malloc, parallel
 from htl_jax.train.loop import compiled_steps
 from htl_jax.train.state import init_state, make_setup
 
@@ -87,12 +92,23 @@ class Runner:
     self.times: list[float] = []
 
   def run(self, steps: int, record: bool = True) -> None:
+    """Dispatch ``steps`` steps back to back, as the training loop does, then wait.
+
+    The recorded step time is the window's time over ``steps``: host dispatch of step i+1
+    overlaps step i's compute, as in ``train_and_evaluate``, which never blocks per step.
+    """
+    start = time.perf_counter()
     for _ in range(steps):
-      start = time.perf_counter()
       self.state, metrics = self.step(self.state, self.batch)
-      jax.block_until_ready(metrics)
-      if record:
-        self.times.append(time.perf_counter() - start)
+    jax.block_until_ready((self.state, metrics))
+    if record:
+      self.times.append((time.perf_counter() - start) / steps)
+
+  def gflops(self) -> float:
+    """XLA's FLOP count of one train step (forward, backward, optimizer), in GFLOP."""
+    cost = self.step.lower(self.state, self.batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost['flops']) / 1e9
 
   @property
   def median(self) -> float:
@@ -117,15 +133,18 @@ def bench_steps(quick: bool, batch_size: int) -> dict:
   for key, (model, process, spec, path) in configs.items():
     runners[key] = Runner(model, process, spec, batch_size, path)
     runners[key].run(3, record=False)              # compile and warm up
-  rounds, per_round = (4, 5) if quick else (8, 10)
+  rounds, per_round = (8, 5) if quick else (12, 10)
   for _ in range(rounds):                          # interleaved, so load hits all alike
     for runner in runners.values():
       runner.run(per_round)
   med = {k: r.median for k, r in runners.items()}
+  gflops = {k: runners[k].gflops() for k in ('htlnet/htl', 'shared_bottom/none')}
   return {
       'grad_process_overhead': med['htlnet/htl'] / med['htlnet/none'],
       'grad_process_overhead_1e6': med['htlnet/htl/1e6'] / med['htlnet/none/1e6'],
       'htlnet_vs_shared_bottom': med['htlnet/htl'] / med['shared_bottom/none'],
+      'htlnet_vs_shared_bottom_flops': gflops['htlnet/htl'] / gflops['shared_bottom/none'],
+      'gflop_per_step': gflops,
       'fast_path_speedup': med['htlnet/htl/general_path'] / med['htlnet/htl'],
       'examples_per_s': {k: batch_size / v for k, v in med.items()},
       'step_ms': {k: 1e3 * v for k, v in med.items()},
@@ -180,9 +199,12 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=2048)
   parser.add_argument('--prep_rows', type=int, default=1_200_000)
   parser.add_argument('--skip_prep', action='store_true')
+  parser.add_argument('--default_malloc', action='store_true',
+                      help="leave glibc's malloc thresholds alone (to measure their effect)")
   args = parser.parse_args()
+  tuned = False if args.default_malloc else malloc.keep_scratch_memory()
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
-            'backend': jax.default_backend()}
+            'backend': jax.default_backend(), 'malloc_tuned': tuned}
   if not args.skip_prep:
     result.update(bench_prep(args.prep_rows))
   result.update(bench_metrics())

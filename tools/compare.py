@@ -26,6 +26,7 @@ sys.path.insert(0, REPO)
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 from configs import common
+from htl_jax.train import malloc
 from htl_jax.train.loop import train_and_evaluate
 
 
@@ -85,6 +86,7 @@ def main() -> None:
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
+  malloc.keep_scratch_memory()
   results = {}
   for model in args.models.split(','):
     for seed in map(int, args.seeds.split(',')):

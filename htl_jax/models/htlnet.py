@@ -42,8 +42,12 @@ class HTLNet(nn.Module):
     return jax.lax.stop_gradient(x) if self.cfg.stop_gradient else x
 
   def _task_input(self, t: int, e: jax.Array, reps: list[jax.Array],
-                  label_embs: list[jax.Array]) -> jax.Array:
-    """Tower input of task ``t`` (0-based): Eq. 6 for ``t > 0``."""
+                  label_embs: list[jax.Array]) -> jax.Array | list[jax.Array]:
+    """Tower input of task ``t`` (0-based): Eq. 6 for ``t > 0``, as the list of its parts.
+
+    The tower's first layer reads the parts without concatenating them (same parameters
+    and values as a Dense layer on ``concat(rep_f, le_f, e)``).
+    """
     if t == 0:
       return e
     parts = []
@@ -53,7 +57,7 @@ class HTLNet(nn.Module):
     if self.cfg.use_label_embedding:
       fuse = layers.make_fusion(self.cfg.fusion, self.cfg.fusion_dim, f'ifu_label_{t}')
       parts.append(fuse(label_embs[:t]))
-    return jnp.concatenate(parts + [e], axis=-1)
+    return parts + [e]
 
   @nn.compact
   def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,

@@ -26,16 +26,49 @@ def flatten_fields(emb: jax.Array) -> jax.Array:
   return emb.reshape(emb.shape[0], -1)
 
 
+class PartsDense(nn.Module):
+  """``nn.Dense`` on ``concat(parts, -1)`` without materialising the concatenation.
+
+  ``y = sum_i x_i @ W[rows of part i] + b``: the same parameters (``kernel`` of shape
+  ``[sum of part widths, features]``, ``bias``) and the same values as a Dense layer on the
+  concatenated input, but no ``[B, sum of widths]`` copy, and the backward pass computes
+  input gradients only for the parts that need them (a stop-gradient part gets none).
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    widths = [x.shape[-1] for x in parts]
+    kernel = self.param('kernel', XAVIER, (sum(widths), self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    starts = [sum(widths[:i]) for i in range(len(parts))]
+    # The widest part (the embeddings e) first, so the big matmul leads the sum.
+    order = sorted(range(len(parts)), key=lambda i: -widths[i])
+    out = None
+    for i in order:
+      term = parts[i] @ kernel[starts[i]:starts[i] + widths[i]]
+      out = term if out is None else out + term
+    return out + bias
+
+
 class MLP(nn.Module):
-  """ReLU MLP with Xavier-initialised kernels; returns every hidden layer's output."""
+  """ReLU MLP with Xavier-initialised kernels; returns every hidden layer's output.
+
+  The input is one array, or a list (or tuple) of parts whose concatenation is the input
+  (the first layer is then a :class:`PartsDense`, with the parameters of a Dense layer).
+  """
 
   dims: Sequence[int]
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
     hidden = []
     for i, dim in enumerate(self.dims):
-      x = nn.relu(nn.Dense(dim, kernel_init=XAVIER, name=f'dense_{i}')(x))
+      if i == 0 and isinstance(x, (list, tuple)):
+        x = nn.relu(PartsDense(dim, name='dense_0')(x))
+      else:
+        x = nn.relu(nn.Dense(dim, kernel_init=XAVIER, name=f'dense_{i}')(x))
       hidden.append(x)
     return hidden
 
@@ -44,14 +77,15 @@ class Tower(nn.Module):
   """A task tower: MLP then a linear output of ``out_dim`` units.
 
   Returns ``(output, rep)`` where ``rep`` is the first hidden layer's output (Appendix B.1:
-  the representation HTLNet transfers to later tasks).
+  the representation HTLNet transfers to later tasks). ``x`` may be a sequence of parts of
+  the input (see :class:`MLP`).
   """
 
   dims: Sequence[int]
   out_dim: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     hidden = MLP(self.dims, name='mlp')(x)
     out = nn.Dense(self.out_dim, kernel_init=XAVIER, name='out')(hidden[-1])
     return out, hidden[0]
@@ -111,12 +145,14 @@ class AttentionFusion(nn.Module):
     if len(items) == 1:                     # softmax over one item: w = 1
       return items[0] @ w1 + b1
     # Since the weights sum to 1, sum_u w_u h1(x^u) = h1(sum_u w_u x^u): h1 runs once on
-    # the weighted input, and h2, h3 once on all items stacked along the batch axis.
-    stacked = jnp.concatenate(items, axis=0)                            # [U*B, in]
-    scores = jnp.sum((stacked @ w2 + b2) * (stacked @ w3 + b3), axis=-1)
-    scores = scores.reshape(len(items), -1) / jnp.sqrt(float(k))         # [U, B]
-    weights = jax.nn.softmax(scores, axis=0)
-    mixed = sum(weights[u][:, None] * x for u, x in enumerate(items))   # [B, in]
+    # the weighted input; h2 and h3 run as one matmul per item.
+    w23, b23 = jnp.concatenate([w2, w3], axis=1), jnp.concatenate([b2, b3])
+    scores = []
+    for x in items:
+      h = x @ w23 + b23
+      scores.append(jnp.sum(h[:, :k] * h[:, k:], axis=-1))
+    weights = jax.nn.softmax(jnp.stack(scores) / jnp.sqrt(float(k)), axis=0)   # [U, B]
+    mixed = sum(weights[u][:, None] * x for u, x in enumerate(items))        # [B, in]
     return mixed @ w1 + b1
 
 

@@ -18,7 +18,7 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,8 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
     num_tasks: K.
 
   Returns:
-    ``(losses [K], row_grads [K, B, F, d], model_grads of sum(losses), aux)``.
+    ``(losses [K], row_grads, model_grads of sum(losses), aux)``; ``row_grads`` is a tuple
+    of K arrays ``[B, F, d]``, task k's gradient of the rows.
   """
   def f(rows, model_params):
     return loss_vector(model_params, (rows,) * num_tasks)
@@ -65,7 +66,7 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
   eye = jnp.eye(num_tasks, dtype=losses.dtype)
   row_grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(eye)
   _, model_grads = vjp_fn(jnp.ones_like(losses))
-  return losses, row_grads, model_grads, aux
+  return losses, tuple(row_grads), model_grads, aux
 
 
 def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
@@ -79,11 +80,12 @@ def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.A
     return jnp.sum(losses), (losses, aux)
 
   # K separate arguments (not slices of one stacked array): each copy's gradient is its own
-  # buffer, with no zero-padded [K, B, F, d] cotangent per task to add up.
+  # buffer, with no zero-padded [K, B, F, d] cotangent per task to add up, and none is
+  # copied into a stacked array (sum_rows_by_id reads them one by one).
   copies = (rows,) * num_tasks
   grad_fn = jax.grad(f, argnums=(0, 1), has_aux=True)
   (copy_grads, model_grads), (losses, aux) = grad_fn(copies, model_params)
-  return losses, jnp.stack(copy_grads), model_grads, aux
+  return losses, tuple(copy_grads), model_grads, aux
 
 
 def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
@@ -111,34 +113,46 @@ def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
   return first[flat_ids]
 
 
-def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array, num_ids: int,
+def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], num_ids: int,
                    dense: bool | None = None) -> IdGradients:
-  """Sum row gradients that hit the same table id.
+  """Sum row gradients that hit the same table id, per task.
 
   Args:
-    ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows.
-    row_grads: ``[..., *ids.shape, d]`` gradients of those rows (leading task axis allowed).
-    num_ids: rows of the table (ids are in ``[0, num_ids)``).
-    dense: True: sum into a ``[..., num_ids, d]`` table gradient; False: N slots, one per
+    ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows, all in
+      ``[0, num_ids)`` (not checked: the loaders map every value into its vocabulary).
+    row_grads: K per-task gradients of those rows: a sequence of K arrays
+      ``[*ids.shape, d]``, or one array ``[..., *ids.shape, d]`` (any leading task axes).
+    num_ids: rows of the table.
+    dense: True: sum into a ``[K, num_ids, d]`` table gradient; False: N slots, one per
       looked-up row. None (default) picks the smaller, so the cost is bounded by
       ``min(num_ids, N)`` and never grows with the vocabulary beyond the batch.
 
   Returns:
-    :class:`IdGradients`. Dense: ``ids`` is None and ``grads`` is the table gradient.
+    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]`` (the array input's
+    leading axes instead of K). Dense: ``ids`` is None and ``grads`` is the table gradient.
     Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
     every other slot holds zeros, and ``ids`` are the flat ids.
   """
   flat = ids.reshape(-1)
   n = flat.shape[0]
-  lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
-  dim = row_grads.shape[-1]
-  rows_first = jnp.moveaxis(row_grads.reshape(lead + (n, dim)), -2, 0)   # [N, ..., d]
-  if dense if dense is not None else num_ids <= n:
-    summed = jnp.zeros((num_ids,) + rows_first.shape[1:], rows_first.dtype)
-    return IdGradients(None, jnp.moveaxis(summed.at[flat].add(rows_first), 0, -2))
-  segment = first_occurrence(flat, num_ids)
-  summed = jax.ops.segment_sum(rows_first, segment, num_segments=n)
-  return IdGradients(flat, jnp.moveaxis(summed, 0, -2))
+  if isinstance(row_grads, (list, tuple)):
+    lead, sets = (len(row_grads),), list(row_grads)
+  else:
+    lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
+    sets = list(row_grads.reshape((-1,) + ids.shape + row_grads.shape[-1:]))
+  dim = sets[0].shape[-1]
+  is_dense = dense if dense is not None else num_ids <= n
+  if is_dense:
+    num_slots, slots = num_ids, flat
+  else:
+    num_slots, slots = n, first_occurrence(flat, num_ids)
+  # Task k's slots are rows [k * num_slots, (k + 1) * num_slots) of ONE buffer that every
+  # scatter updates in place: no per-task buffers to stack afterwards.
+  summed = jnp.zeros((len(sets) * num_slots, dim), sets[0].dtype)
+  for k, grads in enumerate(sets):
+    summed = summed.at[slots + k * num_slots].add(grads.reshape(n, dim),
+                                                  mode='promise_in_bounds')
+  return IdGradients(None if is_dense else flat, summed.reshape(lead + (num_slots, dim)))
 
 
 def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:

@@ -3,7 +3,7 @@
 ``train_step(setup, state, batch) -> (state, metrics)``:
 
 1. look up the shared embedding rows of the batch, ``[B, F, d]``;
-2. per-task losses ``[K]`` and per-task gradients of those rows, ``[K, B, F, d]``: one
+2. per-task losses ``[K]`` and per-task gradients of those rows, K arrays ``[B, F, d]``: one
    backward pass when the towers are isolated, else ``vmap`` over the cotangents of one
    ``vjp`` (``htl_jax.optim.per_task``); towers get the gradient of the summed loss;
 3. across devices: tower gradients are averaged, row gradients gathered, so the gradient
@@ -54,11 +54,37 @@ def _per_task_row_grads(setup: TrainSetup, state: TrainState, batch: Batch, rows
             setup.spec.num_tasks)
 
 
-def _global_rows(ids: jax.Array, row_grads: jax.Array, rows: jax.Array, axis: int):
-  """Gather the sparse pieces of every device; local means -> global mean."""
+def _global_rows(ids: jax.Array, row_grads, rows: jax.Array):
+  """Gather the sparse pieces of every device; local means -> global mean.
+
+  ``row_grads`` is one ``[B, F, d]`` array or a tuple of K of them (per task).
+  """
   n = parallel.num_replicas()
-  return (parallel.gather(ids, 0), parallel.gather(row_grads, axis) / n,
-          parallel.gather(rows, 0))
+
+  def gather_mean(g):
+    return g if n == 1 else parallel.gather(g, 0) / n
+
+  row_grads = (tuple(map(gather_mean, row_grads)) if isinstance(row_grads, tuple)
+               else gather_mean(row_grads))
+  return parallel.gather(ids, 0), row_grads, parallel.gather(rows, 0)
+
+
+def _l2_row_grads(setup: TrainSetup, rows: jax.Array) -> jax.Array:
+  """L2 on the looked-up rows, ``l2 * mean_b sum_f ||e_bf||^2``: its gradient per row."""
+  return (2.0 * setup.l2 / rows.shape[0]) * rows
+
+
+def _add_l2(setup: TrainSetup, table_grad: jax.Array, ids: jax.Array, table: jax.Array):
+  """Adds the L2 term (after the gradient process) to a dense table gradient.
+
+  ``sum`` over a row's occurrences of its L2 gradient = its count in the batch times
+  ``(2 l2 / B) E[id]``: a scalar scatter of counts instead of a scatter of ``[B, F, d]``.
+  """
+  if not setup.l2:
+    return table_grad
+  counts = jnp.zeros(table.shape[:1], table.dtype).at[ids.reshape(-1)].add(
+      1.0, mode='promise_in_bounds')
+  return table_grad + (2.0 * setup.l2 / ids.shape[0]) * counts[:, None] * table
 
 
 def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows):
@@ -69,25 +95,24 @@ def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, 
     losses, row_grads, model_grads, _ = per_task.row_grads_summed(
         _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
         setup.spec.num_tasks)
-    ids, row_grads, rows = _global_rows(ids, row_grads, rows, 0)
+    ids, row_grads, rows = _global_rows(ids, row_grads, rows)
     table_grad = jnp.zeros_like(table)
   else:
     losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
-    ids, row_grads, rows = _global_rows(ids, row_grads, rows, 1)
+    ids, row_grads, rows = _global_rows(ids, row_grads, rows)
     id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
     combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
                                                    balance_state)
     combined = per_task.IdGradients(id_grads.ids, combined['embedding'])
     if combined.ids is None:                # already the dense table gradient
-      table_grad = combined.grads
-      row_grads = jnp.zeros_like(rows)
-    else:
-      # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence),
-      # so it scatters with the same index array as the rows, in the one scatter below.
-      table_grad = jnp.zeros_like(table)
-      row_grads = combined.grads.reshape(rows.shape)
-  # L2 on the looked-up rows: l2 * mean_b sum_f ||e_bf||^2, added after the process.
-  row_grads = row_grads + (2.0 * setup.l2 / rows.shape[0]) * rows
+      return (_add_l2(setup, combined.grads, ids, table), model_grads, parallel.mean(losses),
+              balance_state)
+    # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence), so
+    # it scatters with the same index array as the rows, in the one scatter below.
+    table_grad = jnp.zeros_like(table)
+    row_grads = combined.grads.reshape(rows.shape)
+  if setup.l2:
+    row_grads = row_grads + _l2_row_grads(setup, rows)
   table_grad = table_grad.at[ids].add(row_grads)
   return table_grad, model_grads, parallel.mean(losses), balance_state
 
@@ -126,7 +151,7 @@ def diagnostic_step(setup: TrainSetup, state: TrainState, batch: Batch
   """Raw per-task gradient norms of the shared table and cosines with the core (Fig. 5)."""
   ids, rows = _lookup(setup, state.params, batch)
   _, row_grads, _, _ = _per_task_row_grads(setup, state, batch, rows)
-  ids, row_grads, _ = _global_rows(ids, row_grads, rows, 1)
+  ids, row_grads, _ = _global_rows(ids, row_grads, rows)
   id_grads = per_task.sum_rows_by_id(ids, row_grads, setup.spec.total_vocab)
   norms, cosines = task_norms_and_cosines({'embedding': id_grads.grads}, core_index=-1)
   return {'grad_norm': norms, 'grad_cos_core': cosines}

@@ -1,0 +1,50 @@
+"""Host allocator tuning for XLA:CPU: keep each step's scratch memory instead of unmapping it.
+
+XLA:CPU allocates one scratch block per executed step (all temporaries of the compiled
+program; ``compiled.memory_analysis().temp_size_in_bytes``). glibc's ``malloc`` serves blocks
+above ``M_MMAP_THRESHOLD`` (at most 32 MiB by default) with a fresh ``mmap`` and unmaps them on
+``free``, so EVERY step page-faults its whole scratch block in again: for HTLNet with the
+gradient process at batch 2048 (41 MiB of scratch) that is ~10,700 page faults and 10-20 ms of a
+~50 ms step, while the same step with 31 MiB of scratch faults ~200 times. Raising the mmap and
+trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
+
+This is a process-wide setting, so the library never applies it on import: entry points
+(``experiments/main.py``, ``tools/bench.py``, ``tools/compare.py``) call
+:func:`keep_scratch_memory` once. Other programs that train with ``htl_jax`` on CPU can do
+the same (or preload tcmalloc/jemalloc, which reuse freed memory by default).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_scratch_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+  """Raise glibc's mmap and trim thresholds (bytes) so freed step scratch is reused.
+
+  Args:
+    mmap_threshold: blocks at least this large are still served by ``mmap``.
+    trim_threshold: free memory at the top of the heap kept before returning it to the OS.
+
+  Returns:
+    True when both settings were applied; False on platforms without glibc's ``mallopt``
+    (macOS, musl), where nothing is changed.
+  """
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt.restype = ctypes.c_int
+  limit = (1 << 31) - 1
+  ok_mmap = mallopt(_M_MMAP_THRESHOLD, min(int(mmap_threshold), limit))
+  ok_trim = mallopt(_M_TRIM_THRESHOLD, min(int(trim_threshold), limit))
+  return bool(ok_mmap and ok_trim)
