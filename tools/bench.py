@@ -3,10 +3,12 @@
     python tools/bench.py --quick --json     # one JSON object on stdout
     python tools/bench.py                     # every model, more steps, a table
 
-Step times are medians over windows of steps dispatched back to back (as the training loop
-runs them), at batch 2048 on random KuaiRand-sized inputs (45 fields, d = 10, towers
-[128, 64, 32]). Configurations are timed in interleaved rounds so that load from other
-processes hits all of them alike; only the ratios are meaningful across machines. Like
+Step times are windows of steps dispatched back to back (as the training loop runs them),
+at batch 2048 on random KuaiRand-sized inputs (45 fields, d = 10, towers [128, 64, 32]).
+Configurations are timed in interleaved rounds, one window each per round, so that load
+from other processes hits all of them alike; a ratio is the median over rounds of the two
+configurations' window times in the same round, and ``step_ms`` / ``examples_per_s`` are
+medians over rounds. Only the ratios are meaningful across machines. Like
 ``experiments/main.py``, the bench keeps XLA's per-step scratch memory mapped
 (``htl_jax.train.malloc``). Keys:
 
@@ -133,19 +135,24 @@ def bench_steps(quick: bool, batch_size: int) -> dict:
   for key, (model, process, spec, path) in configs.items():
     runners[key] = Runner(model, process, spec, batch_size, path)
     runners[key].run(3, record=False)              # compile and warm up
-  rounds, per_round = (8, 5) if quick else (12, 10)
+  rounds, per_round = (12, 5) if quick else (16, 10)
   for _ in range(rounds):                          # interleaved, so load hits all alike
     for runner in runners.values():
       runner.run(per_round)
   med = {k: r.median for k, r in runners.items()}
   gflops = {k: runners[k].gflops() for k in ('htlnet/htl', 'shared_bottom/none')}
+
+  def ratio(a: str, b: str) -> float:
+    """Median over rounds of a's window time / b's in the same round (load drifts)."""
+    return float(np.median(np.divide(runners[a].times, runners[b].times)))
+
   return {
-      'grad_process_overhead': med['htlnet/htl'] / med['htlnet/none'],
-      'grad_process_overhead_1e6': med['htlnet/htl/1e6'] / med['htlnet/none/1e6'],
-      'htlnet_vs_shared_bottom': med['htlnet/htl'] / med['shared_bottom/none'],
+      'grad_process_overhead': ratio('htlnet/htl', 'htlnet/none'),
+      'grad_process_overhead_1e6': ratio('htlnet/htl/1e6', 'htlnet/none/1e6'),
+      'htlnet_vs_shared_bottom': ratio('htlnet/htl', 'shared_bottom/none'),
       'htlnet_vs_shared_bottom_flops': gflops['htlnet/htl'] / gflops['shared_bottom/none'],
       'gflop_per_step': gflops,
-      'fast_path_speedup': med['htlnet/htl/general_path'] / med['htlnet/htl'],
+      'fast_path_speedup': ratio('htlnet/htl/general_path', 'htlnet/htl'),
       'examples_per_s': {k: batch_size / v for k, v in med.items()},
       'step_ms': {k: 1e3 * v for k, v in med.items()},
   }
