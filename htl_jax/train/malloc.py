@@ -3,9 +3,10 @@
 XLA:CPU allocates one scratch block per executed step (all temporaries of the compiled
 program; ``compiled.memory_analysis().temp_size_in_bytes``). glibc's ``malloc`` serves blocks
 above ``M_MMAP_THRESHOLD`` (at most 32 MiB by default) with a fresh ``mmap`` and unmaps them on
-``free``, so EVERY step page-faults its whole scratch block in again: for HTLNet with the
-gradient process at batch 2048 (41 MiB of scratch) that is ~10,700 page faults and 10-20 ms of a
-~50 ms step, while the same step with 31 MiB of scratch faults ~200 times. Raising the mmap and
+``free``, so EVERY step page-faults its whole scratch block in again: HTLNet with the
+gradient process at batch 2048 has 33 MiB of scratch and takes ~8,400 page faults a step
+(it took ~10,700, 10-20 ms of a ~50 ms step, with 41 MiB before its scratch was trimmed),
+while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap and
 trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
 This is a process-wide setting, so the library never applies it on import: entry points

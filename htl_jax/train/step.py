@@ -69,15 +69,18 @@ def _global_rows(ids: jax.Array, row_grads, rows: jax.Array):
   return parallel.gather(ids, 0), row_grads, parallel.gather(rows, 0)
 
 
-def _l2_row_grads(setup: TrainSetup, rows: jax.Array) -> jax.Array:
-  """L2 on the looked-up rows, ``l2 * mean_b sum_f ||e_bf||^2``: its gradient per row."""
-  return (2.0 * setup.l2 / rows.shape[0]) * rows
+def _with_l2(setup: TrainSetup, row_grads: jax.Array, rows: jax.Array) -> jax.Array:
+  """Adds the gradient of the L2 term ``l2 * mean_b sum_f ||e_bf||^2`` to each row's."""
+  if not setup.l2:
+    return row_grads
+  return row_grads + (2.0 * setup.l2 / rows.shape[0]) * rows
 
 
-def _add_l2(setup: TrainSetup, table_grad: jax.Array, ids: jax.Array, table: jax.Array):
-  """Adds the L2 term (after the gradient process) to a dense table gradient.
+def _table_with_l2(setup: TrainSetup, table_grad: jax.Array, ids: jax.Array,
+                   table: jax.Array) -> jax.Array:
+  """Adds the L2 term's gradient to a dense table gradient.
 
-  ``sum`` over a row's occurrences of its L2 gradient = its count in the batch times
+  Summed over a row's occurrences, the L2 gradient is the row's count in the batch times
   ``(2 l2 / B) E[id]``: a scalar scatter of counts instead of a scatter of ``[B, F, d]``.
   """
   if not setup.l2:
@@ -88,7 +91,10 @@ def _add_l2(setup: TrainSetup, table_grad: jax.Array, ids: jax.Array, table: jax
 
 
 def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows):
-  """Gradient of the shared table after the gradient process, plus the per-task losses."""
+  """Gradient of the shared table after the gradient process, plus the per-task losses.
+
+  The L2 term is added after the process (it is not a task).
+  """
   table = state.params['embedding']['table']
   balance_state = state.opt_state['balance']
   if setup.balance is None:
@@ -96,24 +102,22 @@ def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, 
         _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
         setup.spec.num_tasks)
     ids, row_grads, rows = _global_rows(ids, row_grads, rows)
-    table_grad = jnp.zeros_like(table)
+    table_grad = jnp.zeros_like(table).at[ids].add(_with_l2(setup, row_grads, rows))
+    return table_grad, model_grads, parallel.mean(losses), balance_state
+
+  losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
+  ids, row_grads, rows = _global_rows(ids, row_grads, rows)
+  id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
+  combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
+                                                 balance_state)
+  combined = combined['embedding']
+  if id_grads.ids is None:                  # already the dense table gradient
+    table_grad = _table_with_l2(setup, combined, ids, table)
   else:
-    losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
-    ids, row_grads, rows = _global_rows(ids, row_grads, rows)
-    id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
-    combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
-                                                   balance_state)
-    combined = per_task.IdGradients(id_grads.ids, combined['embedding'])
-    if combined.ids is None:                # already the dense table gradient
-      return (_add_l2(setup, combined.grads, ids, table), model_grads, parallel.mean(losses),
-              balance_state)
-    # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence), so
-    # it scatters with the same index array as the rows, in the one scatter below.
-    table_grad = jnp.zeros_like(table)
-    row_grads = combined.grads.reshape(rows.shape)
-  if setup.l2:
-    row_grads = row_grads + _l2_row_grads(setup, rows)
-  table_grad = table_grad.at[ids].add(row_grads)
+    # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence),
+    # so the slots scatter with the same index array as the rows.
+    row_grads = _with_l2(setup, combined.reshape(rows.shape), rows)
+    table_grad = jnp.zeros_like(table).at[ids].add(row_grads)
   return table_grad, model_grads, parallel.mean(losses), balance_state
 
 
