@@ -17,7 +17,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from htl_jax.data.schema import DataError
-from htl_jax.train import malloc
 from htl_jax.train.loop import ConfigError, NonFiniteError, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -54,7 +53,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  malloc.keep_scratch_memory()    # reuse XLA:CPU's per-step scratch (htl_jax/train/malloc.py)
   # Orbax logs every save at INFO; keep the run's own progress lines readable.
   logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
   try:

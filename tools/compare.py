@@ -26,7 +26,6 @@ sys.path.insert(0, REPO)
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 from configs import common
-from htl_jax.train import malloc
 from htl_jax.train.loop import train_and_evaluate
 
 
@@ -86,7 +85,6 @@ def main() -> None:
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
-  malloc.keep_scratch_memory()
   results = {}
   for model in args.models.split(','):
     for seed in map(int, args.seeds.split(',')):

@@ -26,7 +26,7 @@ from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
 from htl_jax.models import MODELS
 from htl_jax.models.heads import CORE_TRANSFORMS, CoreTransform
-from htl_jax.train import parallel, step as step_lib
+from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.state import GRAD_PROCESSES, TrainSetup, init_state, make_setup
 
@@ -160,6 +160,7 @@ def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optiona
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Train, evaluate and test ``config.model`` on ``config.dataset``; see module doc."""
   check_config(config)
+  malloc.keep_scratch_memory()      # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))

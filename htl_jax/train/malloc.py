@@ -9,10 +9,11 @@ gradient process at batch 2048 has 33 MiB of scratch and takes ~8,400 page fault
 while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap and
 trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
-This is a process-wide setting, so the library never applies it on import: entry points
-(``experiments/main.py``, ``tools/bench.py``, ``tools/compare.py``) call
-:func:`keep_scratch_memory` once. Other programs that train with ``htl_jax`` on CPU can do
-the same (or preload tcmalloc/jemalloc, which reuse freed memory by default).
+This is a process-wide setting, so nothing applies it on import: ``train_and_evaluate``
+(hence ``experiments/main.py`` and ``tools/compare.py``) and ``tools/bench.py`` call
+:func:`keep_scratch_memory`. Programs that run the steps with their own loop on CPU can call
+it too (or preload tcmalloc/jemalloc, which reuse freed memory by default). The cost: up to
+1 GiB of freed memory may stay with the process instead of going back to the OS.
 """
 
 from __future__ import annotations
