@@ -10,8 +10,8 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
 - :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
-- :func:`sum_rows_by_id`: ``[K, N, d]`` row gradients -> one slot per distinct id holding
-  the sum of its rows (other slots zero). Dot products and norms of these equal those of
+- :func:`sum_rows_by_id`: K row gradients ``[N, d]`` -> per task, one slot per distinct id
+  holding the sum of its rows (other slots zero), ``[K, slots, d]``. Dot products and norms of these equal those of
   the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them equals Algorithm 1 on the
   dense gradients; :func:`scatter_to_table` maps the combined result back.
 """
