@@ -11,9 +11,9 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
 - :func:`sum_rows_by_id`: K row gradients ``[N, d]`` -> per task, one slot per distinct id
-  holding the sum of its rows (other slots zero), ``[K, slots, d]``. Dot products and norms of these equal those of
-  the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them equals Algorithm 1 on the
-  dense gradients; :func:`scatter_to_table` maps the combined result back.
+  holding the sum of its rows (other slots zero), ``[K, slots, d]``. Dot products and norms
+  of these equal those of the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them
+  equals Algorithm 1 on the dense gradients; :func:`scatter_to_table` maps the combined result back.
 """
 
 from __future__ import annotations
