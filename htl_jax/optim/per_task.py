@@ -13,7 +13,8 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
 - :func:`sum_rows_by_id`: K row gradients ``[N, d]`` -> per task, one slot per distinct id
   holding the sum of its rows (other slots zero), ``[K, slots, d]``. Dot products and norms
   of these equal those of the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them
-  equals Algorithm 1 on the dense gradients; :func:`scatter_to_table` maps the combined result back.
+  equals Algorithm 1 on the dense gradients; :func:`scatter_to_table` maps the combined
+  result back.
 """
 
 from __future__ import annotations
