@@ -9,7 +9,7 @@ Configurations are timed in interleaved rounds, one window each per round, so th
 from other processes hits all of them alike; a ratio is the median over rounds of the two
 configurations' window times in the same round, and ``step_ms`` / ``examples_per_s`` are
 medians over rounds. Only the ratios are meaningful across machines. Like
-``experiments/main.py``, the bench keeps XLA's per-step scratch memory mapped
+``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped
 (``htl_jax.train.malloc``). Keys:
 
 - ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,

@@ -122,25 +122,20 @@ def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], n
     ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows, all in
       ``[0, num_ids)`` (not checked: the loaders map every value into its vocabulary).
     row_grads: K per-task gradients of those rows: a sequence of K arrays
-      ``[*ids.shape, d]``, or one array ``[..., *ids.shape, d]`` (any leading task axes).
+      ``[*ids.shape, d]`` (or one stacked ``[K, *ids.shape, d]`` array).
     num_ids: rows of the table.
     dense: True: sum into a ``[K, num_ids, d]`` table gradient; False: N slots, one per
       looked-up row. None (default) picks the smaller, so the cost is bounded by
       ``min(num_ids, N)`` and never grows with the vocabulary beyond the batch.
 
   Returns:
-    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]`` (the array input's
-    leading axes instead of K). Dense: ``ids`` is None and ``grads`` is the table gradient.
+    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None and ``grads`` is the table gradient.
     Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
     every other slot holds zeros, and ``ids`` are the flat ids.
   """
   flat = ids.reshape(-1)
   n = flat.shape[0]
-  if isinstance(row_grads, (list, tuple)):
-    lead, sets = (len(row_grads),), list(row_grads)
-  else:
-    lead = row_grads.shape[:row_grads.ndim - ids.ndim - 1]
-    sets = list(row_grads.reshape((-1,) + ids.shape + row_grads.shape[-1:]))
+  sets = list(row_grads)
   dim = sets[0].shape[-1]
   is_dense = dense if dense is not None else num_ids <= n
   if is_dense:
@@ -153,7 +148,7 @@ def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], n
   for k, grads in enumerate(sets):
     summed = summed.at[slots + k * num_slots].add(grads.reshape(n, dim),
                                                   mode='promise_in_bounds')
-  return IdGradients(None if is_dense else flat, summed.reshape(lead + (num_slots, dim)))
+  return IdGradients(None if is_dense else flat, summed.reshape(len(sets), num_slots, dim))
 
 
 def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:

@@ -60,12 +60,7 @@ def _global_rows(ids: jax.Array, row_grads, rows: jax.Array):
   ``row_grads`` is one ``[B, F, d]`` array or a tuple of K of them (per task).
   """
   n = parallel.num_replicas()
-
-  def gather_mean(g):
-    return g if n == 1 else parallel.gather(g, 0) / n
-
-  row_grads = (tuple(map(gather_mean, row_grads)) if isinstance(row_grads, tuple)
-               else gather_mean(row_grads))
+  row_grads = jax.tree.map(lambda g: parallel.gather(g, 0) / n, row_grads)
   return parallel.gather(ids, 0), row_grads, parallel.gather(rows, 0)
 
 
