@@ -48,37 +48,58 @@ def _unflatten(vec: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.nda
   return out
 
 
-def ref_algorithm1(g: np.ndarray, core: int, gamma: float, clip: float,
-                   conflict: bool = True, magnitude: bool = True) -> np.ndarray:
-  """HTLNet Algorithm 1 on a [K, N] matrix, one task at a time."""
+def ref_algorithm1_terms(g: np.ndarray, core: int, gamma: float, clip: float,
+                         conflict: bool = True, magnitude: bool = True,
+                         alpha: float = 1.0) -> list[np.ndarray]:
+  """HTLNet Algorithm 1 on a [K, N] matrix, one task at a time: the K terms of G_s."""
   g_core = g[core]
-  total = g_core.copy()
+  terms = []
   for t in range(g.shape[0]):
     if t == core:
+      terms.append(g_core.copy())
       continue
     g_t = g[t].copy()
     dot = float(g_t @ g_core)
-    if conflict and dot < 0:
-      g_t = g_t - dot / float(g_core @ g_core) * g_core
-    if magnitude:
+    if conflict and dot < 0:                                    # Eq. 16
+      g_t = g_t - alpha * dot / float(g_core @ g_core) * g_core
+    if magnitude:                                               # Eq. 17
       norm_t = np.linalg.norm(g_t)
       w = np.linalg.norm(g_core) / norm_t if norm_t > 0 else 1.0
       w = min(max(w, 1.0 / clip), clip)
       g_t = gamma * w * g_t + (1 - gamma) * g_t
-    total = total + g_t
-  return total
+    terms.append(g_t)
+  return terms
+
+
+def ref_algorithm1(g: np.ndarray, core: int, gamma: float, clip: float,
+                   conflict: bool = True, magnitude: bool = True,
+                   alpha: float = 1.0) -> np.ndarray:
+  """G_s = G_core + sum_t G_t (Algorithm 1, lines 16-17)."""
+  return np.sum(ref_algorithm1_terms(g, core, gamma, clip, conflict, magnitude, alpha), 0)
 
 
 def ref_hybrid(tree, core=-1, gamma=0.1, clip=10.0, conflict=True,
-               magnitude=True, per_leaf=False):
+               magnitude=True, per_leaf=False, alpha=1.0):
   k = next(iter(tree.values())).shape[0]
   core = core % k
   if per_leaf:
     return {n: ref_algorithm1(np.asarray(x, np.float64).reshape(k, -1), core,
-                              gamma, clip, conflict, magnitude).reshape(x.shape[1:])
+                              gamma, clip, conflict, magnitude, alpha).reshape(x.shape[1:])
             for n, x in tree.items()}
   return _unflatten(
-      ref_algorithm1(_flatten(tree), core, gamma, clip, conflict, magnitude), tree)
+      ref_algorithm1(_flatten(tree), core, gamma, clip, conflict, magnitude, alpha), tree)
+
+
+def ref_processed_norms(tree, core=-1, gamma=0.1, clip=10.0, per_leaf=False, alpha=1.0):
+  """Norms of Algorithm 1's per-task terms, joint over all leaves."""
+  k = next(iter(tree.values())).shape[0]
+  groups = ([np.asarray(x, np.float64).reshape(k, -1) for _, x in sorted(tree.items())]
+            if per_leaf else [_flatten(tree)])
+  sq = np.zeros(k)
+  for g in groups:
+    terms = ref_algorithm1_terms(g, core % k, gamma, clip, alpha=alpha)
+    sq += np.array([float(t @ t) for t in terms])
+  return np.sqrt(sq)
 
 
 def ref_pcgrad(tree, orders) -> dict[str, np.ndarray]:
@@ -95,6 +116,20 @@ def ref_pcgrad(tree, orders) -> dict[str, np.ndarray]:
   return _unflatten(total, tree)
 
 
+def ref_pcgrad_norms(tree, orders) -> np.ndarray:
+  """Norms of the projected per-task gradients g_i^PC."""
+  g = _flatten(tree)
+  norms = []
+  for i in range(g.shape[0]):
+    g_pc = g[i].copy()
+    for j in orders[i]:
+      dot = float(g_pc @ g[j])
+      if dot < 0:
+        g_pc = g_pc - dot / float(g[j] @ g[j]) * g[j]
+    norms.append(np.linalg.norm(g_pc))
+  return np.array(norms)
+
+
 def ref_metabalance(steps, beta, relax, target):
   """MetaBalance over a list of stacked dicts; returns outputs and last EMA."""
   k = next(iter(steps[0].values())).shape[0]
@@ -102,6 +137,7 @@ def ref_metabalance(steps, beta, relax, target):
   outputs = []
   for tree in steps:
     out = {}
+    processed_sq = np.zeros(k)
     for name, x in tree.items():
       g = np.asarray(x, np.float64).reshape(k, -1)
       for t in range(k):
@@ -112,9 +148,10 @@ def ref_metabalance(steps, beta, relax, target):
         if t != target and ema[name][t] > 0:
           g_t = g_t * ema[name][target] / ema[name][t] * relax + g_t * (1 - relax)
         total = total + g_t
+        processed_sq[t] += float(g_t @ g_t)
       out[name] = total.reshape(x.shape[1:])
     outputs.append(out)
-  return outputs, ema
+  return outputs, ema, np.sqrt(processed_sq)
 
 
 # ----------------------------------------------------------------------------
@@ -250,11 +287,51 @@ def test_hybrid_switches(conflict, magnitude):
                        _scale(tree))
 
 
-def test_hybrid_alpha_returns_sgd_update():
+def _aligned() -> dict[str, np.ndarray]:
+  tree = _stacked(1)
+  for x in tree.values():
+    x[:] = np.abs(x) * np.array([1.0, 3.0, 0.5], np.float32).reshape(
+        (3,) + (1,) * (x.ndim - 1))
+  return tree
+
+
+GRADIENT_CASES = {
+    'conflicting': _conflicting,
+    'aligned': _aligned,
+    'badly_scaled': lambda: _stacked(2, k=3, scales=[1e2, 1e-2, 1.0]),
+    'all_zero': lambda: {n: np.zeros((3,) + s, np.float32) for n, s in LEAF_SHAPES.items()},
+}
+
+
+@pytest.mark.parametrize('per_leaf', [False, True], ids=['joint', 'per_leaf'])
+@pytest.mark.parametrize('case', sorted(GRADIENT_CASES))
+@pytest.mark.parametrize('alpha', [1e-6, 1e-3, 0.5, 1.0])
+def test_hybrid_alpha_matches_algorithm1(alpha, case, per_leaf):
+  """Eq. 16 with the projection relax factor alpha, then Eq. 17, then G_s."""
+  tree = GRADIENT_CASES[case]()
+  tx = hybrid_grad_balance(alpha=alpha, gamma=0.3, clip=10.0, per_leaf=per_leaf,
+                           num_tasks=3)
+  out, state = _run(tx, tree)
+  scale = max(_scale(tree), 1.0)
+  _assert_tree_close(out, ref_hybrid(tree, gamma=0.3, per_leaf=per_leaf, alpha=alpha),
+                     scale)
+  np.testing.assert_allclose(
+      state.processed_norms,
+      ref_processed_norms(tree, gamma=0.3, per_leaf=per_leaf, alpha=alpha),
+      rtol=1e-5, atol=2e-6 * scale)
+
+
+def test_hybrid_alpha_scales_the_projection():
+  """alpha interpolates between no projection (0) and the full one (1)."""
   tree = _conflicting()
-  out, _ = _run(hybrid_grad_balance(alpha=0.05), tree)
-  expected = {n: -0.05 * v for n, v in ref_hybrid(tree).items()}
-  _assert_tree_close(out, expected, 0.05 * _scale(tree))
+  outs = {a: _flatten({n: v[None] for n, v in _run(
+      hybrid_grad_balance(alpha=a, magnitude=False), tree)[0].items()})[0]
+          for a in (0.0, 0.5, 1.0)}
+  np.testing.assert_allclose(outs[0.0], _flatten(tree).sum(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs[0.5], (outs[0.0] + outs[1.0]) / 2, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(outs[0.5], outs[1.0], atol=1e-3)
+  with pytest.raises(ValueError, match='relax factor'):
+    hybrid_grad_balance(alpha=2.0)
 
 
 def test_hybrid_diagnostics_in_state():
@@ -279,6 +356,7 @@ def test_hybrid_diagnostics_in_state():
   tx_plain = hybrid_grad_balance()
   _, plain = tx_plain.update(jax.tree.map(jnp.asarray, tree), tx_plain.init(_params()))
   assert plain.task_norms.shape == (0,) and plain.core_cosine.shape == (0,)
+  assert plain.processed_norms.shape == (0,)
 
 
 def test_hybrid_jit_and_chain():
@@ -398,6 +476,8 @@ def test_pcgrad_transform_uses_state_key_and_changes_order():
     seen.add(orders.tobytes())
     out, new_state = update(stacked, state)
     _assert_tree_close(out, ref_pcgrad(tree, orders), _scale(tree))
+    np.testing.assert_allclose(new_state.processed_norms,
+                               ref_pcgrad_norms(tree, orders), rtol=1e-5)
     assert not np.array_equal(np.asarray(new_state.key), np.asarray(state.key))
     state = new_state
   assert len(seen) > 1
@@ -434,10 +514,11 @@ def test_metabalance_multi_step_matches_reference(target_index):
   assert isinstance(state, MetaBalanceState)
   assert all(v.shape == (3,) for v in jax.tree.leaves(state.norm_ema))
   update = jax.jit(tx.update)
-  outputs, ema = ref_metabalance(steps, 0.8, 0.6, target_index % 3)
+  outputs, ema, processed = ref_metabalance(steps, 0.8, 0.6, target_index % 3)
   for tree, expected in zip(steps, outputs):
     out, state = update(jax.tree.map(jnp.asarray, tree), state)
     _assert_tree_close(out, expected, max(_scale(tree), 1.0))
+  np.testing.assert_allclose(state.processed_norms, processed, rtol=1e-5)
   for name in ema:
     np.testing.assert_allclose(state.norm_ema[name], ema[name], rtol=1e-5)
 

@@ -129,35 +129,45 @@ class HybridGradBalanceState(NamedTuple):
       or shape ``[0]`` when the transformation was built without `num_tasks`.
     core_cosine: ``[K]`` cosine of each raw task gradient with the core
       gradient (1 for the core task itself), or shape ``[0]``.
+    processed_norms: ``[K]`` norms of the per-task gradients after Eq. 16-17
+      (the terms of Algorithm 1's final sum; the core's is its raw norm), or
+      shape ``[0]``.
   """
   task_norms: jax.Array
   core_cosine: jax.Array
+  processed_norms: jax.Array
 
 
 def _balance_coefficients(
-    matrices: list[jax.Array], core: int, gamma: float, clip: float,
-    conflict: bool, magnitude: bool) -> jax.Array:
-  """``[K]`` coefficients ``a`` with ``sum_k a_k G_k`` = Algorithm 1's output.
+    matrices: list[jax.Array], core: int, alpha: float, gamma: float, clip: float,
+    conflict: bool, magnitude: bool) -> tuple[jax.Array, jax.Array]:
+  """Algorithm 1 on `matrices` (leaves viewed as ``[K, n]``), as coefficients.
 
-  Eq. 16 writes the projected gradient as ``G_t - c_t G_core`` and Eq. 17 scales
-  it by ``s_t = gamma * w_t + (1 - gamma)``, so the output
-  ``G_core + sum_t s_t (G_t - c_t G_core)`` is linear in the raw gradients.
-  Dot products and norms run over all of `matrices` (leaves viewed as [K, n]).
+  Eq. 16 writes the projected gradient as ``G_t - c_t G_core`` with
+  ``c_t = alpha * (G_t . G_core) / ||G_core||^2`` where the dot product is
+  negative (else 0), and Eq. 17 scales it by ``s_t = gamma * w_t + (1 - gamma)``,
+  so the output ``G_core + sum_t s_t (G_t - c_t G_core)`` is linear in the raw
+  gradients. Dot products and norms run over all of `matrices` jointly.
+
+  Returns:
+    ``(a, processed_sq)``: ``[K]`` coefficients with ``sum_k a_k G_k`` =
+    Algorithm 1's output, and ``[K]`` squared norms of each task's term of that
+    sum, ``||s_t (G_t - c_t G_core)||^2`` (the core's: ``||G_core||^2``).
   """
   is_core = jnp.arange(matrices[0].shape[0]) == core
   dots = _core_dots(matrices, core)
   core_sq = dots[core]
   if conflict:
     project = jnp.logical_and(dots < 0, ~is_core)
-    proj = jnp.where(project, _safe_div(dots, core_sq, 0.0), 0.0)
+    proj = jnp.where(project, alpha * _safe_div(dots, core_sq, 0.0), 0.0)
   else:
     proj = jnp.zeros_like(dots)
+  # Norm AFTER the projection, computed from the projected vectors themselves
+  # (not from ||G_t||^2 - c_t^2 ||G_core||^2, which cancels badly).
+  projected_sq = sum(
+      jnp.sum(jnp.square(m - proj[:, None] * m[core][None, :]), axis=1)
+      for m in matrices)
   if magnitude:
-    # Norm AFTER the projection, computed from the projected vectors themselves
-    # (not from ||G_t||^2 - c_t^2 ||G_core||^2, which cancels badly).
-    projected_sq = sum(
-        jnp.sum(jnp.square(m - proj[:, None] * m[core][None, :]), axis=1)
-        for m in matrices)
     ratio = _safe_div(jnp.sqrt(core_sq), jnp.sqrt(projected_sq), 1.0)
     weight = jnp.clip(ratio, 1.0 / clip, clip)
     scale = gamma * weight + (1.0 - gamma)
@@ -165,11 +175,11 @@ def _balance_coefficients(
     scale = jnp.ones_like(dots)
   scale = jnp.where(is_core, 1.0, scale)
   core_coeff = 1.0 - jnp.sum(jnp.where(is_core, 0.0, scale * proj))
-  return jnp.where(is_core, core_coeff, scale)
+  return jnp.where(is_core, core_coeff, scale), jnp.square(scale) * projected_sq
 
 
 def hybrid_grad_balance(
-    alpha: float | None = None,
+    alpha: float = 1.0,
     gamma: float = 0.1,
     clip: float = 10.0,
     core_index: int = -1,
@@ -186,31 +196,32 @@ def hybrid_grad_balance(
 
   .. math::
 
-    G_t &\leftarrow G_t - \frac{G_t \cdot G_c}{\|G_c\|^2} G_c
+    G_t &\leftarrow G_t - \alpha \frac{G_t \cdot G_c}{\|G_c\|^2} G_c
       \quad \text{if } G_t \cdot G_c < 0 \qquad \text{(Eq. 16)} \\
     w_t &= \mathrm{clip}\left(\frac{\|G_c\|}{\|G_t\|}, \frac{1}{C}, C\right),
       \qquad G_t \leftarrow \gamma w_t G_t + (1 - \gamma) G_t
       \qquad \text{(Eq. 17)} \\
-    G &= G_c + \textstyle\sum_{t \ne c} G_t ,
+    G_s &= G_c + \textstyle\sum_{t \ne c} G_t
+      \qquad \text{(Algorithm 1, lines 16-17)},
 
-  where :math:`\|G_t\|` in Eq. 17 is the norm after Eq. 16. Dot products and
-  norms run over all leaves jointly (the flattened :math:`\theta_s`) unless
-  ``per_leaf=True``, which applies the algorithm to each leaf separately. Where
-  :math:`\|G_t\| = 0` the ratio is taken as 1; where :math:`\|G_c\| = 0` no
-  projection happens and :math:`w_t = 1/C`. The output is finite for all-zero
-  gradients.
+  where :math:`\alpha` is the paper's *projection relax factor* (Algorithm 1's
+  input; Table 6 searches :math:`\{10^{-6}, \dots, 10^{-1}, 1\}`, Fig. 8
+  sweeps it): :math:`\alpha = 1` projects a conflicting :math:`G_t` fully onto
+  the normal plane of :math:`G_c`, smaller values only part of the way. It is
+  NOT a step size. :math:`\|G_t\|` in Eq. 17 is the norm after Eq. 16. Dot
+  products and norms run over all leaves jointly (the flattened
+  :math:`\theta_s`) unless ``per_leaf=True``, which applies the algorithm to
+  each leaf separately. Where :math:`\|G_t\| = 0` the ratio is taken as 1;
+  where :math:`\|G_c\| = 0` no projection happens and :math:`w_t = 1/C`. The
+  output is finite for all-zero gradients.
 
-  Every leaf of ``updates`` has a leading task axis of size K; the output drops
-  it. Algorithm 1 ends with the step :math:`\theta_s \leftarrow \theta_s -
-  \alpha G`. With ``alpha=None`` the transformation returns :math:`G` itself:
-  put it first in :func:`optax.chain`, in front of an optimizer. With a float
-  ``alpha`` it returns the full update :math:`-\alpha G`, a stand-alone SGD
-  optimizer for :math:`\theta_s`; do NOT chain that with another optimizer
-  (e.g. ``optax.adam`` would follow the sign-flipped direction and ascend).
+  Every leaf of ``updates`` has a leading task axis of size K; the output is
+  the combined gradient :math:`G_s` with that axis removed (a gradient, never
+  a parameter step), so the transformation goes first in an
+  :func:`optax.chain`, in front of any optimizer.
 
   Args:
-    alpha: Step size of Algorithm 1, or ``None`` to return the combined
-      gradient (for chaining with an optimizer).
+    alpha: Projection relax factor :math:`\alpha` of Eq. 16, in ``[0, 1]``.
     gamma: Weight :math:`\gamma` of the magnitude-aligned part in Eq. 17.
     clip: Clip bound :math:`C \ge 1` of the weight :math:`w_t` in Eq. 17.
     core_index: Position of the core task on the task axis.
@@ -218,9 +229,10 @@ def hybrid_grad_balance(
     conflict: Apply the conflict projection of Eq. 16.
     magnitude: Apply the magnitude alignment of Eq. 17.
     num_tasks: K. When given, the state records the norms of the raw per-task
-      gradients and their cosine with the core gradient at the last update
-      (over all leaves jointly, also when ``per_leaf=True``); when ``None`` the
-      state holds empty arrays and nothing is recorded.
+      gradients, their cosine with the core gradient and the norms of the
+      processed per-task gradients at the last update (over all leaves
+      jointly, also when ``per_leaf=True``); when ``None`` the state holds
+      empty arrays and nothing is recorded.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -238,6 +250,10 @@ def hybrid_grad_balance(
     [1. 1.]
     >>> print(state.task_norms, state.core_cosine)
     [1.4142135 1.       ] [-0.70710677  1.        ]
+    >>> half_tx = hybrid_grad_balance(alpha=0.5, magnitude=False)
+    >>> half, _ = half_tx.update(stacked, half_tx.init(params))
+    >>> print(half['w'])
+    [0.5 1. ]
     >>> chained = optax.chain(hybrid_grad_balance(), optax.sgd(0.5))
     >>> updates, _ = chained.update(stacked, chained.init(params))
     >>> print(updates['w'])
@@ -249,6 +265,8 @@ def hybrid_grad_balance(
   """
   if clip < 1.0:
     raise ValueError(f'clip must be >= 1 so that [1/clip, clip] is valid; got {clip}.')
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f'alpha (the projection relax factor) must be in [0, 1]; got {alpha}.')
   if num_tasks is not None and num_tasks < 1:
     raise ValueError(f'num_tasks must be positive; got {num_tasks}.')
   diag_size = 0 if num_tasks is None else num_tasks
@@ -256,7 +274,8 @@ def hybrid_grad_balance(
   def init_fn(params):
     del params
     zeros = jnp.zeros((diag_size,), jnp.float32)
-    return HybridGradBalanceState(task_norms=zeros, core_cosine=zeros)
+    return HybridGradBalanceState(task_norms=zeros, core_cosine=zeros,
+                                  processed_norms=zeros)
 
   def update_fn(updates, state, params=None):
     del params
@@ -264,20 +283,21 @@ def hybrid_grad_balance(
     _check_num_tasks(num_tasks, size, 'hybrid_grad_balance')
     core = _task_position(core_index, size)
     leaves, treedef = jax.tree.flatten(updates)
-    coeff_fn = functools.partial(_balance_coefficients, core=core, gamma=gamma,
-                                 clip=clip, conflict=conflict, magnitude=magnitude)
-    if per_leaf:
-      out = [_combine(coeff_fn([_as_matrix(x)]), x) for x in leaves]
-    else:
-      coeffs = coeff_fn([_as_matrix(x) for x in leaves])
-      out = [_combine(coeffs, x) for x in leaves]
-    if alpha is not None:
-      out = [(-alpha * x).astype(x.dtype) for x in out]
+    coeff_fn = functools.partial(_balance_coefficients, core=core, alpha=alpha,
+                                 gamma=gamma, clip=clip, conflict=conflict,
+                                 magnitude=magnitude)
+    groups = [[x] for x in leaves] if per_leaf else [leaves]
+    out, processed_sq = [], 0.0
+    for group in groups:
+      coeffs, group_sq = coeff_fn([_as_matrix(x) for x in group])
+      out.extend(_combine(coeffs, x) for x in group)
+      processed_sq = processed_sq + group_sq
     if num_tasks is not None:
       norms, cosines = task_norms_and_cosines(updates, core)
+      dtype = state.task_norms.dtype
       state = HybridGradBalanceState(
-          task_norms=norms.astype(state.task_norms.dtype),
-          core_cosine=cosines.astype(state.core_cosine.dtype))
+          task_norms=norms.astype(dtype), core_cosine=cosines.astype(dtype),
+          processed_norms=jnp.sqrt(processed_sq).astype(dtype))
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -291,8 +311,12 @@ class PCGradState(NamedTuple):
 
   Attributes:
     key: Raw ``uint32[2]`` PRNG key; split once per update to draw task orders.
+    processed_norms: ``[K]`` norms of the projected per-task gradients
+      :math:`g_i^{PC}` at the last update (joint over all leaves), or shape
+      ``[0]`` when the transformation was built without `num_tasks`.
   """
   key: jax.Array
+  processed_norms: jax.Array
 
 
 def pcgrad_task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -336,8 +360,16 @@ def pcgrad_combine(stacked: Any, orders: jax.Array) -> Any:
     >>> print(pcgrad_combine(g, jnp.array([[1], [0]]))['w'])
     [0.5 1.5]
   """
-  size = _leading_size(stacked)
   leaves, treedef = jax.tree.flatten(stacked)
+  coeffs, _ = _pcgrad_coefficients(leaves, orders)
+  weights = jnp.sum(coeffs, axis=0)
+  return jax.tree.unflatten(treedef, [_combine(weights, x) for x in leaves])
+
+
+def _pcgrad_coefficients(leaves: list[jax.Array], orders: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """``[K, K]`` coefficients ``C`` with ``g_i^PC = sum_j C_ij g_j``, and the Gram matrix."""
+  size = _leading_size(leaves)
   gram = _gram([_as_matrix(x) for x in leaves])
   sq_norms = jnp.diagonal(gram)
   orders = jnp.asarray(orders, jnp.int32).reshape(size, size - 1)
@@ -350,8 +382,7 @@ def pcgrad_combine(stacked: Any, orders: jax.Array) -> Any:
     return coeffs - step[:, None] * jax.nn.one_hot(other, size, dtype=gram.dtype)
 
   coeffs = jax.lax.fori_loop(0, size - 1, visit, jnp.eye(size, dtype=gram.dtype))
-  weights = jnp.sum(coeffs, axis=0)
-  return jax.tree.unflatten(treedef, [_combine(weights, x) for x in leaves])
+  return coeffs, gram
 
 
 def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransformation:
@@ -395,17 +426,27 @@ def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransfo
     <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020
   """
 
+  diag_size = 0 if num_tasks is None else num_tasks
+
   def init_fn(params):
     del params
-    return PCGradState(key=jax.random.PRNGKey(seed))
+    return PCGradState(key=jax.random.PRNGKey(seed),
+                       processed_norms=jnp.zeros((diag_size,), jnp.float32))
 
   def update_fn(updates, state, params=None):
     del params
     size = _leading_size(updates)
     _check_num_tasks(num_tasks, size, 'pcgrad')
     key, subkey = jax.random.split(state.key)
-    combined = pcgrad_combine(updates, pcgrad_task_orders(subkey, size))
-    return combined, PCGradState(key=key)
+    leaves, treedef = jax.tree.flatten(updates)
+    coeffs, gram = _pcgrad_coefficients(leaves, pcgrad_task_orders(subkey, size))
+    weights = jnp.sum(coeffs, axis=0)
+    combined = jax.tree.unflatten(treedef, [_combine(weights, x) for x in leaves])
+    processed = state.processed_norms
+    if num_tasks is not None:
+      processed_sq = jnp.einsum('ij,jl,il->i', coeffs, gram, coeffs, precision=_HIGHEST)
+      processed = jnp.sqrt(jnp.maximum(processed_sq, 0.0)).astype(processed.dtype)
+    return combined, PCGradState(key=key, processed_norms=processed)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -419,8 +460,11 @@ class MetaBalanceState(NamedTuple):
   Attributes:
     norm_ema: Pytree mirroring ``params``; each leaf is a ``[K]`` array of the
       moving averages of the per-task gradient norms of that parameter.
+    processed_norms: ``[K]`` norms of the rescaled per-task gradients at the
+      last update, joint over all leaves.
   """
   norm_ema: Any
+  processed_norms: jax.Array
 
 
 def metabalance(
@@ -477,24 +521,32 @@ def metabalance(
   target = _task_position(target_index, num_tasks)
 
   def init_fn(params):
-    return MetaBalanceState(norm_ema=jax.tree.map(
-        lambda p: jnp.zeros((num_tasks,), jnp.promote_types(jnp.result_type(p), jnp.float32)),
-        params))
+    return MetaBalanceState(
+        norm_ema=jax.tree.map(
+            lambda p: jnp.zeros((num_tasks,),
+                                jnp.promote_types(jnp.result_type(p), jnp.float32)),
+            params),
+        processed_norms=jnp.zeros((num_tasks,), jnp.float32))
 
   def new_average(grad, ema):
     norms = jnp.sqrt(jnp.sum(jnp.square(_as_matrix(grad)), axis=1))
     return (beta * ema + (1.0 - beta) * norms).astype(ema.dtype)
 
-  def rescale(grad, ema):
+  def scales(ema):
     ratio = _safe_div(ema[target], ema, 1.0)
-    scale = jnp.where(jnp.arange(num_tasks) == target, 1.0, relax * ratio + (1.0 - relax))
-    return _combine(scale, grad)
+    return jnp.where(jnp.arange(num_tasks) == target, 1.0, relax * ratio + (1.0 - relax))
+
+  def processed_sq(grad, ema):
+    return jnp.square(scales(ema)) * jnp.sum(jnp.square(_as_matrix(grad)), axis=1)
 
   def update_fn(updates, state, params=None):
     del params
     _check_num_tasks(num_tasks, _leading_size(updates), 'metabalance')
     norm_ema = jax.tree.map(new_average, updates, state.norm_ema)
-    combined = jax.tree.map(rescale, updates, norm_ema)
-    return combined, MetaBalanceState(norm_ema=norm_ema)
+    combined = jax.tree.map(lambda g, ema: _combine(scales(ema), g), updates, norm_ema)
+    processed = sum(jax.tree.leaves(jax.tree.map(processed_sq, updates, norm_ema)))
+    return combined, MetaBalanceState(
+        norm_ema=norm_ema,
+        processed_norms=jnp.sqrt(processed).astype(state.processed_norms.dtype))
 
   return optax.GradientTransformation(init_fn, update_fn)
