@@ -28,18 +28,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Model.
   c.model = 'htlnet'
   c.embed_dim = 10              # d of the shared embedding
-  c.tower_dims = (128, 64, 32)
+  # Three hidden layers for every model (Appendix B.1): HTLNet's / DNN's towers use all of
+  # them; models with a shared part use all but the last for it and the last for towers.
+  c.hidden_dims = (128, 64, 32)
   c.label_embed_dim = 10        # L_d of the LEU tables
   c.fusion_dim = 32             # k of the IFU projections h1, h2, h3
   c.head = 'mse'                # mse | ziln
-  c.core_transform = 'standardize'  # none | standardize | log1p (MSE head only)
+  c.core_transform = 'none'     # none (Eq. 10: MSE on the raw target) | standardize | log1p
   c.use_label_embedding = True
   c.use_representation = True
   c.fusion = 'attention'        # attention | concat
   c.stop_gradient = True
   c.gumbel_noise = True
   c.num_experts = 4             # mmoe / ple / adatt
-  c.expert_dims = (128, 64)     # mmoe / ple / adatt / shared_bottom bottom
   c.aitm_alpha = 0.6            # AITM calibrator weight
   c.tafe_dtl_weight = 1.0       # TAFE dependence task learning loss weight
   c.lambda_pair = 0.0           # pairwise ranking loss weight (every model)
@@ -49,10 +50,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tau_decay_steps = 1000
   c.tau_min = 0.1
   # Gradient process (Algorithm 1, Eq. 16-17).
-  c.grad_process = 'htl'        # htl | pcgrad | metabalance | none
+  c.grad_process = 'auto'       # auto (htl for htlnet, none otherwise) | htl | pcgrad |
+                                # metabalance | none
   c.grad_conflict = True        # Eq. 16 projection on/off
   c.grad_magnitude = True       # Eq. 17 magnitude alignment on/off
-  c.alpha = 1e-3                # Algorithm 1's step size on theta_s: Adam lr of the embedding
+  c.alpha = 1.0                 # Algorithm 1's projection relax factor (Eq. 16); NOT a step
   c.gamma = 0.1
   c.clip = 10.0
   c.per_leaf = False
@@ -64,7 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 8192
   c.num_epochs = 10
   c.max_steps = 0               # 0 = num_epochs * steps_per_epoch
-  c.learning_rate = 1e-3
+  c.learning_rate = 1e-3        # the one Adam learning rate of every parameter (Table 6)
   c.l2 = 1e-6
   # Loop.
   c.eval_every = 500            # steps; also at each epoch end

@@ -3,9 +3,9 @@
 ``--config=configs/kuairand.py:model=mmoe,smoke=True`` passes ``'model=mmoe,smoke=True'`` to
 ``get_config``, which calls :func:`apply_args`. Keys are config fields (dotted for nested
 ones: ``data.max_rows=1000``); values are converted to the type of the field they replace
-(bool, int, float, str, or a tuple such as ``tower_dims=(16,8)``). A comma-separated piece
+(bool, int, float, str, or a tuple such as ``hidden_dims=(16,8)``). A comma-separated piece
 without ``=`` continues the previous value, so ``data.tasks=click,buy`` and
-``tower_dims=16,8`` work. ``smoke=True`` shrinks the run for tests (:data:`SMOKE`); other
+``hidden_dims=16,8`` work. ``smoke=True`` shrinks the run for tests (:data:`SMOKE`); other
 keys given with it win over its values.
 """
 
@@ -23,7 +23,7 @@ SMOKE = {
     'max_steps': 20,
     'eval_every': 10,
     'checkpoint_every': 10,
-    'tower_dims': (16, 8),
+    'hidden_dims': (16, 8),
     'log_every': 5,
 }
 SMOKE_MAX_ROWS = 3000

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # on the command line by the subprocess tests, so their runs match the in-process ones.
 TINY_OVERRIDES = {
     'max_steps': 8, 'eval_every': 4, 'checkpoint_every': 4, 'log_every': 4,
-    'batch_size': 128, 'eval_batch_size': 512, 'tower_dims': (16, 8), 'fusion_dim': 8,
+    'batch_size': 128, 'eval_batch_size': 512, 'hidden_dims': (16, 8), 'fusion_dim': 8,
     'label_embed_dim': 4, 'embed_dim': 4, 'tau_decay_steps': 3, 'patience': 5,
 }
 TINY_ARG = 'smoke=True,data.max_rows=2000'

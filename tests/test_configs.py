@@ -26,13 +26,13 @@ def test_apply_args_converts_to_the_field_type():
   config = common.apply_args(
       get_base_config(),
       'batch_size=64,learning_rate=1,use_label_embedding=false,model=mmoe,'
-      'tower_dims=(32,16,8),data.max_rows=100,data.tasks=a,b,expert_dims=7,gamma=2.5e-1')
+      'hidden_dims=(32,16,8),data.max_rows=100,data.tasks=a,b,alpha=0.5,gamma=2.5e-1')
   assert config.batch_size == 64 and isinstance(config.batch_size, int)
   assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
   assert config.use_label_embedding is False
   assert config.model == 'mmoe'
-  assert config.tower_dims == (32, 16, 8)
-  assert config.expert_dims == (7,)
+  assert config.hidden_dims == (32, 16, 8)
+  assert config.alpha == 0.5
   assert config.data.max_rows == 100
   assert config.data.tasks == 'a,b'
   assert config.gamma == 0.25
@@ -52,7 +52,7 @@ def test_unknown_keys_are_all_listed():
 
 
 @pytest.mark.parametrize('arg', ['batch_size=abc', 'use_label_embedding=maybe',
-                                 'learning_rate=fast', 'tower_dims=(16,x)', 'smoke=perhaps',
+                                 'learning_rate=fast', 'hidden_dims=(16,x)', 'smoke=perhaps',
                                  'no_equals_sign', '=3'])
 def test_bad_values_raise(arg):
   with pytest.raises(ValueError):
@@ -83,7 +83,7 @@ def test_every_config_builds(name):
   smoke = module.get_config('smoke=True')
   assert isinstance(config, ml_collections.ConfigDict)
   assert config.dataset in DATASETS and smoke.dataset == config.dataset
-  assert smoke.max_steps == common.SMOKE['max_steps'] and smoke.tower_dims == (16, 8)
+  assert smoke.max_steps == common.SMOKE['max_steps'] and smoke.hidden_dims == (16, 8)
   with pytest.raises(ValueError, match='not_a_key'):
     module.get_config('not_a_key=1')
 

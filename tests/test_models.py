@@ -10,6 +10,7 @@ the embedding is a plain learned ``[B, F, d]`` array.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 from typing import Callable
 
@@ -22,15 +23,14 @@ import pytest
 
 from htl_jax import losses
 from htl_jax.data.schema import HybridSpec
-from htl_jax.models import MODELS, ModelConfig, ModelOutput, isolated_towers
+from htl_jax.models import MODELS, ModelConfig, ModelOutput
 from htl_jax.models.adatt import AdaTT
 
 BATCH, FIELDS, DIM = 64, 4, 4
 STEPS = 30
 SPEC = HybridSpec(fields=tuple(f'f{i}' for i in range(FIELDS)), vocab_sizes=(5,) * FIELDS,
                   binary_tasks=('click', 'convert'), core_task='revenue')
-TINY = ModelConfig(tower_dims=(16, 8), expert_dims=(16,), num_experts=2, fusion_dim=8,
-                   label_embed_dim=4)
+TINY = ModelConfig(hidden_dims=(16, 8), num_experts=2, fusion_dim=8, label_embed_dim=4)
 HTLNET_ABLATIONS = {
     'no_label_embedding': {'use_label_embedding': False},
     'no_representation': {'use_representation': False},
@@ -39,20 +39,26 @@ HTLNET_ABLATIONS = {
     'no_gumbel_noise': {'gumbel_noise': False},
     'ziln_head': {'head': 'ziln'},
 }
-BASELINES = ('dnn', 'shared_bottom', 'mmoe', 'ple', 'adatt', 'esmm', 'aitm', 'tafe')
+BASELINES = ('dnn', 'shared_bottom', 'mmoe', 'ple', 'adatt', 'esmm', 'aitm', 'tafe', 'ziln')
+# Models whose theta_s includes shared layers (DESIGN section 3), by registry name.
+WITH_SHARED_LAYERS = ('shared_bottom', 'mmoe', 'ple', 'adatt')
 MONOTONE = ('esmm', 'tafe')
 
 
 def _cases() -> dict[str, tuple[str, Callable[[], nn.Module]]]:
   """Case id -> (registry name, model factory)."""
-  cases = {name: (name, functools.partial(MODELS[name], SPEC, TINY)) for name in MODELS}
+  cases = {name: (name, functools.partial(MODELS[name], spec=SPEC, cfg=TINY))
+           for name in MODELS}
+  ziln = dataclasses.replace(TINY, head='ziln')
+  cases['ziln'] = ('ziln', functools.partial(MODELS['ziln'], spec=SPEC, cfg=ziln))
   for suffix, change in HTLNET_ABLATIONS.items():
     cfg = dataclasses.replace(TINY, **change)
-    cases[f'htlnet-{suffix}'] = ('htlnet', functools.partial(MODELS['htlnet'], SPEC, cfg))
-  # PLE and AdaTT stack one level per ``expert_dims`` entry: PLE and AdaTT's general variant
+    cases[f'htlnet-{suffix}'] = ('htlnet', functools.partial(MODELS['htlnet'], spec=SPEC,
+                                                             cfg=cfg))
+  # PLE and AdaTT stack one level per ``shared_dims`` entry: PLE and AdaTT's general variant
   # (with shared experts) are tested with two levels, AdaTT-sp with one.
-  two_levels = dataclasses.replace(TINY, expert_dims=(16, 8))
-  cases['ple'] = ('ple', functools.partial(MODELS['ple'], SPEC, two_levels))
+  two_levels = dataclasses.replace(TINY, hidden_dims=(16, 8, 8))
+  cases['ple'] = ('ple', functools.partial(MODELS['ple'], spec=SPEC, cfg=two_levels))
   cases['adatt-general'] = (
       'adatt', lambda: AdaTT(spec=SPEC, cfg=two_levels, num_shared_experts=2))
   return cases
@@ -128,7 +134,9 @@ def _run(case: str) -> dict[str, np.ndarray | bool]:
   index = jnp.arange(BATCH, dtype=jnp.int32)
   y, core = (jnp.asarray(a) for a in _batch())
   rng = np.random.default_rng(2)
-  emb, probe = (rng.normal(size=(BATCH, FIELDS, DIM)).astype(np.float32) for _ in range(2))
+  # A model with independent tasks reads its own table's copy of every field: K*F fields.
+  fields = FIELDS * (num_tasks if model.independent_tasks else 1)
+  emb, probe = (rng.normal(size=(BATCH, fields, DIM)).astype(np.float32) for _ in range(2))
   tx = optax.adam(1e-2)
 
   def apply(params, embs, key, train):
@@ -150,25 +158,33 @@ def _run(case: str) -> dict[str, np.ndarray | bool]:
     grads = {'model': jax.tree.map(lambda g: jnp.sum(g, axis=0), jac_model),
              'emb': sum(jnp.sum(g, axis=0) for g in jac_copies)}
     isolation = jnp.stack([jnp.max(jnp.abs(g), axis=(1, 2, 3)) for g in jac_copies], axis=1)
+    # Per shared module: [K] largest |d loss_k / d param| over its parameters.
+    reach = {name: jnp.max(jnp.stack([jnp.max(jnp.abs(g), axis=tuple(range(1, g.ndim)))
+                                      for g in jax.tree.leaves(jac_model[name])]), axis=0)
+             for name in shared_names}
     updates, opt_state = tx.update(grads, opt_state, params)
     new_carry = (optax.apply_updates(params, updates), opt_state)
-    return new_carry, (jnp.sum(per_task), out, isolation)
+    return new_carry, (jnp.sum(per_task), out, isolation, reach)
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def everything(params, step_keys, probe):
-    (trained, _), (train_losses, train_out, isolation) = jax.lax.scan(
+    (trained, _), (train_losses, train_out, isolation, reach) = jax.lax.scan(
         step, (params, tx.init(params)), step_keys)
     return {
         'train_losses': train_losses,
         'train_out': train_out,
         'isolation': isolation,
+        'shared_reach': reach,
         'probe': apply(trained['model'], (probe,) * num_tasks, step_keys[0], False),
     }
 
   params = {'model': _glorot_params(model, (emb,) * num_tasks, index), 'emb': emb}
+  shared_names = [name for name in params['model']
+                  if any(fnmatch.fnmatchcase(name, p) for p in model.shared)]
   step_keys = jax.random.split(jax.random.key(0), STEPS + 1)
   results = jax.device_get(everything(params, step_keys, probe))
-  results['isolated_towers'] = isolated_towers(model)
+  results['isolated_towers'] = model.isolated_towers
+  results['shared_names'] = shared_names
   results['core_out_dim'] = model.cfg.core_out_dim
   return results
 
@@ -177,7 +193,19 @@ def test_registry_and_isolation_claims():
   assert set(BASELINES) | {'htlnet'} <= set(MODELS)
   for case, (_, factory) in CASES.items():
     expected = case == 'dnn' or (case.startswith('htlnet') and case != 'htlnet-no_stop_gradient')
-    assert isolated_towers(factory()) == expected, case
+    assert factory().isolated_towers == expected, case
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_declared_shared_parameters_reach_every_task(case):
+  """theta_s's shared layers (each model's ``shared`` patterns) get every task's gradient."""
+  results = _run(case)
+  name = CASES[case][0]
+  assert bool(results['shared_names']) == (name in WITH_SHARED_LAYERS), case
+  for module in results['shared_names']:
+    reach = results['shared_reach'][module][0]
+    assert reach.shape == (SPEC.num_tasks,)
+    assert np.all(reach > 0.0), (case, module, reach)
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -18,7 +18,7 @@ from htl_jax.models import get_model, ModelConfig
 from htl_jax.optim import per_task
 
 SPEC = HybridSpec(('user', 'item', 'hour'), (6, 5, 4), ('click', 'long_view'), 'watch_time')
-CFG = ModelConfig(tower_dims=(8, 4), label_embed_dim=3, fusion_dim=4)
+CFG = ModelConfig(hidden_dims=(8, 4), label_embed_dim=3, fusion_dim=4)
 K, B, D = SPEC.num_tasks, 12, 3
 
 
@@ -76,8 +76,9 @@ def test_isolated_and_general_agree_including_tower_grads():
   _, params, table, ids, loss_vector = _setup()
   a = per_task.row_grads_general(loss_vector, params, table[ids], K)
   b = per_task.row_grads_isolated(loss_vector, params, table[ids], K)
-  np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-7)
-  for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
+  np.testing.assert_allclose(a.rows, b.rows, rtol=1e-5, atol=1e-7)
+  assert a.shared == {} and b.shared == {}       # HTLNet's theta_s is the embedding alone
+  for x, y in zip(jax.tree.leaves(a.rest), jax.tree.leaves(b.rest)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
@@ -85,8 +86,8 @@ def test_isolated_path_is_wrong_without_stop_gradient():
   """Without Eq. 15 tasks share the embedding path, so only the general path is valid."""
   model, params, table, ids, loss_vector = _setup(stop_gradient=False)
   assert not model.isolated_towers
-  a = per_task.row_grads_general(loss_vector, params, table[ids], K)[1]
-  b = per_task.row_grads_isolated(loss_vector, params, table[ids], K)[1]
+  a = per_task.row_grads_general(loss_vector, params, table[ids], K).rows
+  b = per_task.row_grads_isolated(loss_vector, params, table[ids], K).rows
   assert not np.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -101,7 +102,7 @@ def test_sparse_process_equals_process_on_dense_table(transform):
           'pcgrad': lambda: optim.pcgrad(seed=3),
           'metabalance': lambda: optim.metabalance(K)}[transform]
   tx = make()
-  _, row_grads, _, _ = per_task.row_grads_isolated(loss_vector, params, table[ids], K)
+  row_grads = per_task.row_grads_isolated(loss_vector, params, table[ids], K).rows
   id_grads = per_task.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=False)
   assert id_grads.ids is not None
   sparse, _ = tx.update({'e': id_grads.grads}, tx.init({'e': table}))
@@ -112,23 +113,41 @@ def test_sparse_process_equals_process_on_dense_table(transform):
   np.testing.assert_allclose(sparse_table, dense_out['e'], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('vocab', [(6, 5, 4), (60, 50, 40)], ids=['dense', 'by_id'])
-def test_trainer_table_gradient_is_algorithm_1_plus_l2(vocab):
-  """The train step's table gradient = Algorithm 1 on the dense Jacobian + the L2 gradient.
+TRAINER_CASES = {
+    # name: (model, grad_process, vocab sizes); a 15-row table is summed densely, a 150-row
+    # one by id (it has more rows than the batch has lookups).
+    'htlnet-htl-dense': ('htlnet', 'htl', (6, 5, 4)),
+    'htlnet-htl-by_id': ('htlnet', 'htl', (60, 50, 40)),
+    'shared_bottom-htl-by_id': ('shared_bottom', 'htl', (60, 50, 40)),
+    'shared_bottom-metabalance-dense': ('shared_bottom', 'metabalance', (6, 5, 4)),
+    'mmoe-htl-dense': ('mmoe', 'htl', (6, 5, 4)),
+    'mmoe-pcgrad-by_id': ('mmoe', 'pcgrad', (60, 50, 40)),
+}
 
-  A 15-row table is summed densely, a 150-row one by id (it has more rows than the batch
-  has lookups); both batches repeat ids, and the L2 term is on.
+
+@pytest.mark.parametrize('case', sorted(TRAINER_CASES))
+def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
+  """The train step's gradient of theta_s = the gradient process on its dense Jacobian.
+
+  theta_s is the table, plus the shared bottom / experts of Shared-Bottom and MMoE; the
+  reference differentiates the task losses with respect to the dense table and the shared
+  layers with ``jax.jacrev`` and applies the transformation to that. Batches repeat ids, the
+  L2 term (on the looked-up rows, after the process) is on, and every other parameter gets
+  the gradient of the summed loss.
   """
   from configs.base import get_base_config
   from htl_jax.models.heads import CoreTransform
   from htl_jax.train import step as step_lib
   from htl_jax.train.state import init_state, make_setup
 
+  model_name, grad_process, vocab = TRAINER_CASES[case]
   spec = HybridSpec(SPEC.fields, vocab, SPEC.binary_tasks, SPEC.core_task)
   config = get_base_config()
-  config.tower_dims, config.fusion_dim, config.label_embed_dim = (8, 4), 4, 3
+  config.model, config.grad_process = model_name, grad_process
+  config.hidden_dims, config.fusion_dim, config.label_embed_dim = (8, 4), 4, 3
   config.embed_dim, config.l2, config.gamma, config.clip = D, 0.05, 0.3, 2.0
-  setup = make_setup(config, spec, CoreTransform('none', 0.0, 1.0))
+  config.alpha, config.num_experts = 0.7, 2
+  setup = make_setup(config, spec, CoreTransform('none'))
   state = init_state(setup, config)
   table = jax.random.normal(jax.random.PRNGKey(7), state.params['embedding']['table'].shape)
   state = state.replace(params={**state.params, 'embedding': {'table': table}})
@@ -138,21 +157,29 @@ def test_trainer_table_gradient_is_algorithm_1_plus_l2(vocab):
   batch = {'x': x, 'y': jnp.stack([y0, y0 * (x[:, 0] > 0)], 1), 'core': 2.0 * y0 + x[:, 1],
            'index': jnp.arange(B), 'weight': jnp.ones(B)}
 
-  def trainer(state, batch):
-    ids, rows = step_lib._lookup(setup, state.params, batch)
-    return step_lib._shared_table_grad(setup, state, batch, ids, rows)[0]
-
-  got = jax.pmap(trainer, axis_name='batch')(*jax.tree.map(lambda v: v[None], (state, batch)))
+  got = jax.pmap(lambda s, b: step_lib.gradients(setup, s, b)[0], axis_name='batch')(
+      *jax.tree.map(lambda v: v[None], (state, batch)))
+  got = jax.tree.map(lambda v: v[0], got)
 
   ids = per_task.table_ids(x, jnp.asarray(spec.field_offsets))
   key = jax.random.fold_in(state.rng, state.step)
+  shared, rest = per_task.split_shared(state.params['model'], setup.shared)
+  assert bool(shared) == (model_name != 'htlnet')
 
-  def task_losses(t):
-    out = setup.model.apply({'params': state.params['model']}, (t[ids],) * K, train=True,
+  def task_losses(t, shared, rest):
+    out = setup.model.apply({'params': {**shared, **rest}}, (t[ids],) * K, train=True,
                             tau=state.tau, example_index=batch['index'], rngs={'gumbel': key})
     return setup.objective.loss_vector(out, batch)
 
-  jacobian = jax.jacrev(task_losses)(table)                            # [K, M, d]
-  combined, _ = setup.balance.update({'embedding': jacobian}, setup.balance.init(None))
+  jac_table, jac_shared = jax.jacrev(task_losses, argnums=(0, 1))(table, shared, rest)
+  theta_s = {'embedding': table, 'shared': shared}
+  combined, _ = setup.balance.update({'embedding': jac_table, 'shared': jac_shared},
+                                     setup.balance.init(theta_s))
   l2 = jax.grad(lambda t: config.l2 * jnp.mean(jnp.sum(t[ids] ** 2, axis=(1, 2))))(table)
-  np.testing.assert_allclose(got[0], combined['embedding'] + l2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got['embedding']['table'], combined['embedding'] + l2,
+                             rtol=1e-5, atol=1e-6)
+  summed_rest = jax.grad(lambda r: jnp.sum(task_losses(table, shared, r)))(rest)
+  for name in state.params['model']:
+    expected = combined['shared'][name] if name in shared else summed_rest[name]
+    for a, b in zip(jax.tree.leaves(got['model'][name]), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -21,7 +21,7 @@ from htl_jax.data import load_dataset
 from htl_jax.models.heads import CoreTransform
 from htl_jax.train import loop as loop_lib
 from htl_jax.train.checkpoint import Checkpoints
-from htl_jax.train.state import TauSchedule, init_state, make_setup
+from htl_jax.train.state import init_state, make_setup
 
 
 def _latest_state(config, workdir):
@@ -93,6 +93,8 @@ def test_resume_gives_the_same_run(straight_run, tmp_path):
   state_a, loop_a = _latest_state(config, workdir)
   state_b, loop_b = _latest_state(config, str(tmp_path))
   _assert_trees_equal(state_a, state_b)
+  # The loop's bookkeeping is the same; only the measured training time is wall-clock.
+  assert loop_a.pop('train_seconds') > 0 and loop_b.pop('train_seconds') > 0
   assert loop_a == loop_b
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     assert [json.loads(line)['step'] for line in f] == [4, 8]
@@ -101,17 +103,16 @@ def test_resume_gives_the_same_run(straight_run, tmp_path):
 def test_temperature_survives_checkpoint(straight_run):
   config, workdir, _ = straight_run
   state, _ = _latest_state(config, workdir)
-  schedule = TauSchedule(config.tau0, config.tau_decay, config.tau_decay_steps,
-                         config.tau_min)
   # 8 steps with a decay every 3: tau0 * 0.5^2.
+  assert (config.tau0, config.tau_decay, config.tau_decay_steps) == (10.0, 0.5, 3)
   assert int(state.step) == 8
-  assert float(state.tau) == pytest.approx(schedule.at(8)) == pytest.approx(2.5)
+  assert float(state.tau) == pytest.approx(2.5)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(straight_run, tmp_path):
   config, _, _ = straight_run
   loop_lib.train_and_evaluate(tiny_config(config.cache_dir, max_steps=4), str(tmp_path))
-  exploding = tiny_config(config.cache_dir, learning_rate=1e38, alpha=1e38)
+  exploding = tiny_config(config.cache_dir, learning_rate=1e38)
   with pytest.raises(loop_lib.NonFiniteError, match='non-finite'):
     loop_lib.train_and_evaluate(exploding, str(tmp_path))
   state, _ = _latest_state(config, str(tmp_path))

@@ -91,6 +91,7 @@ class Runner:
     self.step = compiled_steps(setup)[0]
     self.state = parallel.replicate(init_state(setup, config))
     self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
+    self.no_diagnostics = parallel.replicate(np.bool_(False))
     self.times: list[float] = []
 
   def run(self, steps: int, record: bool = True) -> None:
@@ -101,14 +102,14 @@ class Runner:
     """
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, metrics = self.step(self.state, self.batch)
+      self.state, metrics = self.step(self.state, self.batch, self.no_diagnostics)
     jax.block_until_ready((self.state, metrics))
     if record:
       self.times.append((time.perf_counter() - start) / steps)
 
   def gflops(self) -> float:
     """XLA's FLOP count of one train step (forward, backward, optimizer), in GFLOP."""
-    cost = self.step.lower(self.state, self.batch).cost_analysis()
+    cost = self.step.lower(self.state, self.batch, self.no_diagnostics).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost['flops']) / 1e9
 

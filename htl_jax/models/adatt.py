@@ -14,8 +14,8 @@ of ``experts_per_task`` experts; the fusion unit of task ``t`` combines
 
 Choices and simplifications (documented here, not in the paper):
 
-- one fusion level per entry of ``cfg.expert_dims``; at level ``l`` every expert is a one-layer
-  ReLU MLP of width ``cfg.expert_dims[l]`` (as in :mod:`htl_jax.models.ple`);
+- one fusion level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert is a one-layer
+  ReLU MLP of width ``cfg.shared_dims[l]`` (as in :mod:`htl_jax.models.ple`);
 - ``experts_per_task`` defaults to 2 (so ``v_t`` is learned); gates are single linear layers;
 - ``num_shared_experts > 0`` turns on the general AdaTT with a shared module (its experts
   join every gate's pool; at non-final levels a shared fusion unit feeds the next level's
@@ -34,10 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import experts as moe
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
 def _uniform_init(scale: float):
@@ -49,17 +48,14 @@ def _uniform_init(scale: float):
   return init
 
 
-class AdaTT(nn.Module):
+class AdaTT(HybridModel):
   """AdaTT with task-specific (and optionally shared) fusion units and a tower per task."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
+  # Every task's gate mixes every expert, so all experts are shared.
+  shared = ('level_*_experts_*',)
+  splits_hidden_dims = True
   experts_per_task: int = 2
   num_shared_experts: int = 0
-
-  @property
-  def isolated_towers(self) -> bool:
-    return False
 
   def _self_residual(self, own_experts: jax.Array, name: str) -> jax.Array:
     """Residual ``v^T E_own``: ``[B, m, D] -> [B, D]``; unit weights when ``m == 1``."""
@@ -98,14 +94,16 @@ class AdaTT(nn.Module):
     e = layers.flatten_fields(embs[0])
     num_modules = self.spec.num_tasks + (1 if self.num_shared_experts else 0)
     inputs = [e] * num_modules
-    num_levels = len(self.cfg.expert_dims)
-    for level, width in enumerate(self.cfg.expert_dims):
+    num_levels = len(self.cfg.shared_dims)
+    for level, width in enumerate(self.cfg.shared_dims):
       inputs = self._fusion_level(level, width, inputs, last=level == num_levels - 1)
     num_binary = self.spec.num_binary
     outputs = []
     for t in range(self.spec.num_tasks):
-      out_dim = self.cfg.core_out_dim if t == num_binary else 1
-      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(inputs[t])
+      if t == num_binary:
+        out, _ = self.core_tower(inputs[t], self.cfg.tower_dims)
+      else:
+        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(inputs[t])
       outputs.append(out)
     probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
     return ModelOutput(probs, outputs[-1])

@@ -4,8 +4,8 @@ Xi et al., "Modeling the Sequential Dependence among Audience Multi-step Convers
 Multi-task Learning in Targeted Display Advertising", KDD 2021
 (https://doi.org/10.1145/3447548.3467071); reference code https://github.com/xidongbo/AITM.
 
-Every task ``t`` has a tower (ReLU MLP ``cfg.tower_dims``) over ``e = flatten(embs[0])``
-whose last hidden layer is ``q_t`` (dimension ``k = cfg.tower_dims[-1]``). For ``t > 1``
+Every task ``t`` has a tower (ReLU MLP ``cfg.hidden_dims``) over ``e = flatten(embs[0])``
+whose last hidden layer is ``q_t`` (dimension ``k = cfg.hidden_dims[-1]``). For ``t > 1``
 (Eq. 1-4):
 
 - the Info module transfers ``p_{t-1} = ReLU(Dense_k(z_{t-1}))`` from the previous task;
@@ -28,20 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
-class AITM(nn.Module):
+class AITM(HybridModel):
   """Towers, Info transfer ``t-1 -> t`` and one shared AIT attention."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
-
-  @property
-  def isolated_towers(self) -> bool:
-    return False
 
   @nn.compact
   def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
@@ -49,18 +42,22 @@ class AITM(nn.Module):
                example_index: Optional[jax.Array] = None) -> ModelOutput:
     del train, tau, example_index  # Deterministic; no per-example noise.
     e = layers.flatten_fields(embs[0])
-    k = self.cfg.tower_dims[-1]
+    k = self.cfg.hidden_dims[-1]
     ait = layers.AttentionFusion(k, name='ait')  # W1, W2, W3 shared by all tasks.
     num_binary = self.spec.num_binary
     outputs, z = [], None
     for t in range(num_binary + 1):
-      q = layers.MLP(self.cfg.tower_dims, name=f'tower_{t}')(e)[-1]
+      q = layers.MLP(self.cfg.hidden_dims, name=f'tower_{t}')(e)[-1]
       if z is None:
         z = q
       else:
         transfer = nn.relu(nn.Dense(k, kernel_init=layers.XAVIER, name=f'info_{t}')(z))
         z = ait([transfer, q])
-      out_dim = self.cfg.core_out_dim if t == num_binary else 1
-      outputs.append(nn.Dense(out_dim, kernel_init=layers.XAVIER, name=f'out_{t}')(z))
+      is_core = t == num_binary
+      outputs.append(nn.Dense(self.cfg.core_out_dim if is_core else 1,
+                              kernel_init=layers.XAVIER,
+                              bias_init=(self.cfg.core_bias_init() if is_core
+                                         else nn.initializers.zeros),
+                              name=f'out_{t}')(z))
     probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
     return ModelOutput(probs, outputs[-1])

@@ -19,20 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
-class ESMM(nn.Module):
+class ESMM(HybridModel):
   """Chain ESMM: ``p_t = q_1 * ... * q_t`` with a conditional tower per step."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
-
-  @property
-  def isolated_towers(self) -> bool:
-    return False
 
   @nn.compact
   def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
@@ -43,10 +36,9 @@ class ESMM(nn.Module):
     num_binary = self.spec.num_binary
     logits = []
     for t in range(num_binary):
-      logit, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(e)
+      logit, _ = layers.Tower(self.cfg.hidden_dims, 1, name=f'tower_{t}')(e)
       logits.append(logit)
     conditional = jax.nn.sigmoid(jnp.concatenate(logits, axis=-1))  # q_t, [B, T]
     probs = jnp.cumprod(conditional, axis=-1)
-    core, _ = layers.Tower(self.cfg.tower_dims, self.cfg.core_out_dim,
-                           name=f'tower_{num_binary}')(e)
+    core, _ = self.core_tower(e, self.cfg.hidden_dims)
     return ModelOutput(probs, core)

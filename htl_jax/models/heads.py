@@ -25,15 +25,19 @@ class CoreTransform:
   kind: str = 'none'
   mean: float = 0.0
   std: float = 1.0
+  target_mean: float = 0.0   # training mean of the transformed target (the head's init bias)
 
   @classmethod
   def fit(cls, kind: str, core_train: np.ndarray) -> 'CoreTransform':
     if kind not in CORE_TRANSFORMS:
       raise ValueError(f'core_transform must be one of {CORE_TRANSFORMS}, got {kind!r}')
+    core_train = np.asarray(core_train, np.float64)
     if kind == 'standardize':
       std = float(np.std(core_train))
-      return cls(kind, float(np.mean(core_train)), std if std > 0 else 1.0)
-    return cls(kind)
+      return cls(kind, float(np.mean(core_train)), std if std > 0 else 1.0, 0.0)
+    if kind == 'log1p':
+      return cls(kind, target_mean=float(np.mean(np.log1p(core_train))))
+    return cls(kind, target_mean=float(np.mean(core_train)))
 
   def forward(self, y: jax.Array) -> jax.Array:
     if self.kind == 'standardize':

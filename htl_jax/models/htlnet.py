@@ -23,16 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
-class HTLNet(nn.Module):
+class HTLNet(HybridModel):
   """HTLNet with LEU, IFU and stop-gradient; ablation switches in :class:`ModelConfig`."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
+  default_grad_process = 'htl'
 
   @property
   def isolated_towers(self) -> bool:
@@ -71,11 +69,10 @@ class HTLNet(nn.Module):
     for t in range(num_binary + 1):
       e = layers.flatten_fields(embs[t])
       x = self._task_input(t, e, reps, label_embs)
-      is_core = t == num_binary
-      out_dim = self.cfg.core_out_dim if is_core else 1
-      out, rep = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
-      if is_core:
-        return ModelOutput(jnp.stack(probs, axis=-1), out)
+      if t == num_binary:
+        core, _ = self.core_tower(x, self.cfg.hidden_dims)
+        return ModelOutput(jnp.stack(probs, axis=-1), core)
+      out, rep = layers.Tower(self.cfg.hidden_dims, 1, name=f'tower_{t}')(x)
       prob = jax.nn.sigmoid(out[:, 0])
       probs.append(prob)
       reps.append(self._detach(rep))

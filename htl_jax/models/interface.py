@@ -18,9 +18,13 @@ It returns :class:`ModelOutput`.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
+
+from htl_jax.data.schema import HybridSpec
+from htl_jax.models.layers import Tower
 
 
 class ModelOutput(NamedTuple):
@@ -38,9 +42,16 @@ class ModelOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of every model (a hashable subset of the experiment config)."""
+  """Hyper-parameters of every model (a hashable subset of the experiment config).
 
-  tower_dims: tuple[int, ...] = (128, 64, 32)
+  ``hidden_dims`` are the three hidden layers every model has (paper Appendix B.1, DESIGN
+  section 5): HTLNet's and DNN's towers use all of them; a model with a shared part uses
+  :attr:`shared_dims` (all but the last) for its shared bottom / experts and
+  :attr:`tower_dims` (the last) for its towers. ``core_bias`` is the initial bias of the
+  MSE core head: the training mean of the (transformed) core target.
+  """
+
+  hidden_dims: tuple[int, ...] = (128, 64, 32)
   head: str = 'mse'
   label_embed_dim: int = 10
   fusion_dim: int = 32
@@ -50,16 +61,31 @@ class ModelConfig:
   stop_gradient: bool = True
   gumbel_noise: bool = True
   num_experts: int = 4
-  expert_dims: tuple[int, ...] = (128, 64)
+  core_bias: float = 0.0
 
   @classmethod
-  def from_config(cls, config) -> 'ModelConfig':
+  def from_config(cls, config, core_bias: float = 0.0) -> 'ModelConfig':
     """Pick the model fields out of an experiment ``ConfigDict``."""
-    kwargs = {}
+    kwargs = {'core_bias': float(core_bias)}
     for field in dataclasses.fields(cls):
+      if field.name in kwargs:
+        continue
       value = config[field.name]
       kwargs[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
     return cls(**kwargs)
+
+  @property
+  def shared_dims(self) -> tuple[int, ...]:
+    """Hidden layers of a shared bottom / expert path (all but the last)."""
+    if len(self.hidden_dims) < 2:
+      raise ValueError(f'hidden_dims={self.hidden_dims} needs at least 2 layers for a model '
+                       'with a shared part (shared layers, then the tower layer)')
+    return self.hidden_dims[:-1]
+
+  @property
+  def tower_dims(self) -> tuple[int, ...]:
+    """Hidden layers of a tower on top of a shared part (the last one)."""
+    return self.hidden_dims[-1:]
 
   @property
   def core_out_dim(self) -> int:
@@ -68,3 +94,45 @@ class ModelConfig:
     if self.head == 'ziln':
       return 3
     raise ValueError(f"head must be 'mse' or 'ziln', got {self.head!r}")
+
+  def core_bias_init(self) -> Callable[..., jax.Array]:
+    """Initializer of the core head's output bias: ``core_bias`` for MSE, zeros for ZILN."""
+    if self.head == 'mse':
+      return nn.initializers.constant(self.core_bias)
+    return nn.initializers.zeros
+
+
+class HybridModel(nn.Module):
+  """Base of every model: the fields and the class facts the trainer reads.
+
+  Class facts (override in a subclass):
+    shared: ``fnmatch`` patterns of the top-level parameter names that join the shared
+      embedding in ``theta_s`` (DESIGN section 3): the gradient process acts on them, and
+      every task's loss reaches them.
+    isolated_towers: tower ``t`` reads only ``embs[t]``, so one backward pass of the
+      summed loss gives every task's gradient of the embedding (the fast path).
+    default_grad_process: what ``grad_process='auto'`` means for this model.
+    independent_tasks: every task has its own embedding table (nothing is shared, so no
+      gradient process applies): the trainer looks up ``num_tasks`` copies of the fields,
+      ``embs[t]`` is ``[B, K*F, d]`` and task ``t`` reads fields ``t*F .. (t+1)*F``.
+    trains_binary_tasks: False for a single-task model of the core (its binary-task
+      probabilities are derived, their losses are not trained).
+    splits_hidden_dims: the model has a shared part on :attr:`ModelConfig.shared_dims`
+      under towers on :attr:`ModelConfig.tower_dims` (so needs two hidden layers or more).
+  """
+
+  spec: HybridSpec
+  cfg: ModelConfig
+
+  shared: ClassVar[tuple[str, ...]] = ()
+  isolated_towers: ClassVar[bool] = False
+  default_grad_process: ClassVar[str] = 'none'
+  independent_tasks: ClassVar[bool] = False
+  trains_binary_tasks: ClassVar[bool] = True
+  splits_hidden_dims: ClassVar[bool] = False
+
+  def core_tower(self, x: jax.Array | Sequence[jax.Array], dims: Sequence[int]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The core task's tower (named ``tower_<T>``), its bias at the training mean."""
+    return Tower(dims, self.cfg.core_out_dim, out_bias_init=self.cfg.core_bias_init(),
+                 name=f'tower_{self.spec.num_binary}')(x)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -83,11 +83,13 @@ class Tower(nn.Module):
 
   dims: Sequence[int]
   out_dim: int = 1
+  out_bias_init: Callable[..., jax.Array] = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     hidden = MLP(self.dims, name='mlp')(x)
-    out = nn.Dense(self.out_dim, kernel_init=XAVIER, name='out')(hidden[-1])
+    out = nn.Dense(self.out_dim, kernel_init=XAVIER, bias_init=self.out_bias_init,
+                   name='out')(hidden[-1])
     return out, hidden[0]
 
 

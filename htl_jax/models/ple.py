@@ -5,8 +5,8 @@ for Personalized Recommendations", RecSys 2020 (https://doi.org/10.1145/3383313.
 
 Choices (the paper leaves them to the application):
 
-- one extraction level per entry of ``cfg.expert_dims``; at level ``l`` every expert is a
-  one-layer ReLU MLP of width ``cfg.expert_dims[l]``, so an expert path is as deep as an MMoE
+- one extraction level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert is a
+  one-layer ReLU MLP of width ``cfg.shared_dims[l]``, so an expert path is as deep as an MMoE
   expert (``(128, 64)`` gives two levels; a single entry gives one level, i.e. CGC);
 - ``experts_per_task`` (default 1) task-specific experts per task and ``cfg.num_experts``
   shared experts per level;
@@ -26,22 +26,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import experts as moe
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
-class PLE(nn.Module):
+class PLE(HybridModel):
   """Multi-level PLE with CGC gating and a tower per task."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
+  shared = ('level_*_shared',)
+  splits_hidden_dims = True
   experts_per_task: int = 1
-
-  @property
-  def isolated_towers(self) -> bool:
-    return False
 
   def _extraction_level(self, level: int, width: int, task_in: list[jax.Array],
                         shared_in: jax.Array,
@@ -73,14 +68,16 @@ class PLE(nn.Module):
     e = layers.flatten_fields(embs[0])
     num_binary = self.spec.num_binary
     task_in, shared_in = [e] * self.spec.num_tasks, e
-    num_levels = len(self.cfg.expert_dims)
-    for level, width in enumerate(self.cfg.expert_dims):
+    num_levels = len(self.cfg.shared_dims)
+    for level, width in enumerate(self.cfg.shared_dims):
       task_in, shared_in = self._extraction_level(level, width, task_in, shared_in,
                                                   last=level == num_levels - 1)
     outputs = []
     for t, x in enumerate(task_in):
-      out_dim = self.cfg.core_out_dim if t == num_binary else 1
-      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
+      if t == num_binary:
+        out, _ = self.core_tower(x, self.cfg.tower_dims)
+      else:
+        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(x)
       outputs.append(out)
     probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
     return ModelOutput(probs, outputs[-1])

@@ -8,7 +8,7 @@ Only the paper's abstract is available to us, so this module is OUR RECONSTRUCTI
 (a) task-aware feature extraction: for task ``t`` a sample-wise gate
     ``a^t = softmax(W_t e + b_t)`` over the ``F`` field embeddings (``e = flatten(embs[0])``)
     re-weights them, ``x^t_f = F * a^t_f * emb_f`` (the factor ``F`` makes a uniform gate the
-    identity), and a task-specific expert (ReLU MLP ``cfg.expert_dims``) feeds task ``t``'s
+    identity), and a task-specific expert (ReLU MLP ``cfg.shared_dims``, [128, 64], then a [32] tower) feeds task ``t``'s
     tower;
 (b) monotone probabilities ``p_t = p_{t-1} * sigmoid(z_t)`` with ``p_0 = 1``, where ``z_t``
     is tower ``t``'s logit; the core task has its own gate, expert and tower.
@@ -26,10 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from htl_jax.data.schema import HybridSpec
 from htl_jax.models import experts as moe
 from htl_jax.models import layers
-from htl_jax.models.interface import ModelConfig, ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 
 class TaskAwareExtractor(nn.Module):
@@ -45,15 +44,11 @@ class TaskAwareExtractor(nn.Module):
     return layers.MLP(self.expert_dims, name='expert')(layers.flatten_fields(reweighted))[-1]
 
 
-class TAFE(nn.Module):
+class TAFE(HybridModel):
   """Reconstructed TAFE: per-task field gates and experts, ``p_t = p_{t-1} sigmoid(z_t)``."""
 
-  spec: HybridSpec
-  cfg: ModelConfig
+  splits_hidden_dims = True
 
-  @property
-  def isolated_towers(self) -> bool:
-    return False
 
   @nn.compact
   def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
@@ -64,9 +59,11 @@ class TAFE(nn.Module):
     num_binary = self.spec.num_binary
     outputs = []
     for t in range(num_binary + 1):
-      x = TaskAwareExtractor(self.cfg.expert_dims, name=f'extractor_{t}')(emb)
-      out_dim = self.cfg.core_out_dim if t == num_binary else 1
-      out, _ = layers.Tower(self.cfg.tower_dims, out_dim, name=f'tower_{t}')(x)
+      x = TaskAwareExtractor(self.cfg.shared_dims, name=f'extractor_{t}')(emb)
+      if t == num_binary:
+        out, _ = self.core_tower(x, self.cfg.tower_dims)
+      else:
+        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(x)
       outputs.append(out)
     probs = jnp.cumprod(jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1)), axis=-1)
     return ModelOutput(probs, outputs[-1])

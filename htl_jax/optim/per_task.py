@@ -1,12 +1,16 @@
-"""Per-task gradients of the shared embedding, sparse by id (DESIGN section 4).
+"""Per-task gradients of the shared parameters ``theta_s``, sparse by id (DESIGN section 4).
 
-The shared parameters ``theta_s`` of every model are the one embedding table
-``E in R^{M x d}`` (fields at offsets into it). Per-task gradients are taken with respect to
-the rows looked up in the batch (``[B, F, d]``), never the dense table, and then summed by
-embedding id, so their cost grows with the batch and not with the vocabulary:
+``theta_s`` is the one embedding table ``E in R^{M x d}`` (fields at offsets into it), plus,
+in models with a shared part, the model parameters whose top-level names match the model's
+``shared`` patterns (:func:`split_shared`; e.g. Shared-Bottom's ``bottom``). Per-task
+gradients of the embedding are taken with respect to the rows looked up in the batch
+(``[B, F, d]``), never the dense table, and then summed by embedding id, so their cost grows
+with the batch and not with the vocabulary; the shared dense layers are differentiated
+directly:
 
 - :func:`row_grads_general`: one ``jax.vjp`` of the task-loss vector, then ``jax.vmap`` over
-  the K one-hot cotangents (no K forward passes). Valid for every model.
+  the K one-hot cotangents (no K forward passes). Valid for every model, and the only path
+  that also gives per-task gradients of shared dense layers.
 - :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
@@ -19,6 +23,7 @@ embedding id, so their cost grows with the batch and not with the vocabulary:
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -45,60 +50,94 @@ def table_ids(x: jax.Array, offsets: jax.Array) -> jax.Array:
   return x + offsets[None, :]
 
 
+def split_shared(model_params: dict[str, Any], patterns: Sequence[str]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Splits the top-level model parameters into (in ``theta_s``, the rest) by name pattern."""
+  def is_shared(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+  shared = {k: v for k, v in model_params.items() if is_shared(k)}
+  rest = {k: v for k, v in model_params.items() if not is_shared(k)}
+  return shared, rest
+
+
+class PerTaskGrads(NamedTuple):
+  """Per-task gradients of ``theta_s`` and the summed gradient of everything else.
+
+  Attributes:
+    losses: ``[K]`` task losses.
+    rows: K arrays ``[B, F, d]``, task k's gradient of the looked-up embedding rows.
+    shared: the shared model parameters' gradients, every leaf with a leading task axis K.
+    rest: gradient of the summed loss for the other model parameters.
+  """
+
+  losses: jax.Array
+  rows: tuple[jax.Array, ...]
+  shared: Any
+  rest: Any
+
+
 def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
-                      num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
-  """Per-task row gradients by ``vmap`` over cotangents of one ``vjp``.
+                      num_tasks: int, shared: Sequence[str] = ()) -> PerTaskGrads:
+  """Per-task gradients of the rows and shared layers by ``vmap`` over one ``vjp``.
 
   Args:
     loss_vector: ``(model_params, embs) -> (losses [K], aux)`` where ``embs`` is a tuple of K
       arrays ``[B, F, d]``.
-    model_params: the non-shared parameters (towers, experts, ...).
+    model_params: the model's parameters (towers, experts, ...).
     rows: ``[B, F, d]`` looked-up embedding rows.
     num_tasks: K.
+    shared: patterns of the top-level model parameters in ``theta_s``.
 
   Returns:
-    ``(losses [K], row_grads, model_grads of sum(losses), aux)``; ``row_grads`` is a tuple
-    of K arrays ``[B, F, d]``, task k's gradient of the rows.
+    :class:`PerTaskGrads`; the non-shared parameters get the gradient of ``sum(losses)``.
   """
-  def f(rows, model_params):
-    return loss_vector(model_params, (rows,) * num_tasks)
+  shared_params, rest_params = split_shared(model_params, shared)
 
-  losses, vjp_fn, aux = jax.vjp(f, rows, model_params, has_aux=True)
+  def f(rows, shared_params, rest_params):
+    return loss_vector({**shared_params, **rest_params}, (rows,) * num_tasks)
+
+  losses, vjp_fn, _ = jax.vjp(f, rows, shared_params, rest_params, has_aux=True)
   eye = jnp.eye(num_tasks, dtype=losses.dtype)
-  row_grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(eye)
-  _, model_grads = vjp_fn(jnp.ones_like(losses))
-  return losses, tuple(row_grads), model_grads, aux
+  row_grads, shared_grads = jax.vmap(lambda ct: vjp_fn(ct)[:2])(eye)
+  _, _, rest_grads = vjp_fn(jnp.ones_like(losses))
+  return PerTaskGrads(losses, tuple(row_grads), shared_grads, rest_grads)
 
 
 def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
-                       num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
+                       num_tasks: int) -> PerTaskGrads:
   """Per-task row gradients in one backward pass (each tower reads its own copy).
 
-  Same contract as :func:`row_grads_general`; only valid for models with isolated towers.
+  Same contract as :func:`row_grads_general` for a model whose ``theta_s`` is the embedding
+  alone; only valid for models with isolated towers.
   """
   def f(copies, model_params):
-    losses, aux = loss_vector(model_params, copies)
-    return jnp.sum(losses), (losses, aux)
+    losses, _ = loss_vector(model_params, copies)
+    return jnp.sum(losses), losses
 
   # K separate arguments (not slices of one stacked array): each copy's gradient is its own
   # buffer, with no zero-padded [K, B, F, d] cotangent per task to add up, and none is
   # copied into a stacked array (sum_rows_by_id reads them one by one).
   copies = (rows,) * num_tasks
   grad_fn = jax.grad(f, argnums=(0, 1), has_aux=True)
-  (copy_grads, model_grads), (losses, aux) = grad_fn(copies, model_params)
-  return losses, tuple(copy_grads), model_grads, aux
+  (copy_grads, model_grads), losses = grad_fn(copies, model_params)
+  return PerTaskGrads(losses, tuple(copy_grads), {}, model_grads)
 
 
 def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
-                     num_tasks: int) -> tuple[jax.Array, jax.Array, Any, Any]:
-  """Only the gradient of the summed loss (``grad_process='none'``): rows ``[B, F, d]``."""
-  def f(rows, model_params):
-    losses, aux = loss_vector(model_params, (rows,) * num_tasks)
-    return jnp.sum(losses), (losses, aux)
+                     num_tasks: int) -> tuple[jax.Array, jax.Array, Any]:
+  """Only the gradient of the summed loss (no gradient process).
 
-  (row_grads, model_grads), (losses, aux) = jax.grad(
+  Returns:
+    ``(losses [K], row gradients [B, F, d], model gradients)``.
+  """
+  def f(rows, model_params):
+    losses, _ = loss_vector(model_params, (rows,) * num_tasks)
+    return jnp.sum(losses), losses
+
+  (row_grads, model_grads), losses = jax.grad(
       f, argnums=(0, 1), has_aux=True)(rows, model_params)
-  return losses, row_grads, model_grads, aux
+  return losses, row_grads, model_grads
 
 
 def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:

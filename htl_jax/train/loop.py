@@ -1,10 +1,11 @@
 """``train_and_evaluate(config, workdir)``: the whole run, resumable (DESIGN section 8).
 
 Writes to ``workdir``: ``config.json``; ``metrics.jsonl`` (one line per evaluation: train
-loss, temperature, examples/s, validation metrics per task, and per-task gradient norms of
-the shared embedding with their cosine to the core task's, the data of the paper's Fig. 5);
-``metrics.json`` (``{"valid": {...}, "test": {task: {metric: value}}}`` of the best
-checkpoint); and ``checkpoints/{latest,best}``. A restarted run resumes from the latest
+loss, temperature, examples/s, validation metrics per task, and per task the norm of its
+gradient on ``theta_s`` before and after the gradient process with its cosine to the core
+task's, the data of the paper's Fig. 5, taken in the train step itself); ``metrics.json``
+(``{"valid": {...}, "test": {task: {metric: value}}, "best_step", "steps", "epochs",
+"train_seconds"}`` of the best checkpoint); and ``checkpoints/{latest,best}``. A restarted run resumes from the latest
 checkpoint and gives the same result as an uninterrupted one. Early stopping after
 ``patience`` evaluations without improvement of the core task's validation metric.
 """
@@ -15,7 +16,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -24,11 +25,12 @@ import numpy as np
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
-from htl_jax.models import MODELS
+from htl_jax.models import MODELS, model_class
 from htl_jax.models.heads import CORE_TRANSFORMS, CoreTransform
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
-from htl_jax.train.state import GRAD_PROCESSES, TrainSetup, init_state, make_setup
+from htl_jax.train.state import (GRAD_PROCESSES, TrainSetup, init_state, make_setup,
+                                  resolve_grad_process)
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,29 @@ def check_config(config) -> None:
                       f'{config.eval_batch_size} must be divisible by the {n} devices')
   if config.best_metric and config.best_metric not in metrics_lib.CORE_METRICS:
     raise ConfigError(f'config.best_metric must be one of {metrics_lib.CORE_METRICS}')
+  _check_model_config(config)
+
+
+def _check_model_config(config) -> None:
+  """Settings that the chosen model cannot take (its class facts)."""
+  model = model_class(config.model)
+  grad_process = resolve_grad_process(config)
+  if model.independent_tasks and grad_process != 'none':
+    raise ConfigError(f'config.grad_process={config.grad_process!r} does not apply to '
+                      f'model {config.model!r}: its tasks share no parameters (one '
+                      'independent model per task); use grad_process=none or auto')
+  if config.model == 'ziln' and config.head != 'ziln':
+    raise ConfigError("model 'ziln' (single-task ZILN) needs head='ziln', got "
+                      f'head={config.head!r}')
+  if not config.hidden_dims or min(config.hidden_dims) < 1:
+    raise ConfigError(f'config.hidden_dims must be positive layer sizes, got '
+                      f'{tuple(config.hidden_dims)}')
+  if model.splits_hidden_dims and len(config.hidden_dims) < 2:
+    raise ConfigError(f'model {config.model!r} needs at least 2 hidden_dims (shared layers, '
+                      f'then the tower layer), got {tuple(config.hidden_dims)}')
+  if not 0.0 <= config.alpha <= 1.0:
+    raise ConfigError(f'config.alpha (the projection relax factor of Eq. 16) must be in '
+                      f'[0, 1], got {config.alpha}')
 
 
 def default_cache_dir() -> str:
@@ -65,10 +90,9 @@ def default_cache_dir() -> str:
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(setup: TrainSetup):
-  """Data-parallel train, eval and diagnostic steps of ``setup`` (compiled once per setup)."""
+  """Data-parallel train and eval steps of ``setup`` (compiled once per setup)."""
   return (parallel.pmap_step(functools.partial(step_lib.train_step, setup)),
-          parallel.pmap_step(functools.partial(step_lib.eval_step, setup), False),
-          parallel.pmap_step(functools.partial(step_lib.diagnostic_step, setup), False))
+          parallel.pmap_step(functools.partial(step_lib.eval_step, setup), False))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -134,11 +158,12 @@ def train_batches(data: HybridData, config, start_step: int) -> Iterator[dict]:
     epoch, skip = epoch + 1, 0
 
 
-def _grad_record(tasks, diag) -> dict[str, dict[str, float]]:
-  norms = parallel.unreplicate(diag['grad_norm'])
-  cosines = parallel.unreplicate(diag['grad_cos_core'])
-  return {t: {'norm': float(n), 'cos_core': float(c)}
-          for t, n, c in zip(tasks, norms, cosines)}
+def _grad_record(tasks, metrics: dict) -> dict[str, dict[str, float]]:
+  """Fig. 5's data from a train step's metrics (first device's copy, host numpy)."""
+  return {t: {'norm': float(metrics['task_grad_norm'][0][i]),
+              'norm_processed': float(metrics['task_grad_norm_processed'][0][i]),
+              'cos_core': float(metrics['task_grad_cos_core'][0][i])}
+          for i, t in enumerate(tasks)}
 
 
 def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optional[dict]:
@@ -157,8 +182,21 @@ def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optiona
 # ----------------------------------------------------------------------------- main loop
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Train, evaluate and test ``config.model`` on ``config.dataset``; see module doc."""
+def train_and_evaluate(config, workdir: str, *,
+                       on_eval: Optional[Callable[[int, dict], None]] = None
+                       ) -> dict[str, Any]:
+  """Train, evaluate and test ``config.model`` on ``config.dataset``; see module doc.
+
+  Args:
+    config: the experiment config (``configs/*.py``).
+    workdir: where checkpoints and metrics go; an existing run there is resumed.
+    on_eval: called as ``on_eval(step, valid)`` after every validation evaluation (``valid``
+      is ``{task: {metric: value}}``), once the latest checkpoint is saved; it may raise
+      (e.g. ``optuna.TrialPruned``) to stop the run, and the exception propagates.
+
+  Returns:
+    What ``metrics.json`` holds.
+  """
   check_config(config)
   malloc.keep_scratch_memory()      # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
@@ -176,20 +214,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt = Checkpoints(workdir, 'min' if lower_better else 'max')
 
   state = init_state(setup, config)
-  loop = {'best_value': None, 'best_step': 0, 'bad_evals': 0, 'stopped_early': False}
+  loop = {'best_value': None, 'best_step': 0, 'bad_evals': 0, 'stopped_early': False,
+          'train_seconds': 0.0}
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, loop = restored
+    loop.setdefault('train_seconds', 0.0)
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
   log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start)
   logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
-               '%d steps (%d per epoch), %d device(s), gradient path: %s', config.model,
-               config.dataset, len(data.train), len(data.valid), len(data.test),
-               spec.num_fields, spec.tasks, total_steps, per_epoch,
-               parallel.device_count(), setup.grad_path)
+               '%d steps (%d per epoch), %d device(s), gradient process: %s (%s path)',
+               config.model, config.dataset, len(data.train), len(data.valid),
+               len(data.test), spec.num_fields, spec.tasks, total_steps, per_epoch,
+               parallel.device_count(), setup.grad_process, setup.grad_path)
 
-  p_train, p_eval, p_diag = compiled_steps(setup)
+  p_train, p_eval = compiled_steps(setup)
+  diag_on, diag_off = parallel.replicate(np.bool_(True)), parallel.replicate(np.bool_(False))
   rstate = parallel.replicate(state)
   del state
 
@@ -200,13 +241,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   batch = None
   stop = loop['stopped_early'] or step >= total_steps
   batch_iter = train_batches(data, config, start)
+  train_start = time.perf_counter()
   while not stop:
     batch = parallel.shard(next(batch_iter))
-    rstate, m = p_train(rstate, batch)
+    is_eval = (step + 1) % config.eval_every == 0 or step + 1 == total_steps
+    rstate, m = p_train(rstate, batch, diag_on if is_eval else diag_off)
     step += 1
     window_steps += 1
     pending.append((step, m))
-    is_eval = step % config.eval_every == 0 or step == total_steps
     if step % config.log_every == 0 or is_eval or step % config.checkpoint_every == 0:
       last = _check_finite(pending, ckpt)
       pending = []
@@ -216,6 +258,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                    float(last['loss'][0]), float(last['tau'][0]), examples_per_s)
       window_start, window_steps = time.perf_counter(), 0
     if is_eval:
+      loop['train_seconds'] += time.perf_counter() - train_start
       host_state = parallel.unreplicate(rstate)
       valid = evaluate(setup, p_eval, rstate, data.valid, config.eval_batch_size)
       value = valid[spec.core_task][best_metric]
@@ -227,19 +270,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       else:
         loop['bad_evals'] += 1
       loop['stopped_early'] = loop['bad_evals'] >= config.patience
-      diag = p_diag(rstate, batch)
       log.write({'step': step, 'epoch': step / per_epoch, 'train_loss': float(last['loss'][0]),
                  'task_losses': dict(zip(spec.tasks, map(float, last['task_losses'][0]))),
                  'tau': float(last['tau'][0]), 'examples_per_s': examples_per_s,
-                 'valid': valid, 'grad': _grad_record(spec.tasks, diag)})
+                 'valid': valid, 'grad': _grad_record(spec.tasks, last)})
       logging.info('eval step %d: valid %s %s = %.4f (best %.4f at step %d)', step,
                    spec.core_task, best_metric, value, loop['best_value'], loop['best_step'])
       ckpt.save_latest(step, host_state, loop)
+      if on_eval is not None:
+        on_eval(step, valid)
       stop = loop['stopped_early']
       if stop:
         logging.info('early stopping at step %d: no improvement in %d evaluations', step,
                      config.patience)
-      window_start = time.perf_counter()
+      window_start = train_start = time.perf_counter()
     elif step % config.checkpoint_every == 0:
       ckpt.save_latest(step, parallel.unreplicate(rstate), loop)
     stop = stop or step >= total_steps
@@ -252,7 +296,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   final_state = parallel.replicate(final[0]) if final is not None else rstate
   result = {'valid': evaluate(setup, p_eval, final_state, data.valid, config.eval_batch_size),
             'test': evaluate(setup, p_eval, final_state, data.test, config.eval_batch_size),
-            'best_step': loop['best_step'], 'steps': step}
+            'best_step': loop['best_step'], 'steps': step, 'epochs': step / per_epoch,
+            'train_seconds': float(loop['train_seconds'])}
   write_json(os.path.join(workdir, 'metrics.json'), result)
   ckpt.close()
   logging.info('test metrics (best step %d): %s', loop['best_step'], json.dumps(result['test']))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from htl_jax import losses
-from htl_jax.models import heads
+from htl_jax.models import heads, model_class
 from htl_jax.models.interface import ModelOutput
 
 LOGIT_EPS = 1e-7
@@ -32,6 +32,7 @@ class Objective:
   aitm_alpha: float = 0.0
   tafe_dtl_weight: float = 0.0
   lambda_pair: float = 0.0
+  binary_losses: bool = True    # False: a single-task core model (MODELS' class fact)
 
   @classmethod
   def from_config(cls, config, core_transform: heads.CoreTransform) -> 'Objective':
@@ -40,7 +41,8 @@ class Objective:
                aitm_alpha=float(config['aitm_alpha']) if model == 'aitm' else 0.0,
                tafe_dtl_weight=(float(config['tafe_dtl_weight'])
                                 if model == 'tafe' else 0.0),
-               lambda_pair=float(config['lambda_pair']))
+               lambda_pair=float(config['lambda_pair']),
+               binary_losses=model_class(model).trains_binary_tasks)
 
   def loss_vector(self, out: ModelOutput, batch: dict[str, jax.Array]) -> jax.Array:
     """Per-task losses ``[K]`` of one batch (weighted means over real examples)."""
@@ -58,6 +60,8 @@ class Objective:
       scores = jnp.log(probs) - jnp.log1p(-probs)
       extra = extra + self.lambda_pair * losses.pairwise_ranking_total(scores, y)
     core = heads.core_loss(self.head, out.core, batch['core'], self.core_transform, weight)
+    if not self.binary_losses:
+      return jnp.concatenate([jnp.zeros_like(binary), core[None]])
     return jnp.concatenate([binary + extra, core[None]])
 
   def predict_core(self, out: ModelOutput) -> jax.Array:

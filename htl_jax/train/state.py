@@ -2,7 +2,7 @@
 
 ``TrainState`` holds everything that changes during training: ``step``, ``params``
 (``{'embedding': {'table': E}, 'model': towers...}``), ``opt_state``
-(``{'balance': gradient-process state, 'optimizer': Adam states}``), the Gumbel-softmax
+(``{'balance': gradient-process state over theta_s, 'optimizer': Adam state}``), the Gumbel-softmax
 temperature ``tau`` (Appendix A: ``tau_0`` decayed by ``tau_decay`` every ``tau_decay_steps``
 steps, floored at ``tau_min``) and the base PRNG key ``rng``. Static things (the model, the
 optimizer, the gradient process) live in :class:`TrainSetup`, bound into the steps.
@@ -18,17 +18,17 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from htl_jax import optim
 from htl_jax.data.schema import HybridSpec
-from htl_jax.models import get_model, isolated_towers
+from htl_jax.models import get_model, model_class
+from htl_jax.optim import per_task
 from htl_jax.models.heads import CoreTransform
 from htl_jax.models.interface import ModelConfig
 from htl_jax.train.objective import Objective
 
-GRAD_PROCESSES = ('htl', 'pcgrad', 'metabalance', 'none')
+GRAD_PROCESSES = ('auto', 'htl', 'pcgrad', 'metabalance', 'none')
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -52,32 +52,53 @@ class TauSchedule:
     decayed = jnp.maximum(tau * self.decay, self.tau_min)
     return jnp.where(new_step % self.decay_steps == 0, decayed, tau)
 
-  def at(self, step: int) -> float:
-    """Closed form of the temperature after ``step`` steps (for checks and docs)."""
-    return float(max(self.tau0 * self.decay ** (step // self.decay_steps), self.tau_min))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainSetup:
-  """Everything static that the pure step functions need."""
+  """Everything static that the pure step functions need.
+
+  ``shared`` are the ``fnmatch`` patterns of the model parameters that join the embedding in
+  ``theta_s`` (the model's class fact); ``table_copies`` is the number of embedding tables
+  (``num_tasks`` for a model with independent tasks, else 1), stacked as blocks of rows of
+  one table, and ``offsets`` has one entry per looked-up field of every copy.
+  """
 
   spec: HybridSpec
   model: nn.Module
   objective: Objective
   tx: optax.GradientTransformation
   balance: Optional[optax.GradientTransformation]
+  grad_process: str         # resolved: 'htl' | 'pcgrad' | 'metabalance' | 'none'
   grad_path: str            # 'isolated' | 'general'
   tau: TauSchedule
   l2: float
   offsets: tuple[int, ...]
+  shared: tuple[str, ...]
+  table_copies: int
+
+  @property
+  def table_rows(self) -> int:
+    return self.table_copies * self.spec.total_vocab
+
+
+def resolve_grad_process(config) -> str:
+  """``config.grad_process``, with ``'auto'`` replaced by the model's default.
+
+  The default is ``'htl'`` for HTLNet and ``'none'`` for every baseline (DESIGN section 5):
+  baselines train with plain Adam on the summed loss unless a gradient process is asked for.
+  """
+  name = config['grad_process']
+  if name == 'auto':
+    return model_class(config['model']).default_grad_process
+  return name
 
 
 def make_balance(config, num_tasks: int) -> Optional[optax.GradientTransformation]:
-  """The gradient process on the shared embedding (``config.grad_process``)."""
-  name = config['grad_process']
+  """The gradient process on ``theta_s`` (``config.grad_process``, resolved)."""
+  name = resolve_grad_process(config)
   if name == 'htl':
     return optim.hybrid_grad_balance(
-        gamma=config['gamma'], clip=config['clip'], core_index=-1,
+        alpha=config['alpha'], gamma=config['gamma'], clip=config['clip'], core_index=-1,
         per_leaf=config['per_leaf'], conflict=config['grad_conflict'],
         magnitude=config['grad_magnitude'], num_tasks=num_tasks)
   if name == 'pcgrad':
@@ -91,14 +112,8 @@ def make_balance(config, num_tasks: int) -> Optional[optax.GradientTransformatio
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam on the embedding (lr ``alpha``, Algorithm 1's step) and on the rest (``lr``)."""
-  def labels(params):
-    return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
-
-  return optax.multi_transform(
-      {'embedding': optax.adam(config['alpha']),
-       'model': optax.adam(config['learning_rate'])},
-      labels)
+  """Adam with ONE learning rate for every parameter (the paper tunes one lr, Table 6)."""
+  return optax.adam(config['learning_rate'])
 
 
 # Config fields that shape the compiled steps; two runs that agree on these (and on the
@@ -112,7 +127,8 @@ _SETUP_FIELDS = ('model', 'head', 'aitm_alpha', 'tafe_dtl_weight', 'lambda_pair'
 def make_setup(config, spec: HybridSpec, core_transform: CoreTransform) -> TrainSetup:
   """The static half of training; cached so repeated runs reuse compiled steps."""
   fields = tuple((k, config[k]) for k in _SETUP_FIELDS)
-  return _cached_setup(fields, ModelConfig.from_config(config), spec, core_transform)
+  model_cfg = ModelConfig.from_config(config, core_bias=core_transform.target_mean)
+  return _cached_setup(fields, model_cfg, spec, core_transform)
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,13 +136,17 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
                   core_transform: CoreTransform) -> TrainSetup:
   config = dict(fields)
   model = get_model(config['model'], spec, model_cfg)
+  copies = spec.num_tasks if model.independent_tasks else 1
+  offsets = tuple(o + c * spec.total_vocab for c in range(copies) for o in spec.field_offsets)
   return TrainSetup(
       spec=spec, model=model, objective=Objective.from_config(config, core_transform),
       tx=make_optimizer(config), balance=make_balance(config, spec.num_tasks),
-      grad_path='isolated' if isolated_towers(model) else 'general',
+      grad_process=resolve_grad_process(config),
+      grad_path='isolated' if model.isolated_towers else 'general',
       tau=TauSchedule(config['tau0'], config['tau_decay'], config['tau_decay_steps'],
                       config['tau_min']),
-      l2=float(config['l2']), offsets=spec.field_offsets)
+      l2=float(config['l2']), offsets=offsets, shared=tuple(model.shared),
+      table_copies=copies)
 
 
 def init_state(setup: TrainSetup, config) -> TrainState:
@@ -135,18 +155,16 @@ def init_state(setup: TrainSetup, config) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_key, embed_key, gumbel_key, rng = jax.random.split(rng, 4)
   # Small normal init of the shared table, as is usual for CTR embeddings.
-  table = 0.01 * jax.random.normal(embed_key, (spec.total_vocab, config.embed_dim))
-  dummy = jnp.zeros((2, spec.num_fields, config.embed_dim))
+  table = 0.01 * jax.random.normal(embed_key, (setup.table_rows, config.embed_dim))
+  dummy = jnp.zeros((2, len(setup.offsets), config.embed_dim))
   variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
                                (dummy,) * spec.num_tasks, train=True, tau=config.tau0,
                                example_index=jnp.arange(2))
   params = {'embedding': {'table': table}, 'model': variables['params']}
-  balance_state = (setup.balance.init({'embedding': table})
+  theta_s = {'embedding': table,
+             'shared': per_task.split_shared(params['model'], setup.shared)[0]}
+  balance_state = (setup.balance.init(theta_s)
                    if setup.balance is not None else optax.EmptyState())
   opt_state = {'balance': balance_state, 'optimizer': setup.tx.init(params)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     tau=jnp.asarray(config.tau0, jnp.float32), rng=rng)
-
-
-def param_count(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

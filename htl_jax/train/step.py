@@ -1,16 +1,26 @@
-"""Pure train / eval / diagnostic steps, one global batch each, run under ``pmap``.
+"""Pure train / eval steps, one global batch each, run under ``pmap``.
 
-``train_step(setup, state, batch) -> (state, metrics)``:
+``train_step(setup, state, batch, with_diagnostics) -> (state, metrics)``:
 
-1. look up the shared embedding rows of the batch, ``[B, F, d]``;
-2. per-task losses ``[K]`` and per-task gradients of those rows, K arrays ``[B, F, d]``: one
-   backward pass when the towers are isolated, else ``vmap`` over the cotangents of one
-   ``vjp`` (``htl_jax.optim.per_task``); towers get the gradient of the summed loss;
-3. across devices: tower gradients are averaged, row gradients gathered, so the gradient
+1. look up the embedding rows of the batch, ``[B, F, d]`` (for a model with independent
+   tasks, every field once per task's table: ``[B, K*F, d]``);
+2. per-task losses ``[K]`` and per-task gradients of ``theta_s``: the rows (K arrays
+   ``[B, F, d]``) and the model's shared layers (leading task axis K); one backward pass when
+   the towers are isolated, else ``vmap`` over the cotangents of one ``vjp``
+   (``htl_jax.optim.per_task``); every other parameter gets the gradient of the summed loss.
+   Without a gradient process only the summed gradient is taken;
+3. across devices: dense gradients are averaged, row gradients gathered, so the gradient
    process sees the gradients of the GLOBAL batch;
-4. rows summed by id and combined by the gradient process (Algorithm 1, PCGrad or
-   MetaBalance), then the L2 term on the looked-up rows is added;
-5. Adam, then the temperature decay (Appendix A).
+4. rows summed by id; the gradient process (Algorithm 1, PCGrad or MetaBalance) combines the
+   per-task gradients of ``theta_s`` jointly; then the L2 term on the looked-up rows is added
+   (it is not a task);
+5. Adam (one learning rate), then the temperature decay (Appendix A).
+
+The metrics carry the data of the paper's Fig. 5: per task, the norm of its gradient on
+``theta_s`` before and after the gradient process and its cosine with the core gradient.
+They come from the gradients the step computes anyway; without a gradient process the
+per-task gradients are taken only where ``with_diagnostics`` is true (a ``lax.cond`` in the
+same program), and never change the update.
 
 The step RNG is ``fold_in(rng, step)``; Gumbel noise is keyed by each example's position in
 its split, so 1 and N devices draw the same noise.
@@ -42,16 +52,23 @@ def _loss_vector_fn(setup: TrainSetup, state: TrainState, batch: Batch, train: b
   return loss_vector
 
 
-def _lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  ids = per_task.table_ids(batch['x'], jnp.asarray(setup.offsets, jnp.int32))
+def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Table rows ``[B, F']`` and looked-up embeddings ``[B, F', d]`` (F' = copies * F)."""
+  x = batch['x']
+  if setup.table_copies > 1:
+    x = jnp.tile(x, (1, setup.table_copies))
+  ids = per_task.table_ids(x, jnp.asarray(setup.offsets, jnp.int32))
   return ids, params['embedding']['table'][ids]
 
 
-def _per_task_row_grads(setup: TrainSetup, state: TrainState, batch: Batch, rows):
-  fn = (per_task.row_grads_isolated if setup.grad_path == 'isolated'
-        else per_task.row_grads_general)
-  return fn(_loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
-            setup.spec.num_tasks)
+def _per_task(setup: TrainSetup, state: TrainState, batch: Batch, rows: jax.Array
+              ) -> per_task.PerTaskGrads:
+  loss_vector = _loss_vector_fn(setup, state, batch, True)
+  if setup.grad_path == 'isolated':
+    return per_task.row_grads_isolated(loss_vector, state.params['model'], rows,
+                                       setup.spec.num_tasks)
+  return per_task.row_grads_general(loss_vector, state.params['model'], rows,
+                                    setup.spec.num_tasks, setup.shared)
 
 
 def _global_rows(ids: jax.Array, row_grads, rows: jax.Array):
@@ -85,44 +102,93 @@ def _table_with_l2(setup: TrainSetup, table_grad: jax.Array, ids: jax.Array,
   return table_grad + (2.0 * setup.l2 / ids.shape[0]) * counts[:, None] * table
 
 
-def _shared_table_grad(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows):
-  """Gradient of the shared table after the gradient process, plus the per-task losses.
+def _theta_s_grads(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows):
+  """Per-task gradients of ``theta_s`` over the global batch.
 
-  The L2 term is added after the process (it is not a task).
+  Returns:
+    ``(grads, stacked, slot_ids, ids, rows)``: the local :class:`per_task.PerTaskGrads`;
+    the per-task gradients of ``theta_s``, ``{'embedding': [K, slots, d], 'shared': [K,
+    ...]}`` (rows summed by id, see :func:`per_task.sum_rows_by_id`); the slots' ids (None
+    when the slots are the dense table); and the global ids and rows.
   """
-  table = state.params['embedding']['table']
-  balance_state = state.opt_state['balance']
-  if setup.balance is None:
-    losses, row_grads, model_grads, _ = per_task.row_grads_summed(
-        _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
-        setup.spec.num_tasks)
-    ids, row_grads, rows = _global_rows(ids, row_grads, rows)
-    table_grad = jnp.zeros_like(table).at[ids].add(_with_l2(setup, row_grads, rows))
-    return table_grad, model_grads, parallel.mean(losses), balance_state
+  grads = _per_task(setup, state, batch, rows)
+  ids, row_grads, rows = _global_rows(ids, grads.rows, rows)
+  id_grads = per_task.sum_rows_by_id(ids, row_grads, setup.table_rows)
+  stacked = {'embedding': id_grads.grads, 'shared': parallel.mean(grads.shared)}
+  return grads, stacked, id_grads.ids, ids, rows
 
-  losses, row_grads, model_grads, _ = _per_task_row_grads(setup, state, batch, rows)
-  ids, row_grads, rows = _global_rows(ids, row_grads, rows)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads, table.shape[0])
-  combined, balance_state = setup.balance.update({'embedding': id_grads.grads},
-                                                 balance_state)
-  combined = combined['embedding']
-  if id_grads.ids is None:                  # already the dense table gradient
-    table_grad = _table_with_l2(setup, combined, ids, table)
+
+def _diagnostics(stacked: Any, processed_norms: jax.Array) -> dict[str, jax.Array]:
+  """Fig. 5's data: per-task norms on ``theta_s`` before / after, cosine with the core."""
+  norms, cosines = task_norms_and_cosines(stacked, core_index=-1)
+  return {'task_grad_norm': norms, 'task_grad_norm_processed': processed_norms,
+          'task_grad_cos_core': cosines}
+
+
+def _summed_update(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows,
+                   with_diagnostics: jax.Array):
+  """No gradient process: the gradient of the summed loss (plus diagnostics on request)."""
+  table = state.params['embedding']['table']
+  losses, row_grads, model_grads = per_task.row_grads_summed(
+      _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
+      setup.spec.num_tasks)
+  g_ids, row_grads, g_rows = _global_rows(ids, row_grads, rows)
+  table_grad = jnp.zeros_like(table).at[g_ids].add(_with_l2(setup, row_grads, g_rows))
+  grads = {'embedding': {'table': table_grad}, 'model': parallel.mean(model_grads)}
+
+  def diagnose():
+    stacked = _theta_s_grads(setup, state, batch, ids, rows)[1]
+    norms = task_norms_and_cosines(stacked, core_index=-1)[0]
+    return _diagnostics(stacked, norms)
+
+  def skip():
+    zeros = jnp.zeros((setup.spec.num_tasks,), jnp.float32)
+    return {'task_grad_norm': zeros, 'task_grad_norm_processed': zeros,
+            'task_grad_cos_core': zeros}
+
+  diag = jax.lax.cond(with_diagnostics, diagnose, skip)
+  return grads, parallel.mean(losses), state.opt_state['balance'], diag
+
+
+def _balanced_update(setup: TrainSetup, state: TrainState, batch: Batch, ids, rows):
+  """The gradient process on ``theta_s``; everything else gets the summed gradient."""
+  table = state.params['embedding']['table']
+  grads, stacked, slot_ids, g_ids, g_rows = _theta_s_grads(setup, state, batch, ids, rows)
+  combined, balance_state = setup.balance.update(stacked, state.opt_state['balance'])
+  if slot_ids is None:                      # already the dense table gradient
+    table_grad = _table_with_l2(setup, combined['embedding'], g_ids, table)
   else:
     # Slot j belongs to id ids.flat[j] (zeros where j is not an id's first occurrence),
     # so the slots scatter with the same index array as the rows.
-    row_grads = _with_l2(setup, combined.reshape(rows.shape), rows)
-    table_grad = jnp.zeros_like(table).at[ids].add(row_grads)
-  return table_grad, model_grads, parallel.mean(losses), balance_state
+    row_grads = _with_l2(setup, combined['embedding'].reshape(g_rows.shape), g_rows)
+    table_grad = jnp.zeros_like(table).at[g_ids].add(row_grads)
+  model_grads = {**parallel.mean(grads.rest), **combined['shared']}
+  diag = _diagnostics(stacked, balance_state.processed_norms)
+  return ({'embedding': {'table': table_grad}, 'model': model_grads},
+          parallel.mean(grads.losses), balance_state, diag)
 
 
-def train_step(setup: TrainSetup, state: TrainState, batch: Batch
+def gradients(setup: TrainSetup, state: TrainState, batch: Batch,
+              with_diagnostics: jax.Array | bool = False):
+  """Steps 1-4 of the module docstring: the gradient of every parameter for this batch.
+
+  Returns:
+    ``(grads, losses, balance_state, diagnostics)``: gradients shaped like
+    ``state.params`` (``theta_s`` combined by the gradient process, L2 included), the
+    per-task losses ``[K]`` (mean over devices), the gradient process's new state and the
+    Fig. 5 diagnostics.
+  """
+  ids, rows = lookup(setup, state.params, batch)
+  if setup.balance is None:
+    return _summed_update(setup, state, batch, ids, rows, jnp.asarray(with_diagnostics))
+  return _balanced_update(setup, state, batch, ids, rows)
+
+
+def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
+               with_diagnostics: jax.Array | bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on one global batch (the local shard under ``pmap``)."""
-  ids, rows = _lookup(setup, state.params, batch)
-  table_grad, model_grads, losses, balance_state = _shared_table_grad(
-      setup, state, batch, ids, rows)
-  grads = {'embedding': {'table': table_grad}, 'model': parallel.mean(model_grads)}
+  grads, losses, balance_state, diag = gradients(setup, state, batch, with_diagnostics)
   updates, opt_state = setup.tx.update(grads, state.opt_state['optimizer'], state.params)
   params = optax.apply_updates(state.params, updates)
   loss = jnp.sum(losses)
@@ -132,25 +198,15 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch
       step=new_step, params=params, tau=setup.tau.next(state.tau, new_step),
       opt_state={'balance': balance_state, 'optimizer': opt_state})
   metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
-             'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau}
+             'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau,
+             **diag}
   return new_state, metrics
 
 
 def eval_step(setup: TrainSetup, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   """Predictions of one batch: binary probabilities and the core on the original scale."""
-  _, rows = _lookup(setup, state.params, batch)
+  _, rows = lookup(setup, state.params, batch)
   out = setup.model.apply({'params': state.params['model']}, (rows,) * setup.spec.num_tasks,
                           train=False, tau=state.tau, example_index=batch['index'])
   return {'probs': out.probs, 'core': setup.objective.predict_core(out),
           'weight': batch['weight']}
-
-
-def diagnostic_step(setup: TrainSetup, state: TrainState, batch: Batch
-                    ) -> dict[str, jax.Array]:
-  """Raw per-task gradient norms of the shared table and cosines with the core (Fig. 5)."""
-  ids, rows = _lookup(setup, state.params, batch)
-  _, row_grads, _, _ = _per_task_row_grads(setup, state, batch, rows)
-  ids, row_grads, _ = _global_rows(ids, row_grads, rows)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads, setup.spec.total_vocab)
-  norms, cosines = task_norms_and_cosines({'embedding': id_grads.grads}, core_index=-1)
-  return {'grad_norm': norms, 'grad_cos_core': cosines}
