@@ -1,4 +1,7 @@
-"""Task losses for hybrid targets (pure ``jax.numpy``, jit-able, scalar outputs).
+"""The training objective: task losses, core heads and transforms, the per-task loss vector.
+
+One home for everything the loss is made of (DESIGN section 1: ``L = L_core + sum_t L_t``).
+Losses are pure ``jax.numpy``, jit-able, with scalar outputs:
 
 * ``bce`` / ``bce_with_logits``: the binary task losses ``L_t`` (paper Eq. 1).
 * ``mse``: the core loss ``L_core`` of the MSE head.
@@ -16,14 +19,24 @@ Every loss averages over the leading batch axis. ``bce``, ``bce_with_logits``,
 ``mse`` and ``ziln_loss`` (and the auxiliary losses) take an optional
 ``weight`` of shape ``[B]`` (1 for real rows, 0 for padding) and then return
 the weighted mean; a batch whose weights are all zero gives 0.
+
+The core head (DESIGN section 3): :class:`CoreTransform` (``none`` | ``standardize`` |
+``log1p``, fitted on train) with :func:`core_loss` (MSE on the transformed target, or ZILN on
+raw values) and :func:`core_prediction` (back on the original scale, so metrics are always
+on it). :class:`Objective` turns a model's output into the vector of per-task losses ``[K]``,
+core last, which the per-task gradients differentiate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from htl_jax.models.interface import ModelOutput
 
 Array = jax.Array
 
@@ -251,3 +264,112 @@ def pairwise_ranking_total(
     per_task.append(
         pairwise_ranking_loss(logits[:, t], labels[:, t - 1], labels[:, t], weight))
   return jnp.stack(per_task)
+
+
+# ----------------------------------------------------------------------------- core head
+
+
+CORE_TRANSFORMS = ('none', 'standardize', 'log1p')
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreTransform:
+  """An invertible map of the core target, fitted on the train split."""
+
+  kind: str = 'none'
+  mean: float = 0.0
+  std: float = 1.0
+  target_mean: float = 0.0   # training mean of the transformed target (the head's init bias)
+
+  @classmethod
+  def fit(cls, kind: str, core_train: np.ndarray) -> 'CoreTransform':
+    if kind not in CORE_TRANSFORMS:
+      raise ValueError(f'core_transform must be one of {CORE_TRANSFORMS}, got {kind!r}')
+    core_train = np.asarray(core_train, np.float64)
+    if kind == 'standardize':
+      std = float(np.std(core_train))
+      return cls(kind, float(np.mean(core_train)), std if std > 0 else 1.0, 0.0)
+    if kind == 'log1p':
+      return cls(kind, target_mean=float(np.mean(np.log1p(core_train))))
+    return cls(kind, target_mean=float(np.mean(core_train)))
+
+  def forward(self, y: jax.Array) -> jax.Array:
+    if self.kind == 'standardize':
+      return (y - self.mean) / self.std
+    if self.kind == 'log1p':
+      return jnp.log1p(y)
+    return y
+
+  def inverse(self, z: jax.Array) -> jax.Array:
+    if self.kind == 'standardize':
+      return z * self.std + self.mean
+    if self.kind == 'log1p':
+      return jnp.expm1(z)
+    return z
+
+
+def core_loss(head: str, core_out: jax.Array, core: jax.Array,
+              transform: CoreTransform, weight: jax.Array | None = None) -> jax.Array:
+  """The core task's loss: MSE on the transformed target, or the ZILN loss on raw values."""
+  if head == 'ziln':
+    return ziln_loss(core_out, core, weight=weight)
+  return mse(core_out[:, 0], transform.forward(core), weight=weight)
+
+
+def core_prediction(head: str, core_out: jax.Array, transform: CoreTransform) -> jax.Array:
+  """Point prediction of the core value on the original scale, ``[B]``."""
+  if head == 'ziln':
+    return ziln_mean(core_out)
+  return transform.inverse(core_out[:, 0])
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Static loss settings (hashable, bound into the jitted step)."""
+
+  model: str
+  head: str
+  core_transform: CoreTransform
+  aitm_alpha: float = 0.0
+  tafe_dtl_weight: float = 0.0
+  lambda_pair: float = 0.0
+  binary_losses: bool = True    # False: a single-task core model (MODELS' class fact)
+
+  @classmethod
+  def from_config(cls, config, core_transform: CoreTransform,
+                  trains_binary_tasks: bool = True) -> 'Objective':
+    """The objective of ``config.model`` (``trains_binary_tasks``: the model's class fact)."""
+    model = config['model']
+    return cls(model=model, head=config['head'], core_transform=core_transform,
+               aitm_alpha=float(config['aitm_alpha']) if model == 'aitm' else 0.0,
+               tafe_dtl_weight=(float(config['tafe_dtl_weight'])
+                                if model == 'tafe' else 0.0),
+               lambda_pair=float(config['lambda_pair']),
+               binary_losses=trains_binary_tasks)
+
+  def loss_vector(self, out: ModelOutput, batch: dict[str, jax.Array]) -> jax.Array:
+    """Per-task losses ``[K]`` of one batch (weighted means over real examples)."""
+    y, weight = batch['y'], batch['weight']
+    num_binary = y.shape[1]
+    binary = jnp.stack([bce(out.probs[:, t], y[:, t], weight=weight)
+                        for t in range(num_binary)])
+    extra = jnp.zeros((num_binary,), binary.dtype)
+    if self.aitm_alpha:
+      extra = extra.at[-1].add(aitm_calibrator(out.probs, self.aitm_alpha))
+    if self.tafe_dtl_weight:
+      extra = extra.at[-1].add(self.tafe_dtl_weight * tafe_dtl_loss(out.probs, y))
+    if self.lambda_pair:
+      probs = jnp.clip(out.probs, PROB_EPS, 1 - PROB_EPS)
+      scores = jnp.log(probs) - jnp.log1p(-probs)
+      extra = extra + self.lambda_pair * pairwise_ranking_total(scores, y)
+    core = core_loss(self.head, out.core, batch['core'], self.core_transform, weight)
+    if not self.binary_losses:
+      return jnp.concatenate([jnp.zeros_like(binary), core[None]])
+    return jnp.concatenate([binary + extra, core[None]])
+
+  def predict_core(self, out: ModelOutput) -> jax.Array:
+    """Core predictions on the original scale, ``[B]``."""
+    return core_prediction(self.head, out.core, self.core_transform)

@@ -22,7 +22,7 @@ import optax
 import pytest
 
 from htl_jax import losses
-from htl_jax.data.schema import HybridSpec
+from htl_jax.spec import HybridSpec
 from htl_jax.models import MODELS, ModelConfig, ModelOutput
 from htl_jax.models.adatt import AdaTT
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from htl_jax import optim
-from htl_jax.data.schema import HybridSpec
+from htl_jax.spec import HybridSpec
 from htl_jax.models import get_model, ModelConfig
 from htl_jax.optim import per_task
 
@@ -136,7 +136,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   the gradient of the summed loss.
   """
   from configs.base import get_base_config
-  from htl_jax.models.heads import CoreTransform
+  from htl_jax.losses import CoreTransform
   from htl_jax.train import step as step_lib
   from htl_jax.train.state import init_state, make_setup
 

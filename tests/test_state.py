@@ -14,8 +14,8 @@ import optax
 import pytest
 
 from configs.base import get_base_config
-from htl_jax.data.schema import HybridSpec
-from htl_jax.models.heads import CoreTransform
+from htl_jax.spec import HybridSpec
+from htl_jax.losses import CoreTransform
 from htl_jax.train import loop as loop_lib
 from htl_jax.train import step as step_lib
 from htl_jax.train.state import init_state, make_setup, resolve_grad_process

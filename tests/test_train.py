@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.data import load_dataset
-from htl_jax.models.heads import CoreTransform
+from htl_jax.losses import CoreTransform
 from htl_jax.train import loop as loop_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.state import init_state, make_setup

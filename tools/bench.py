@@ -48,9 +48,9 @@ import numpy as np
 
 from configs.base import get_base_config
 from htl_jax import metrics as metrics_lib
-from htl_jax.data.schema import HybridSpec
+from htl_jax.spec import HybridSpec
 from htl_jax.models import MODELS
-from htl_jax.models.heads import CoreTransform
+from htl_jax.losses import CoreTransform
 from htl_jax.train import malloc, parallel
 from htl_jax.train.loop import compiled_steps
 from htl_jax.train.state import init_state, make_setup

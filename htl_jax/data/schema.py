@@ -14,6 +14,10 @@ from typing import Optional
 import numpy as np
 import polars as pl
 
+from htl_jax.spec import HybridSpec
+
+__all__ = ['DataError', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
+
 
 class DataError(ValueError):
   """Bad input data or data config. The message names the file, column and row count.
@@ -21,56 +25,6 @@ class DataError(ValueError):
   ``experiments.main`` prints it as one line and exits non-zero, before any training and
   without touching an existing workdir.
   """
-
-
-@dataclasses.dataclass(frozen=True)
-class HybridSpec:
-  """Static description of a hybrid-target problem.
-
-  Attributes:
-    fields: feature field names, one int32 column each in ``Split.x``.
-    vocab_sizes: per field, the number of ids including the OOV id 0.
-    binary_tasks: binary task names in chain order (``y^1 >= y^2 >= ...``).
-    core_task: name of the continuous core task (always the last task index).
-  """
-
-  fields: tuple[str, ...]
-  vocab_sizes: tuple[int, ...]
-  binary_tasks: tuple[str, ...]
-  core_task: str
-
-  def __post_init__(self):
-    if len(self.fields) != len(self.vocab_sizes):
-      raise ValueError(
-          f'{len(self.fields)} fields but {len(self.vocab_sizes)} vocab sizes')
-    if not self.binary_tasks:
-      raise ValueError('a hybrid-target problem needs at least one binary task')
-
-  @property
-  def tasks(self) -> tuple[str, ...]:
-    """All task names, binary tasks in order then the core task."""
-    return self.binary_tasks + (self.core_task,)
-
-  @property
-  def num_tasks(self) -> int:
-    return len(self.binary_tasks) + 1
-
-  @property
-  def num_binary(self) -> int:
-    return len(self.binary_tasks)
-
-  @property
-  def num_fields(self) -> int:
-    return len(self.fields)
-
-  @property
-  def field_offsets(self) -> tuple[int, ...]:
-    """Offset of each field's ids in the one shared embedding table."""
-    return tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.vocab_sizes)[:-1]]))
-
-  @property
-  def total_vocab(self) -> int:
-    return int(sum(self.vocab_sizes))
 
 
 @dataclasses.dataclass

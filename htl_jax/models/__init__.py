@@ -7,7 +7,7 @@ facts there (shared parameters, isolated towers, default gradient process). Pick
 
 from __future__ import annotations
 
-from htl_jax.data.schema import HybridSpec
+from htl_jax.spec import HybridSpec
 from htl_jax.models.adatt import AdaTT
 from htl_jax.models.aitm import AITM
 from htl_jax.models.dnn import DNN

@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 
-from htl_jax.data.schema import HybridSpec
+from htl_jax.spec import HybridSpec
 from htl_jax.models.layers import Tower
 
 

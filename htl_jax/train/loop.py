@@ -26,7 +26,7 @@ from htl_jax import metrics as metrics_lib
 from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
 from htl_jax.models import MODELS, model_class
-from htl_jax.models.heads import CORE_TRANSFORMS, CoreTransform
+from htl_jax.losses import CORE_TRANSFORMS, CoreTransform
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.state import (GRAD_PROCESSES, TrainSetup, init_state, make_setup,

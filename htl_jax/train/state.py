@@ -21,12 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from htl_jax import optim
-from htl_jax.data.schema import HybridSpec
-from htl_jax.models import get_model, model_class
+from htl_jax.losses import CoreTransform, Objective
+from htl_jax.models import ModelConfig, get_model, model_class
 from htl_jax.optim import per_task
-from htl_jax.models.heads import CoreTransform
-from htl_jax.models.interface import ModelConfig
-from htl_jax.train.objective import Objective
+from htl_jax.spec import HybridSpec
 
 GRAD_PROCESSES = ('auto', 'htl', 'pcgrad', 'metabalance', 'none')
 
@@ -139,7 +137,8 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
   copies = spec.num_tasks if model.independent_tasks else 1
   offsets = tuple(o + c * spec.total_vocab for c in range(copies) for o in spec.field_offsets)
   return TrainSetup(
-      spec=spec, model=model, objective=Objective.from_config(config, core_transform),
+      spec=spec, model=model,
+      objective=Objective.from_config(config, core_transform, model.trains_binary_tasks),
       tx=make_optimizer(config), balance=make_balance(config, spec.num_tasks),
       grad_process=resolve_grad_process(config),
       grad_path='isolated' if model.isolated_towers else 'general',
