@@ -48,19 +48,20 @@ class ModelConfig:
   section 5): HTLNet's and DNN's towers use all of them; a model with a shared part uses
   :attr:`shared_dims` (all but the last) for its shared bottom / experts and
   :attr:`tower_dims` (the last) for its towers. ``core_bias`` is the initial bias of the
-  MSE core head: the training mean of the (transformed) core target.
+  MSE core head: the training mean of the (transformed) core target. Every field's default
+  is in ``configs/base.py``; build one with :meth:`from_config`.
   """
 
-  hidden_dims: tuple[int, ...] = (128, 64, 32)
-  head: str = 'mse'
-  label_embed_dim: int = 10
-  fusion_dim: int = 32
-  use_label_embedding: bool = True
-  use_representation: bool = True
-  fusion: str = 'attention'
-  stop_gradient: bool = True
-  gumbel_noise: bool = True
-  num_experts: int = 4
+  hidden_dims: tuple[int, ...]
+  head: str
+  label_embed_dim: int
+  fusion_dim: int
+  use_label_embedding: bool
+  use_representation: bool
+  fusion: str
+  stop_gradient: bool
+  gumbel_noise: bool
+  num_experts: int
   core_bias: float = 0.0
 
   @classmethod
