@@ -28,7 +28,13 @@ setuptools.setup(
         'tqdm>=4.60',
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11'],
+        # The reproduction suite and tuning: Optuna studies in SQLite / PostgreSQL, the
+        # t-test, figures, Optuna's trial tables.
+        'repro': ['optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'scipy>=1.11',
+                  'matplotlib>=3.7', 'pandas>=2.0'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11',
+                 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'matplotlib>=3.7',
+                 'pandas>=2.0'],
     },
     classifiers=['License :: OSI Approved :: Apache Software License',
                  'Programming Language :: Python :: 3'],

@@ -10,7 +10,7 @@ while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap 
 trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
 This is a process-wide setting, so nothing applies it on import: ``train_and_evaluate``
-(hence ``experiments/main.py`` and ``tools/compare.py``) and ``tools/bench.py`` call
+(hence ``experiments/main.py`` and ``experiments/reproduce.py``) and ``tools/bench.py`` call
 :func:`keep_scratch_memory`. Programs that run the steps with their own loop on CPU can call
 it too (or preload tcmalloc/jemalloc, which reuse freed memory by default). The cost: up to
 1 GiB of freed memory may stay with the process instead of going back to the OS.

@@ -1,0 +1,87 @@
+"""Reproduce a table or figure of the paper: seeds, significance, figures, resumable.
+
+  python -m experiments.reproduce --experiment=table2 --config=configs/kuairand.py \\
+      --seeds=10 --workdir=runs/table2
+
+Experiments: table1 (data statistics), table2, table3, table4, fig4, table5, table7, fig5,
+fig7, fig8 (``htl_jax/repro/experiments.py``). Each run trains in ``<workdir>/<variant>/
+seed<k>``; the runs are the trials of an Optuna study in ``<workdir>/optuna.db`` or in
+``--storage=postgresql://...``, so the same command started on several machines shares the
+work, a finished run is never redone and a killed one resumes. When every run is done the
+command writes ``results.csv``, ``table.md`` (mean ± std, best bold, second underlined, ``*``
+for p <= 0.05) and the experiment's figure, and prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from htl_jax.data import load_dataset
+from htl_jax.data.schema import DataError
+from htl_jax.repro import experiments as experiments_lib
+from htl_jax.repro import report, runner
+from htl_jax.train.loop import ConfigError, NonFiniteError, default_cache_dir
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('experiment', None, f'One of {", ".join(experiments_lib.EXPERIMENTS)}.')
+config_flags.DEFINE_config_file('config', None, 'Dataset config (configs/*.py[:args]).',
+                                lock_config=False)
+flags.DEFINE_integer('seeds', 10, 'Seeds 0..N-1 for every variant (the paper: 10).')
+flags.DEFINE_string('workdir', None, 'Run dirs, the SQLite study and the report.')
+flags.DEFINE_string('storage', '', 'Optuna RDB URL shared by several machines '
+                    '(default: sqlite file in --workdir).')
+flags.DEFINE_multi_string('set', [], 'key=value config override for every run.')
+flags.DEFINE_list('variants', [], 'Only these variants of the experiment.')
+flags.DEFINE_string('tuned', '', 'Directory of experiments.tune workdirs, one per model.')
+flags.mark_flags_as_required(['experiment', 'config', 'workdir'])
+
+
+def reproduce(config, experiment_name: str, seeds: int, workdir: str, storage: str = '',
+              variants=(), tuned_dir: str = '') -> str:
+  """Runs the experiment and writes its report; returns ``table.md``'s text."""
+  experiment = experiments_lib.get_experiment(experiment_name)
+  os.makedirs(workdir, exist_ok=True)
+  if not experiment.trains:
+    data = load_dataset(config, config.cache_dir or default_cache_dir())
+    text = report.dataset_table(data, f'{experiment.title} ({runner.dataset_tag(config)})')
+    with open(os.path.join(workdir, 'table.md'), 'w') as f:
+      f.write(text)
+    return text
+  chosen = list(experiments_lib.select_variants(experiment, list(variants)))
+  results = runner.run_experiment(config, experiment_name, seeds, workdir, storage=storage,
+                                  variants=chosen, tuned_dir=tuned_dir)
+  text = report.write_report(workdir, results, experiment, chosen)
+  if experiment.figure:
+    path = report.draw_figure(experiment.figure, workdir, results)
+    text += f'\nFigure: {path}\n'
+  return text
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  try:
+    config = FLAGS.config
+    from configs import common  # pylint: disable=g-import-not-at-top
+    common.apply_args(config, ','.join(FLAGS.set) if FLAGS.set else None)
+    text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, FLAGS.storage,
+                     FLAGS.variants, FLAGS.tuned)
+  except (DataError, ConfigError, ValueError, OSError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except NonFiniteError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(3)
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,127 @@
+"""Every experiment of the paper as data: named variants, each a set of config overrides.
+
+Tang et al., "Touch the Core", RecSys 2024 (arXiv 2403.17442), Section 5 and Appendix C;
+DESIGN section 10. Adding an experiment is adding an entry to :data:`EXPERIMENTS`. A variant's
+overrides are applied on top of the dataset config (and of a model's tuned hyperparameters,
+see ``experiments.reproduce --tuned``); the seed is set per run.
+
+``ours`` names the variant whose difference from the best ``baselines`` variant is tested for
+significance (the ``*`` of Table 2); ``figure`` names the figure an experiment draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+Overrides = dict[str, Any]
+
+# Fig. 8's axes: Table 6's alpha grid and a gamma grid around the default 0.1.
+FIG8_ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FIG8_GAMMAS = (0.01, 0.05, 0.1, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One table or figure: ordered variants, and what is compared with what."""
+
+  title: str
+  variants: dict[str, Overrides]
+  ours: Optional[str] = None
+  baselines: tuple[str, ...] = ()
+  figure: Optional[str] = None        # 'fig5' | 'fig7' | 'fig8'
+  trains: bool = True                 # table1 only describes the data
+
+
+HTLNET = {'model': 'htlnet'}
+
+TABLE2_BASELINES = {
+    'DNN': {'model': 'dnn'},
+    'SB': {'model': 'shared_bottom'},
+    'MMoE': {'model': 'mmoe'},
+    'PLE': {'model': 'ple'},
+    'AdaTT': {'model': 'adatt'},
+    'ESMM': {'model': 'esmm'},
+    'AITM': {'model': 'aitm'},
+    'MB': {'model': 'shared_bottom', 'grad_process': 'metabalance'},
+}
+
+EXPERIMENTS: dict[str, Experiment] = {
+    'table1': Experiment('Table 1: dataset statistics', {}, trains=False),
+    'table2': Experiment(
+        'Table 2: HTLNet against the baselines',
+        {**TABLE2_BASELINES, 'HTLNet': HTLNET,
+         # Our extra columns: TAFE (Tao et al. 2023) and the pairwise loss (Durmus et al. 2024).
+         'TAFE': {'model': 'tafe'},
+         'HTLNet+pairwise': {'model': 'htlnet', 'lambda_pair': 0.1}},
+        ours='HTLNet', baselines=tuple(TABLE2_BASELINES) + ('TAFE',), figure='fig7'),
+    'table3': Experiment(
+        'Table 3: architecture and optimization',
+        {'HTLNet': HTLNET,
+         'w/o Architecture': {'model': 'shared_bottom', 'grad_process': 'htl'},
+         'w/o Optimization': {'model': 'htlnet', 'grad_process': 'none'}},
+        ours='HTLNet', baselines=('w/o Architecture', 'w/o Optimization')),
+    'table4': Experiment(
+        'Table 4: transferred representation and label embedding',
+        {'HTLNet': HTLNET,
+         'w/o representation': {'model': 'htlnet', 'use_representation': False},
+         'w/o label embedding': {'model': 'htlnet', 'use_label_embedding': False}},
+        ours='HTLNet', baselines=('w/o representation', 'w/o label embedding')),
+    'fig4': Experiment(
+        'Fig. 4: attention fusion (IFU) against concatenation',
+        {'attention': {'model': 'htlnet', 'fusion': 'attention'},
+         'concat': {'model': 'htlnet', 'fusion': 'concat'}},
+        ours='attention', baselines=('concat',)),
+    'table5': Experiment(
+        'Table 5: the gradient process',
+        {'HTLNet': HTLNET,
+         'w/o stop_gradient': {'model': 'htlnet', 'stop_gradient': False},
+         'w/o conflict': {'model': 'htlnet', 'grad_conflict': False},
+         'w/o magnitude': {'model': 'htlnet', 'grad_magnitude': False},
+         'HTLNet-Gradient-Surgery': {'model': 'htlnet', 'grad_process': 'pcgrad'},
+         'HTLNet-MetaBalance': {'model': 'htlnet', 'grad_process': 'metabalance'}},
+        ours='HTLNet', baselines=('w/o stop_gradient', 'w/o conflict', 'w/o magnitude',
+                                  'HTLNet-Gradient-Surgery', 'HTLNet-MetaBalance')),
+    'table7': Experiment(
+        'Table 7: single-task ZILN against HTLNet with a ZILN head',
+        {'ZILN': {'model': 'ziln', 'head': 'ziln'},
+         'HTLNet-ZILN': {'model': 'htlnet', 'head': 'ziln'}},
+        ours='HTLNet-ZILN', baselines=('ZILN',)),
+    'fig5': Experiment(
+        'Fig. 5: per-task gradient magnitude on the shared embedding',
+        {'without gradient process': {'model': 'htlnet', 'grad_process': 'none'},
+         'with gradient process': HTLNET},
+        figure='fig5'),
+    'fig7': Experiment(
+        'Fig. 7: training time per epoch',
+        {**TABLE2_BASELINES, 'HTLNet': HTLNET}, figure='fig7'),
+    'fig8': Experiment(
+        'Fig. 8: projection relax factor alpha x magnitude weight gamma',
+        {f'alpha={a:g},gamma={g:g}': {'model': 'htlnet', 'alpha': a, 'gamma': g}
+         for a in FIG8_ALPHAS for g in FIG8_GAMMAS},
+        figure='fig8'),
+}
+
+
+def get_experiment(name: str) -> Experiment:
+  """The experiment called ``name``; unknown names list the known ones."""
+  if name not in EXPERIMENTS:
+    raise ValueError(f'unknown experiment {name!r}; known: {", ".join(EXPERIMENTS)}')
+  return EXPERIMENTS[name]
+
+
+def select_variants(experiment: Experiment, names: list[str]) -> dict[str, Overrides]:
+  """The experiment's variants, or the ``names`` among them (unknown names raise)."""
+  if not names:
+    return dict(experiment.variants)
+  unknown = [n for n in names if n not in experiment.variants]
+  if unknown:
+    raise ValueError(f'unknown variant(s) {unknown}; this experiment has '
+                     f'{list(experiment.variants)}')
+  return {n: experiment.variants[n] for n in names}
+
+
+def slug(variant: str) -> str:
+  """A directory name for ``variant`` (letters, digits, ``._=-``)."""
+  keep = [c if c.isalnum() or c in '._=-' else '_' for c in variant]
+  return ''.join(keep).strip('_') or 'variant'

@@ -1,0 +1,250 @@
+"""The runs of an experiment as the trials of one Optuna study (DESIGN section 10).
+
+Every (variant, seed) is a *cell*. The process that creates the study enqueues one WAITING
+trial per cell; every process started with the same command and storage then takes waiting
+trials one at a time (``study.optimize(n_trials=1)``: Optuna hands a waiting trial to exactly
+one process, and keeps its heartbeat). A cell trains with ``train_and_evaluate`` in its own
+run dir ``<workdir>/<variant>/seed<k>``:
+
+- a finished cell (its ``metrics.json`` exists) is never trained again;
+- a killed cell's trial goes stale, is marked FAIL and retried as a new waiting trial (see
+  :mod:`htl_jax.repro.storage`), and the retry resumes from the run dir's checkpoint.
+
+A process waits while other processes still run cells, so each one ends with every cell
+done; the report is then written from the run dirs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import optuna
+from optuna.trial import TrialState
+
+from configs import common
+from htl_jax import metrics as metrics_lib
+from htl_jax.repro import experiments as experiments_lib
+from htl_jax.repro import storage as storage_lib
+from htl_jax.train import loop as loop_lib
+
+RunCell = Callable[[Any, str], dict]          # (config, run_dir) -> metrics.json's dict
+_CELL = 'cell'
+
+
+def cell_name(variant: str, seed: int) -> str:
+  return f'{variant}|seed{seed}'
+
+
+def parse_cell(cell: str) -> tuple[str, int]:
+  variant, _, seed = cell.rpartition('|seed')
+  return variant, int(seed)
+
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, experiments_lib.slug(variant), f'seed{seed}')
+
+
+def tuned_overrides(tuned_dir: str, model: str) -> dict[str, Any]:
+  """A model's tuned hyperparameters from ``experiments.tune``'s ``best.json``.
+
+  ``tuned_dir`` holds one tuning workdir per model, named after it
+  (``<tuned_dir>/<model>/best.json``), or is itself the tuning workdir of this model.
+  """
+  if not tuned_dir:
+    return {}
+  for path in (os.path.join(tuned_dir, model, 'best.json'),
+               os.path.join(tuned_dir, 'best.json')):
+    if os.path.exists(path):
+      with open(path) as f:
+        best = json.load(f)
+      if best.get('model', model) == model:
+        return dict(best.get('overrides', {}))
+  return {}
+
+
+def _assign(config, key: str, value: Any) -> None:
+  """``config[key] = value``, converted to the field's type (ints given for floats, ...)."""
+  current = config[key]
+  if isinstance(current, bool) or not isinstance(current, (int, float, tuple)):
+    config[key] = value
+  elif isinstance(current, float):
+    config[key] = float(value)
+  elif isinstance(current, int):
+    config[key] = int(value)
+  else:
+    config[key] = tuple(value)
+
+
+def cell_config(base, overrides: dict[str, Any], seed: int, tuned_dir: str = ''):
+  """The config of one cell: base, the model's tuned values, the variant's, the seed."""
+  config = copy.deepcopy(base)
+  model = overrides.get('model', config.model)
+  for key, value in {**tuned_overrides(tuned_dir, model), **overrides}.items():
+    _assign(config, key, value)
+  config.seed = seed
+  loop_lib.check_config(config)
+  return config
+
+
+def train_cell(config, directory: str) -> dict:
+  """The default cell: train and evaluate (resumes from the run dir's checkpoint)."""
+  return loop_lib.train_and_evaluate(config, directory)
+
+
+def read_result(directory: str) -> Optional[dict]:
+  path = os.path.join(directory, 'metrics.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def dataset_tag(config) -> str:
+  """Which data a study is about, for its name (one storage may hold several datasets)."""
+  source = config.data.path or config.data_dir or 'sample'
+  return f'{config.dataset}:{os.path.basename(os.path.normpath(source))}'
+
+
+class _Objective:
+  """Runs the cell a waiting trial carries; returns its validation core metric."""
+
+  def __init__(self, base, cells: dict[str, dict[str, Any]], workdir: str, tuned_dir: str,
+               run_cell: RunCell):
+    self.base, self.cells, self.workdir = base, cells, workdir
+    self.tuned_dir, self.run_cell = tuned_dir, run_cell
+
+  def __call__(self, trial: optuna.Trial) -> float:
+    cell = trial.user_attrs.get(_CELL)
+    if cell is None or cell not in self.cells:
+      trial.set_user_attr('note', 'no waiting cell was left for this process')
+      raise optuna.TrialPruned()
+    if self._running_elsewhere(trial, cell):
+      trial.set_user_attr('note', f'{cell} is running in another process')
+      raise optuna.TrialPruned()
+    variant, seed = parse_cell(cell)
+    directory = run_dir(self.workdir, variant, seed)
+    result = read_result(directory)
+    if result is None:
+      logging.info('reproduce: running %s in %s', cell, directory)
+      config = cell_config(self.base, self.cells[cell], seed, self.tuned_dir)
+      result = self.run_cell(config, directory)
+    return _objective_value(result)
+
+  @staticmethod
+  def _running_elsewhere(trial: optuna.Trial, cell: str) -> bool:
+    others = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return any(t.user_attrs.get(_CELL) == cell and t.number < trial.number for t in others)
+
+
+def _objective_value(result: dict) -> float:
+  """The validation value of the core task's NRMSE (or its first defined metric)."""
+  core = list(result['valid'])[-1]
+  values = [v for v in result['valid'][core].values() if v is not None]
+  value = result['valid'][core].get('nrmse')
+  return float(value if value is not None else (values[0] if values else 0.0))
+
+
+def open_study(name: str, storage, cells: list[str]) -> optuna.Study:
+  """The study called ``name``; its creator enqueues one waiting trial per cell.
+
+  A later command with more cells (more seeds, another variant) adds the missing ones.
+  """
+  try:
+    study = optuna.create_study(study_name=name, storage=storage, direction='minimize')
+    created = True
+  except optuna.exceptions.DuplicatedStudyError:
+    study = optuna.load_study(study_name=name, storage=storage)
+    created = False
+  if not created:
+    _wait_until_ready(study)
+  known = {t.user_attrs.get(_CELL) for t in study.get_trials(deepcopy=False)}
+  for cell in cells:
+    if cell not in known:
+      study.enqueue_trial({}, user_attrs={_CELL: cell})
+  study.set_user_attr('ready', True)
+  return study
+
+
+def _wait_until_ready(study: optuna.Study, timeout: float = 60.0) -> None:
+  """Lets the creator enqueue first, so two starts do not enqueue a cell twice."""
+  deadline = time.monotonic() + timeout
+  while not study.user_attrs.get('ready') and time.monotonic() < deadline:
+    time.sleep(0.2)
+
+
+def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
+  """Take waiting cells until none is waiting or running (a dead one is retried)."""
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  pause = max(0.2, storage_lib.heartbeat_seconds() / 4)
+  while True:
+    with storage_lib.quiet_experimental():
+      optuna.storages.fail_stale_trials(study)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if TrialState.WAITING in states:
+      with storage_lib.quiet_experimental():
+        study.optimize(objective, n_trials=1, catch=())
+    elif TrialState.RUNNING in states:
+      time.sleep(pause)
+    else:
+      return
+
+
+def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
+                   storage: str = '', variants: Optional[list[str]] = None,
+                   tuned_dir: str = '', run_cell: RunCell = train_cell) -> dict[str, dict]:
+  """Runs (or joins) every cell of an experiment; returns ``{cell: metrics.json dict}``.
+
+  Args:
+    base: the dataset config (overrides for every run already applied).
+    experiment_name: a key of :data:`htl_jax.repro.experiments.EXPERIMENTS`.
+    seeds: seeds ``0 .. seeds-1`` for every variant.
+    workdir: run dirs, the SQLite storage by default, and the report.
+    storage: an RDB URL shared by several machines ('' = ``<workdir>/optuna.db``).
+    variants: a subset of the experiment's variants (all when empty).
+    tuned_dir: tuning workdirs (``experiments.tune``), one per model, applied per variant.
+    run_cell: what a cell does (tests pass a cheap one).
+  """
+  experiment = experiments_lib.get_experiment(experiment_name)
+  chosen = experiments_lib.select_variants(experiment, list(variants or []))
+  if seeds < 1:
+    raise ValueError(f'--seeds must be >= 1, got {seeds}')
+  cells = {cell_name(v, s): overrides for v, overrides in chosen.items()
+           for s in range(seeds)}
+  for cell, overrides in cells.items():          # every cell's config is valid before any run
+    cell_config(base, overrides, parse_cell(cell)[1], tuned_dir)
+  os.makedirs(workdir, exist_ok=True)
+  study_storage = storage_lib.open_storage(storage_lib.storage_url(workdir, storage))
+  name = f'reproduce:{experiment_name}:{dataset_tag(base)}'
+  study = open_study(name, study_storage, list(cells))
+  work(study, _Objective(base, cells, workdir, tuned_dir, run_cell))
+  results = {}
+  for cell in cells:
+    variant, seed = parse_cell(cell)
+    result = read_result(run_dir(workdir, variant, seed))
+    if result is not None:
+      results[cell] = result
+  return results
+
+
+def core_metric_names(results: dict[str, dict]) -> list[str]:
+  """Core metrics present in the results, in ``metrics.CORE_METRICS`` order."""
+  names = set()
+  for result in results.values():
+    names |= set(list(result['test'].values())[-1])
+  return [m for m in metrics_lib.CORE_METRICS if m in names]
+
+
+def load_base_config(path: str, sets: list[str]):
+  """``configs/x.py[:arg]`` plus ``--set key=value`` overrides -> a config (unlocked)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('reproduce_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  return common.apply_args(config, ','.join(sets) if sets else None)

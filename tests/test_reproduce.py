@@ -1,0 +1,194 @@
+"""The reproduction suite (htl_jax.repro, experiments.reproduce): data, report, runs.
+
+Experiments are data that the trainer accepts; the report's bold / underline / star follow
+known p-values; figures are real PNGs; several processes on one storage (SQLite, and a real
+PostgreSQL server where one is installed) run every cell exactly once; a suite killed
+mid-way and started again finishes every run once, with the results of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import optuna
+import pytest
+from scipy import stats
+
+from configs import kuairand
+from configs.base import get_base_config
+from htl_jax.repro import experiments as experiments_lib
+from htl_jax.repro import figures, report, runner
+from postgres_server import postgres_url  # noqa: F401  (pytest fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('name', sorted(experiments_lib.EXPERIMENTS))
+def test_every_variant_is_a_valid_config(name):
+  experiment = experiments_lib.EXPERIMENTS[name]
+  keys = set(get_base_config().keys())
+  for variant, overrides in experiment.variants.items():
+    assert set(overrides) <= keys, (variant, set(overrides) - keys)
+    runner.cell_config(kuairand.get_config(), overrides, seed=3)   # check_config passes
+  for variant in (experiment.ours, *experiment.baselines):
+    assert variant is None or variant in experiment.variants
+  assert experiment.trains == (name != 'table1')
+
+
+def _result(nrmse: float, auc: float) -> dict:
+  return {'valid': {'click': {'auc': auc}, 'y': {'nrmse': nrmse}},
+          'test': {'click': {'auc': auc}, 'y': {'nrmse': nrmse, 'gini': None}},
+          'best_step': 10, 'steps': 20, 'epochs': 2.0, 'train_seconds': 3.0}
+
+
+def test_report_marks_best_second_and_significance():
+  nrmse = {'HTLNet': [0.80, 0.81, 0.79], 'w/o Architecture': [0.90, 0.92, 0.88],
+           'w/o Optimization': [0.95, 0.96, 0.94]}
+  auc = {'HTLNet': [0.700, 0.720, 0.680], 'w/o Architecture': [0.712, 0.708, 0.710],
+         'w/o Optimization': [0.60, 0.61, 0.59]}
+  results = {runner.cell_name(v, s): _result(nrmse[v][s], auc[v][s])
+             for v in nrmse for s in range(3)}
+  experiment = experiments_lib.EXPERIMENTS['table3']
+  table = report.rows(results)
+  assert len(table) == 9 * 5      # runs x (2 valid + 3 test metrics)
+  assert table[0]['train_seconds_per_epoch'] == 1.5
+  p_nrmse = stats.ttest_ind(nrmse['HTLNet'], nrmse['w/o Architecture']).pvalue
+  p_auc = stats.ttest_ind(auc['HTLNet'], auc['w/o Architecture']).pvalue
+  assert p_nrmse < 0.05 < p_auc
+  test = report.significance(report.values_by_variant(table, 'y', 'nrmse'), 'nrmse',
+                             'HTLNet', experiment.baselines)
+  assert test[0] == pytest.approx(p_nrmse) and test[1]
+  rows = {line.split('|')[1].strip(): line
+          for line in report.markdown(table, experiment, list(nrmse)).splitlines()
+          if line.startswith('| ') and not line.startswith('| variant')}
+  cells = {v: [c.strip() for c in line.split('|')[2:-1]] for v, line in rows.items()}
+  # Columns: click auc, y nrmse, y gini (all undefined -> n/a).
+  assert cells['HTLNet'][1] == '**0.8000 ± 0.0082***'          # best, significant
+  assert cells['w/o Architecture'][1].startswith('<u>0.9000')  # second
+  assert cells['HTLNet'][0].startswith('<u>0.7000') and '*' not in cells['HTLNet'][0]
+  assert cells['w/o Architecture'][0].startswith('**0.7100')
+  assert cells['HTLNet'][2] == 'n/a'
+
+
+def test_worse_but_significant_gets_no_star():
+  values = {'HTLNet': [0.5, 0.51, 0.49], 'SB': [0.7, 0.71, 0.69]}
+  p, better = report.significance(values, 'auc', 'HTLNet', ('SB',))
+  assert p < 0.05 and not better
+
+
+def test_figures_are_pngs(tmp_path):
+  steps = [10, 20, 30]
+  figures.fig5({'without': {'click': (steps, [1.0, 0.5, 0.2]), 'y': (steps, [9.0, 8.0, 7.0])},
+                'with': {'click': (steps, [3.0, 2.0, 2.5]), 'y': (steps, [9.0, 8.0, 7.0])}},
+               str(tmp_path / 'fig5.png'))
+  figures.fig7({'DNN': [1.0, 1.2], 'HTLNet': [2.0, 2.2]}, str(tmp_path / 'fig7.png'))
+  grid = np.arange(35, dtype=float).reshape(7, 5) / 35
+  figures.fig8({'nrmse': grid, 'nmae': 1 - grid}, experiments_lib.FIG8_ALPHAS,
+               experiments_lib.FIG8_GAMMAS, str(tmp_path / 'fig8.png'))
+  for name in ('fig5', 'fig7', 'fig8'):
+    data = (tmp_path / f'{name}.png').read_bytes()
+    assert data.startswith(PNG) and len(data) > 5000, name
+
+
+_WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r})
+    from configs import kuairand
+    from htl_jax.repro import runner
+
+    def fake_cell(config, run_dir):
+      with open({log!r}, 'a') as f:
+        f.write(f'{{config.model}} {{config.grad_process}} {{config.seed}} {{os.getpid()}}\\n')
+      time.sleep(0.3)
+      os.makedirs(run_dir, exist_ok=True)
+      result = {{'valid': {{'y': {{'nrmse': 1.0}}}}, 'test': {{'y': {{'nrmse': 1.0}}}}}}
+      with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
+        json.dump(result, f)
+      return result
+
+    runner.run_experiment(kuairand.get_config(), 'table3', 3, {workdir!r},
+                          storage={storage!r}, variants=['HTLNet', 'w/o Architecture'],
+                          run_cell=fake_cell)
+''')
+
+
+def _two_workers(tmp_path, storage: str) -> list[str]:
+  log, workdir = str(tmp_path / 'calls.log'), str(tmp_path / 'suite')
+  script = _WORKER.format(repo=REPO, log=log, workdir=workdir, storage=storage)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HTL_JAX_HEARTBEAT_SECONDS': '1'}
+  workers = [subprocess.Popen([sys.executable, '-c', script], env=env, cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=240)
+    assert worker.returncode == 0, err[-3000:]
+  with open(log) as f:
+    return f.read().split('\n')[:-1]
+
+
+def _assert_each_cell_once(calls: list[str]) -> None:
+  cells = [tuple(line.split()[:3]) for line in calls]
+  assert sorted(cells) == sorted({(m, g, str(s)) for m, g in [('htlnet', 'auto'),
+                                                             ('shared_bottom', 'htl')]
+                                  for s in range(3)})
+
+
+def test_two_processes_share_a_sqlite_study(tmp_path):
+  calls = _two_workers(tmp_path, '')
+  _assert_each_cell_once(calls)
+  assert os.path.exists(tmp_path / 'suite' / 'optuna.db')
+
+
+def test_two_processes_share_a_postgres_study(tmp_path, postgres_url):  # noqa: F811
+  _assert_each_cell_once(_two_workers(tmp_path, postgres_url))
+
+
+def _suite(workdir: str) -> list[str]:
+  return [sys.executable, '-m', 'experiments.reproduce', '--experiment=table3',
+          '--variants=HTLNet', '--seeds=2', f'--workdir={workdir}',
+          '--config=configs/kuairand.py:smoke=True,data.max_rows=2000,max_steps=12,'
+          'eval_every=6,checkpoint_every=3,batch_size=128,hidden_dims=(16,8)']
+
+
+def _csv_without_times(path) -> list[dict]:
+  with open(path) as f:
+    return sorted(({k: v for k, v in row.items() if k != 'train_seconds_per_epoch'}
+                   for row in csv.DictReader(f)), key=lambda r: tuple(r.values()))
+
+
+def test_killed_suite_resumes_and_matches_an_uninterrupted_one(tmp_path, cache_dir):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HTL_JAX_HEARTBEAT_SECONDS': '1'}
+  flags = [f'--config.cache_dir={cache_dir}']
+  killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
+  process = subprocess.Popen(_suite(killed) + flags, env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(killed, 'HTLNet', 'seed0', 'metrics.json')
+  deadline = time.monotonic() + 240
+  while not os.path.exists(first) and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  for workdir in (killed, straight):
+    done = subprocess.run(_suite(workdir) + flags, env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '## Table 3' in done.stdout
+  assert _csv_without_times(os.path.join(killed, 'results.csv')) == _csv_without_times(
+      os.path.join(straight, 'results.csv'))
+  study = optuna.load_study(study_name=optuna.get_all_study_names(
+      f'sqlite:///{killed}/optuna.db')[0], storage=f'sqlite:///{killed}/optuna.db')
+  complete = [t.user_attrs['cell'] for t in study.trials
+              if t.state == optuna.trial.TrialState.COMPLETE]
+  assert sorted(complete) == ['HTLNet|seed0', 'HTLNet|seed1']     # each run finished once
+  for seed in (0, 1):
+    with open(os.path.join(killed, 'HTLNet', f'seed{seed}', 'metrics.jsonl')) as f:
+      steps = [json.loads(line)['step'] for line in f]
+    assert steps == [6, 12]                                        # no step logged twice
