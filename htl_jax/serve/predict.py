@@ -93,13 +93,18 @@ def passthrough_columns(config: Any, override: Optional[str] = None) -> tuple[st
 # ----------------------------------------------------------------------------- scoring
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_eval(setup):
+  """The eval step of ``setup``, data-parallel as in training (compiled once per setup)."""
+  return parallel.pmap_step(functools.partial(step_lib.eval_step, setup), donate_state=False)
+
+
 class BatchScorer:
   """The trainer's eval step on fixed-size batches (the run's ``eval_batch_size``)."""
 
   def __init__(self, run: TrainedRun, batch_size: Optional[int] = None):
     self.batch_size = int(batch_size or run.config.eval_batch_size)
-    self._eval = parallel.pmap_step(functools.partial(step_lib.eval_step, run.setup),
-                                    donate_state=False)
+    self._eval = _compiled_eval(run.setup)
     self._state = parallel.replicate(run.state)
 
   def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
