@@ -24,6 +24,7 @@ setuptools.setup(
         'polars>=1.0',
         'absl-py>=2.0',
         'ml-collections>=0.1.1',
+        'flatbuffers>=23.0',
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11'],

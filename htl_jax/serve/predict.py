@@ -111,8 +111,10 @@ class BatchScorer:
     """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of int32 ids ``[N, F]``.
 
     The last batch is padded by repeating the first row (weight 0), as the trainer does.
+    Every batch is dispatched before the first result is read, so the host prepares the next
+    batch while the previous one runs.
     """
-    probs, core = [], []
+    outputs = []
     for start in range(0, x.shape[0], self.batch_size):
       rows = x[start:start + self.batch_size]
       real = rows.shape[0]
@@ -123,9 +125,9 @@ class BatchScorer:
         weight[real:] = 0.0
       batch = {'x': rows, 'index': np.arange(start, start + self.batch_size, dtype=np.int32),
                'weight': weight}
-      out = self._eval(self._state, parallel.shard(batch))
-      probs.append(parallel.unshard(out['probs'])[:real])
-      core.append(parallel.unshard(out['core'])[:real])
+      outputs.append((real, self._eval(self._state, parallel.shard(batch))))
+    probs = [parallel.unshard(out['probs'])[:real] for real, out in outputs]
+    core = [parallel.unshard(out['core'])[:real] for real, out in outputs]
     return np.concatenate(probs), np.concatenate(core)
 
 
