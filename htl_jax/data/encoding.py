@@ -139,8 +139,7 @@ class CategoricalField:
     if codes is not None:
       code_ids = np.concatenate([[0], self.ids(pl.Series(column.name, codes))]).astype(np.int32)
       values, nulls = _int_values(column)
-      ids = code_ids[np.where(nulls, 0, values)]
-      return ids
+      return code_ids[np.where(nulls, 0, values)]
     if self.values.dtype == np.int64 and column.dtype.is_integer():
       values, nulls = _int_values(column)
       ids = self._int_ids(values)
@@ -149,12 +148,14 @@ class CategoricalField:
     return self._general_ids(column)
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form; ``dtype`` says how to read ``values`` back."""
     kind = {'i': 'int', 'f': 'float'}.get(self.values.dtype.kind, 'str')
     return {'name': self.name, 'type': 'categorical', 'dtype': kind,
             'values': self.values.tolist()}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'CategoricalField':
+    """Reads :meth:`to_dict`'s output."""
     dtype = {'int': np.int64, 'float': np.float64, 'str': object}[d['dtype']]
     return cls(d['name'], np.asarray(d['values'], dtype=dtype).reshape(-1))
 
@@ -168,12 +169,10 @@ def fit_categorical(name: str, column: pl.Series, is_train: np.ndarray,
     values = _sorted_unique_ints(train.cast(pl.Int64).to_numpy())
     if codes is not None:
       values = np.asarray(codes, dtype=object)[values - 1]
+  elif column.dtype.is_float():
+    values = train.unique().sort().to_numpy().astype(np.float64)
   else:
-    unique = train.unique().sort()
-    values = unique.to_numpy() if unique.dtype.is_float() else np.asarray(unique.to_list(),
-                                                                           dtype=object)
-    if unique.dtype.is_float():
-      values = values.astype(np.float64)
+    values = np.asarray(train.unique().sort().to_list(), dtype=object)
   return CategoricalField(name, values)
 
 
@@ -242,10 +241,12 @@ class NumericField:
     return self.bucket_ids(numeric_values(column, source or column.name))
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form."""
     return {'type': 'numeric', **dataclasses.asdict(self), 'edges': list(self.edges)}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'NumericField':
+    """Reads :meth:`to_dict`'s output."""
     return cls(d['name'], d['encoding'], int(d['num_buckets']),
                tuple(float(e) for e in d['edges']), float(d['mean']), float(d['scale']))
 
@@ -324,10 +325,12 @@ class Encoder:
     return columns, unseen
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form, every value exact (``{'fields': [field.to_dict(), ...]}``)."""
     return {'fields': [f.to_dict() for f in self.fields]}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'Encoder':
+    """Reads :meth:`to_dict`'s output."""
     return cls(tuple(CategoricalField.from_dict(f) if f['type'] == 'categorical'
                      else NumericField.from_dict(f) for f in d['fields']))
 

@@ -111,10 +111,10 @@ class BatchScorer:
     """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of int32 ids ``[N, F]``.
 
     The last batch is padded by repeating the first row (weight 0), as the trainer does.
-    Every batch is dispatched before the first result is read, so the host prepares the next
-    batch while the previous one runs.
+    Each batch's result is read before the next is dispatched: dispatching a whole chunk
+    ahead held ~100 MB more and was not faster on 2 cores.
     """
-    outputs = []
+    probs, core = [], []
     for start in range(0, x.shape[0], self.batch_size):
       rows = x[start:start + self.batch_size]
       real = rows.shape[0]
@@ -125,9 +125,9 @@ class BatchScorer:
         weight[real:] = 0.0
       batch = {'x': rows, 'index': np.arange(start, start + self.batch_size, dtype=np.int32),
                'weight': weight}
-      outputs.append((real, self._eval(self._state, parallel.shard(batch))))
-    probs = [parallel.unshard(out['probs'])[:real] for real, out in outputs]
-    core = [parallel.unshard(out['core'])[:real] for real, out in outputs]
+      out = self._eval(self._state, parallel.shard(batch))
+      probs.append(parallel.unshard(out['probs'])[:real])
+      core.append(parallel.unshard(out['core'])[:real])
     return np.concatenate(probs), np.concatenate(core)
 
 

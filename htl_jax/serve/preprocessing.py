@@ -75,10 +75,11 @@ class Preprocessing:
 
 def save(workdir: str, preprocessing: Preprocessing) -> str:
   """Writes ``<workdir>/preprocessing.json`` atomically; returns its path."""
+  text = json.dumps(preprocessing.to_dict(), allow_nan=False)
   path = os.path.join(workdir, FILE_NAME)
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w') as f:
-    json.dump(preprocessing.to_dict(), f, allow_nan=False)
+    f.write(text)
   os.replace(tmp, path)
   return path
 
@@ -91,9 +92,16 @@ def load(workdir: str) -> Preprocessing:
 
 def save_for_run(workdir: str, config: Any, data: HybridData,
                  core_transform: CoreTransform) -> None:
-  """The trainer's hook: stores the run's preprocessing next to its checkpoints."""
+  """The trainer's hook: stores the run's preprocessing next to its checkpoints.
+
+  Never stops training: a vocabulary that JSON cannot hold (e.g. dates as categories, which
+  no built-in loader produces) is logged and the file is not written.
+  """
   if data.encoder is None:
     logging.warning('no fitted encoder with the data; %s not written', FILE_NAME)
     return
-  save(workdir, Preprocessing(dataset=str(config.dataset), spec=data.spec,
-                              encoder=data.encoder, core_transform=core_transform))
+  try:
+    save(workdir, Preprocessing(dataset=str(config.dataset), spec=data.spec,
+                                encoder=data.encoder, core_transform=core_transform))
+  except (TypeError, ValueError) as e:   # a vocabulary JSON cannot hold; training goes on
+    logging.warning('%s not written (%s); this run cannot score new data', FILE_NAME, e)
