@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import shutil
 import tempfile
@@ -36,8 +37,10 @@ import polars as pl
 
 from htl_jax import data as data_lib
 from htl_jax.data import kaggle_revenue, tabular
+from htl_jax.data.encoding import Encoder
 from htl_jax.data.schema import DataError, FeatureChunk
-from htl_jax.serve.run import TrainedRun, load_run
+from htl_jax.serve import run as run_lib
+from htl_jax.serve.run import TrainedRun
 from htl_jax.train import parallel, step as step_lib
 
 PROB_PREFIX = 'prob_'
@@ -216,10 +219,9 @@ class PredictionSummary:
     return self.rows / max(self.seconds, 1e-9)
 
 
-def _encoded(run: TrainedRun, chunks: Iterator[FeatureChunk], unseen: dict[str, int]
+def _encoded(encoder: Encoder, chunks: Iterator[FeatureChunk], unseen: dict[str, int]
              ) -> Iterator[tuple[np.ndarray, pl.DataFrame]]:
   """int32 ids ``[n, F]`` and passthrough rows of every chunk; counts unseen values."""
-  encoder = run.preprocessing.encoder
   for chunk in chunks:
     columns, chunk_unseen = encoder.encode(chunk.features, chunk.codes, chunk.source)
     for name, count in chunk_unseen.items():
@@ -234,6 +236,26 @@ def _check_names(spec, passthrough: Sequence[str]) -> None:
                     f'{list(output_columns(spec))}')
 
 
+def _score_into(out: str, scorer: BatchScorer, spec,
+                pieces: Iterator[tuple[np.ndarray, pl.DataFrame]]) -> int:
+  """Scores every piece and writes its rows to ``out``; returns the number of rows."""
+  names = output_columns(spec)
+  writer = _Writer(out)
+  rows = 0
+  try:
+    for x, kept in pieces:
+      probs, core = scorer(x)
+      values = [probs[:, t] for t in range(spec.num_binary)] + [core]
+      frame = pl.DataFrame([pl.Series(n, v) for n, v in zip(names, values)])
+      writer.write(kept.hstack(frame) if kept.width else frame)
+      rows += x.shape[0]
+    writer.close()
+  except BaseException:
+    writer.abort()
+    raise
+  return rows
+
+
 def predict_file(workdir: str, data: str, out: str, *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  passthrough: Optional[str] = None,
@@ -246,7 +268,7 @@ def predict_file(workdir: str, data: str, out: str, *,
     out: the predictions file (Parquet, or CSV when the name ends in ``.csv``).
     chunk_rows: input rows read and encoded at a time (memory is bounded by it).
     passthrough: comma-separated columns to copy; None = ``config.data.passthrough``.
-    run: an already loaded run (skips :func:`load_run`).
+    run: an already loaded run (skips :func:`htl_jax.serve.run.load_run`).
 
   Returns:
     A :class:`PredictionSummary`.
@@ -256,35 +278,22 @@ def predict_file(workdir: str, data: str, out: str, *,
     DataError: a missing file or column, a bad value, or an empty input.
   """
   start = time.perf_counter()
-  run = run or load_run(workdir)
-  spec = run.preprocessing.spec
-  config = config_for_input(run.config, data)
-  columns = passthrough_columns(run.config, passthrough)
+  if run is None:                     # the cheap parts first: bad input fails in seconds
+    run_lib.finished_metrics(workdir)
+    config, prep = run_lib.load_config(workdir), run_lib.load_preprocessing(workdir)
+  else:
+    config, prep = run.config, run.preprocessing
+  spec = prep.spec
+  columns = passthrough_columns(config, passthrough)
   _check_names(spec, columns)
-  scorer = BatchScorer(run)
   unseen: dict[str, int] = {}
-  chunks = data_lib.read_features(config, columns, chunk_rows)
-  pieces = _full_batches(_encoded(run, chunks, unseen), scorer.batch_size)
+  chunks = data_lib.read_features(config_for_input(config, data), columns, chunk_rows)
+  pieces = _full_batches(_encoded(prep.encoder, chunks, unseen), int(config.eval_batch_size))
   first = next(pieces, None)          # bad input fails here, before any output exists
   if first is None:
     raise DataError(f'{data}: no rows to score')
-  names = output_columns(spec)
-  writer = _Writer(out)
-  rows = 0
-  try:
-    piece: Optional[tuple[np.ndarray, pl.DataFrame]] = first
-    while piece is not None:
-      x, kept = piece
-      probs, core = scorer(x)
-      values = [probs[:, t] for t in range(spec.num_binary)] + [core]
-      frame = pl.DataFrame([pl.Series(n, v) for n, v in zip(names, values)])
-      writer.write(kept.hstack(frame) if kept.width else frame)
-      rows += x.shape[0]
-      piece = next(pieces, None)
-    writer.close()
-  except BaseException:
-    writer.abort()
-    raise
+  run = run or run_lib.load_run(workdir)
+  rows = _score_into(out, BatchScorer(run), spec, itertools.chain([first], pieces))
   summary = PredictionSummary(rows=rows, seconds=time.perf_counter() - start, unseen=unseen,
                               out=out)
   _log_summary(run, summary)

@@ -79,7 +79,7 @@ class TrainedRun:
   metrics: dict[str, Any]
 
 
-def _finished_metrics(workdir: str) -> dict[str, Any]:
+def finished_metrics(workdir: str) -> dict[str, Any]:
   """``metrics.json``, the mark of a finished run; RunError when absent."""
   if not os.path.isdir(workdir):
     raise RunError(f'{workdir}: no such directory (--workdir)')
@@ -91,6 +91,17 @@ def _finished_metrics(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def load_preprocessing(workdir: str) -> preprocessing_lib.Preprocessing:
+  """The run's stored preprocessing; RunError when absent or unreadable."""
+  try:
+    return preprocessing_lib.load(workdir)
+  except FileNotFoundError:
+    raise RunError(f'{workdir}: no {preprocessing_lib.FILE_NAME} (the run predates stored '
+                   'preprocessing; train it again)') from None
+  except (OSError, ValueError, KeyError) as e:
+    raise RunError(f'{workdir}: unreadable {preprocessing_lib.FILE_NAME}: {e}') from None
+
+
 def load_run(workdir: str) -> TrainedRun:
   """Loads the finished run in ``workdir`` (module docstring).
 
@@ -98,15 +109,9 @@ def load_run(workdir: str) -> TrainedRun:
     RunError: no directory, no finished run, no stored preprocessing (a run trained before
       preprocessing was stored: train it again), or no best checkpoint.
   """
-  metrics = _finished_metrics(workdir)
+  metrics = finished_metrics(workdir)
   config = load_config(workdir)
-  try:
-    preprocessing = preprocessing_lib.load(workdir)
-  except FileNotFoundError:
-    raise RunError(f'{workdir}: no {preprocessing_lib.FILE_NAME} (the run predates stored '
-                   'preprocessing; train it again)') from None
-  except (OSError, ValueError, KeyError) as e:
-    raise RunError(f'{workdir}: unreadable {preprocessing_lib.FILE_NAME}: {e}') from None
+  preprocessing = load_preprocessing(workdir)
   if not os.path.isdir(os.path.join(workdir, 'checkpoints', 'best')):
     raise RunError(f'{workdir}: no best checkpoint (checkpoints/best is missing)')
   setup = make_setup(config, preprocessing.spec, preprocessing.core_transform)
