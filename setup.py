@@ -24,6 +24,8 @@ setuptools.setup(
         'polars>=1.0',
         'absl-py>=2.0',
         'ml-collections>=0.1.1',
+        'tensorboardX>=2.6',
+        'tqdm>=4.60',
         'flatbuffers>=23.0',
     ],
     extras_require={

@@ -11,6 +11,8 @@ import os
 import pytest
 
 from configs import kuairand
+from configs.base import get_base_config
+from htl_jax.models import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +32,14 @@ def tiny_config(cache_dir: str, **overrides):
     config[key] = value
   config.cache_dir = cache_dir
   return config
+
+
+def model_config(**overrides) -> ModelConfig:
+  """The model fields of ``configs/base.py``'s defaults with ``overrides``."""
+  config = get_base_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return ModelConfig.from_config(config)
 
 
 def cli_overrides(cache_dir: str) -> list[str]:

@@ -141,3 +141,51 @@ def test_config_error_is_clear(runs, name):
 def test_existing_workdir_and_cache_untouched(runs, name):
   _, output, (workdir, cache_dir), before = runs[name]
   assert (_snapshot(workdir), _snapshot(cache_dir)) == before, output
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  data_path = tmp_path / 'ok.csv'
+  data_path.write_text(_HEADER + 'a,1,1,1,0,0\nb,2,2,0,0,0\n' * 20)
+  workdir = tmp_path / 'notes.txt'
+  workdir.write_text('my notes')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  done = subprocess.run(_command(':smoke=True', str(data_path), [], str(workdir),
+                                 str(tmp_path / 'cache')),
+                        cwd=REPO, env=env, capture_output=True, text=True)
+  assert done.returncode == 2, done.stderr
+  assert 'Traceback' not in done.stderr
+  assert _last_line(done.stderr) == f'error: --workdir {workdir} is an existing file, not a directory'
+  assert workdir.read_text() == 'my notes'
+
+
+def test_degenerate_split_writes_null_and_skips_it(tmp_path, caplog):
+  """One class in every split (buy) and a constant core (amount): valid JSON with nulls."""
+  import json
+  from configs import tabular as tabular_config
+  from htl_jax.train import loop as loop_lib
+
+  rng = __import__('numpy').random.default_rng(0)
+  rows = ''.join(f'u{i % 9},{i % 4},{rng.random():.3f},{int(rng.random() < 0.4)},0,0\n'
+                 for i in range(400))
+  data_path = tmp_path / 'flat.csv'
+  data_path.write_text(_HEADER + rows)
+  config = tabular_config.get_config('smoke=True')
+  config.data.path, config.data.categorical = str(data_path), 'user,item'
+  config.data.numeric, config.data.tasks, config.data.core = 'price', 'click,buy', 'amount'
+  config.cache_dir, config.max_steps, config.eval_every = str(tmp_path / 'cache'), 4, 2
+  config.batch_size, config.patience = 64, 1
+  with caplog.at_level('WARNING'):
+    result = loop_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['steps'] == 4          # undefined values never count toward early stopping
+  assert result['best_step'] == 0      # ... nor select a checkpoint
+  with open(tmp_path / 'run' / 'metrics.json') as f:
+    saved = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f'{c} in JSON'))
+  assert saved['test']['buy']['auc'] is None and saved['test']['amount']['nrmse'] is None
+  assert saved['test']['click']['auc'] is not None
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    lines = [json.loads(line, parse_constant=lambda c: pytest.fail(c)) for line in f]
+  assert [line['valid']['amount']['nrmse'] for line in lines] == [None, None]
+  warnings = [r.getMessage() for r in caplog.records if 'undefined' in r.getMessage()]
+  assert any('buy auc is undefined on the valid split: the split has one class only' in w
+             for w in warnings), warnings
+  assert len(warnings) == len(set(warnings))     # once per task, split and metric

@@ -23,14 +23,15 @@ import pytest
 
 from htl_jax import losses
 from htl_jax.spec import HybridSpec
-from htl_jax.models import MODELS, ModelConfig, ModelOutput
+from conftest import model_config
+from htl_jax.models import MODELS, ModelOutput
 from htl_jax.models.adatt import AdaTT
 
 BATCH, FIELDS, DIM = 64, 4, 4
 STEPS = 30
 SPEC = HybridSpec(fields=tuple(f'f{i}' for i in range(FIELDS)), vocab_sizes=(5,) * FIELDS,
                   binary_tasks=('click', 'convert'), core_task='revenue')
-TINY = ModelConfig(hidden_dims=(16, 8), num_experts=2, fusion_dim=8, label_embed_dim=4)
+TINY = model_config(hidden_dims=(16, 8), num_experts=2, fusion_dim=8, label_embed_dim=4)
 HTLNET_ABLATIONS = {
     'no_label_embedding': {'use_label_embedding': False},
     'no_representation': {'use_representation': False},

@@ -14,17 +14,17 @@ import pytest
 
 from htl_jax import optim
 from htl_jax.spec import HybridSpec
-from htl_jax.models import get_model, ModelConfig
+from conftest import model_config
+from htl_jax.models import get_model
 from htl_jax.optim import per_task
 
 SPEC = HybridSpec(('user', 'item', 'hour'), (6, 5, 4), ('click', 'long_view'), 'watch_time')
-CFG = ModelConfig(hidden_dims=(8, 4), label_embed_dim=3, fusion_dim=4)
+CFG = dict(hidden_dims=(8, 4), label_embed_dim=3, fusion_dim=4)
 K, B, D = SPEC.num_tasks, 12, 3
 
 
 def _setup(stop_gradient=True):
-  model = get_model('htlnet', SPEC, ModelConfig(**{**CFG.__dict__,
-                                                   'stop_gradient': stop_gradient}))
+  model = get_model('htlnet', SPEC, model_config(**CFG, stop_gradient=stop_gradient))
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   # Few distinct values per field so that ids repeat within the batch.
   x = jnp.stack([jax.random.randint(keys[i], (B,), 0, 3) for i in range(3)], axis=1)

@@ -28,9 +28,8 @@ All tasks read ``e = flatten(embs[0])`` and fuse each other's experts, so
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -86,24 +85,12 @@ class AdaTT(HybridModel):
       fused.append(moe.mix(gate, every_expert) + residual)
     return fused
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
     num_modules = self.spec.num_tasks + (1 if self.num_shared_experts else 0)
     inputs = [e] * num_modules
     num_levels = len(self.cfg.shared_dims)
     for level, width in enumerate(self.cfg.shared_dims):
       inputs = self._fusion_level(level, width, inputs, last=level == num_levels - 1)
-    num_binary = self.spec.num_binary
-    outputs = []
-    for t in range(self.spec.num_tasks):
-      if t == num_binary:
-        out, _ = self.core_tower(inputs[t], self.cfg.tower_dims)
-      else:
-        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(inputs[t])
-      outputs.append(out)
-    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
-    return ModelOutput(probs, outputs[-1])
+    logits, core = self.towers(inputs[:self.spec.num_tasks], self.cfg.tower_dims)
+    return ModelOutput(jax.nn.sigmoid(logits), core)

@@ -22,7 +22,7 @@ not stopped, so ``isolated_towers`` is False.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -35,12 +35,7 @@ from htl_jax.models.interface import HybridModel, ModelOutput
 class AITM(HybridModel):
   """Towers, Info transfer ``t-1 -> t`` and one shared AIT attention."""
 
-
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
     k = self.cfg.hidden_dims[-1]
     ait = layers.AttentionFusion(k, name='ait')  # W1, W2, W3 shared by all tasks.

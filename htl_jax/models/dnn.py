@@ -11,11 +11,9 @@ fields ``t*F .. (t+1)*F``. No gradient process applies (the config check refuses
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from htl_jax.models import layers
 from htl_jax.models.interface import HybridModel, ModelOutput
@@ -32,16 +30,7 @@ class DNN(HybridModel):
     num_fields = self.spec.num_fields
     return layers.flatten_fields(embs[t][:, t * num_fields:(t + 1) * num_fields])
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
-    num_binary = self.spec.num_binary
-    probs = []
-    for t in range(num_binary):
-      logit, _ = layers.Tower(self.cfg.hidden_dims, 1, name=f'tower_{t}')(
-          self._own_fields(embs, t))
-      probs.append(jax.nn.sigmoid(logit[:, 0]))
-    core, _ = self.core_tower(self._own_fields(embs, num_binary), self.cfg.hidden_dims)
-    return ModelOutput(jnp.stack(probs, axis=-1), core)
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
+    own = [self._own_fields(embs, t) for t in range(self.spec.num_tasks)]
+    logits, core = self.towers(own, self.cfg.hidden_dims)
+    return ModelOutput(jax.nn.sigmoid(logits), core)

@@ -13,9 +13,8 @@ applied to ``p_t`` only, as in the paper. The core task has its own tower. All t
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -26,19 +25,7 @@ from htl_jax.models.interface import HybridModel, ModelOutput
 class ESMM(HybridModel):
   """Chain ESMM: ``p_t = q_1 * ... * q_t`` with a conditional tower per step."""
 
-
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
-    num_binary = self.spec.num_binary
-    logits = []
-    for t in range(num_binary):
-      logit, _ = layers.Tower(self.cfg.hidden_dims, 1, name=f'tower_{t}')(e)
-      logits.append(logit)
-    conditional = jax.nn.sigmoid(jnp.concatenate(logits, axis=-1))  # q_t, [B, T]
-    probs = jnp.cumprod(conditional, axis=-1)
-    core, _ = self.core_tower(e, self.cfg.hidden_dims)
-    return ModelOutput(probs, core)
+    logits, core = self.towers([e] * self.spec.num_tasks, self.cfg.hidden_dims)
+    return ModelOutput(jnp.cumprod(jax.nn.sigmoid(logits), axis=-1), core)  # p_t = prod q_u

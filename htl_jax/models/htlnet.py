@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -57,10 +56,8 @@ class HTLNet(HybridModel):
       parts.append(fuse(label_embs[:t]))
     return parts + [e]
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
+  def forward(self, embs: Sequence[jax.Array], *, train: bool, tau: jax.Array | float,
+              example_index: Optional[jax.Array]) -> ModelOutput:
     num_binary = self.spec.num_binary
     noise = None
     if train and self.cfg.gumbel_noise and self.cfg.use_label_embedding:

@@ -18,10 +18,11 @@ It returns :class:`ModelOutput`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, NamedTuple, Sequence
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from htl_jax.spec import HybridSpec
 from htl_jax.models.layers import Tower
@@ -48,19 +49,20 @@ class ModelConfig:
   section 5): HTLNet's and DNN's towers use all of them; a model with a shared part uses
   :attr:`shared_dims` (all but the last) for its shared bottom / experts and
   :attr:`tower_dims` (the last) for its towers. ``core_bias`` is the initial bias of the
-  MSE core head: the training mean of the (transformed) core target.
+  MSE core head: the training mean of the (transformed) core target. Every field's default
+  is in ``configs/base.py``; build one with :meth:`from_config`.
   """
 
-  hidden_dims: tuple[int, ...] = (128, 64, 32)
-  head: str = 'mse'
-  label_embed_dim: int = 10
-  fusion_dim: int = 32
-  use_label_embedding: bool = True
-  use_representation: bool = True
-  fusion: str = 'attention'
-  stop_gradient: bool = True
-  gumbel_noise: bool = True
-  num_experts: int = 4
+  hidden_dims: tuple[int, ...]
+  head: str
+  label_embed_dim: int
+  fusion_dim: int
+  use_label_embedding: bool
+  use_representation: bool
+  fusion: str
+  stop_gradient: bool
+  gumbel_noise: bool
+  num_experts: int
   core_bias: float = 0.0
 
   @classmethod
@@ -130,6 +132,25 @@ class HybridModel(nn.Module):
   independent_tasks: ClassVar[bool] = False
   trains_binary_tasks: ClassVar[bool] = True
   splits_hidden_dims: ClassVar[bool] = False
+
+  @nn.compact
+  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
+               tau: jax.Array | float = 1.0,
+               example_index: Optional[jax.Array] = None) -> ModelOutput:
+    """The module docstring's contract; each model implements :meth:`forward`."""
+    return self.forward(embs, train=train, tau=tau, example_index=example_index)
+
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
+    """The model; ``context`` holds ``train``, ``tau`` and ``example_index`` (HTLNet's)."""
+    raise NotImplementedError(type(self).__name__)
+
+  def towers(self, inputs: Sequence[jax.Array], dims: Sequence[int]
+             ) -> tuple[jax.Array, jax.Array]:
+    """One tower per task on ``inputs[t]``: binary logits ``[B, T]`` and the core ``[B, C]``."""
+    num_binary = self.spec.num_binary
+    logits = [Tower(dims, 1, name=f'tower_{t}')(inputs[t])[0] for t in range(num_binary)]
+    core, _ = self.core_tower(inputs[num_binary], dims)
+    return jnp.concatenate(logits, axis=-1), core
 
   def core_tower(self, x: jax.Array | Sequence[jax.Array], dims: Sequence[int]
                  ) -> tuple[jax.Array, jax.Array]:

@@ -9,11 +9,9 @@ its own gate ``g^k(e) = softmax(W_gk e)`` (Eq. 5) and tower (``cfg.tower_dims``,
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from htl_jax.models import experts as moe
 from htl_jax.models import layers
@@ -26,23 +24,11 @@ class MMoE(HybridModel):
   shared = ('experts',)
   splits_hidden_dims = True
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
     expert_out = moe.ExpertBank(self.cfg.shared_dims, self.cfg.num_experts,
                                 name='experts')(e)               # [B, n, D]
-    num_binary = self.spec.num_binary
-    outputs = []
-    for t in range(num_binary + 1):
-      gate = moe.SoftmaxGate(self.cfg.num_experts, name=f'gate_{t}')(e)
-      mixed = moe.mix(gate, expert_out)
-      if t == num_binary:
-        out, _ = self.core_tower(mixed, self.cfg.tower_dims)
-      else:
-        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(mixed)
-      outputs.append(out)
-    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
-    return ModelOutput(probs, outputs[-1])
+    mixed = [moe.mix(moe.SoftmaxGate(self.cfg.num_experts, name=f'gate_{t}')(e), expert_out)
+             for t in range(self.spec.num_tasks)]
+    logits, core = self.towers(mixed, self.cfg.tower_dims)
+    return ModelOutput(jax.nn.sigmoid(logits), core)

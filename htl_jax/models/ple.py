@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -60,24 +59,12 @@ class PLE(HybridModel):
     gate = moe.SoftmaxGate(every_expert.shape[1], name=f'level_{level}_gate_shared')(shared_in)
     return task_out, moe.mix(gate, every_expert)
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
-    num_binary = self.spec.num_binary
     task_in, shared_in = [e] * self.spec.num_tasks, e
     num_levels = len(self.cfg.shared_dims)
     for level, width in enumerate(self.cfg.shared_dims):
       task_in, shared_in = self._extraction_level(level, width, task_in, shared_in,
                                                   last=level == num_levels - 1)
-    outputs = []
-    for t, x in enumerate(task_in):
-      if t == num_binary:
-        out, _ = self.core_tower(x, self.cfg.tower_dims)
-      else:
-        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(x)
-      outputs.append(out)
-    probs = jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1))
-    return ModelOutput(probs, outputs[-1])
+    logits, core = self.towers(task_in, self.cfg.tower_dims)
+    return ModelOutput(jax.nn.sigmoid(logits), core)

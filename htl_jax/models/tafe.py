@@ -20,7 +20,7 @@ trainer. The gates read the shared input and ``p_t`` reads towers ``1..t``, so
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -49,21 +49,8 @@ class TAFE(HybridModel):
 
   splits_hidden_dims = True
 
-
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
-    emb = embs[0]
-    num_binary = self.spec.num_binary
-    outputs = []
-    for t in range(num_binary + 1):
-      x = TaskAwareExtractor(self.cfg.shared_dims, name=f'extractor_{t}')(emb)
-      if t == num_binary:
-        out, _ = self.core_tower(x, self.cfg.tower_dims)
-      else:
-        out, _ = layers.Tower(self.cfg.tower_dims, 1, name=f'tower_{t}')(x)
-      outputs.append(out)
-    probs = jnp.cumprod(jax.nn.sigmoid(jnp.concatenate(outputs[:-1], axis=-1)), axis=-1)
-    return ModelOutput(probs, outputs[-1])
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
+    extracted = [TaskAwareExtractor(self.cfg.shared_dims, name=f'extractor_{t}')(embs[0])
+                 for t in range(self.spec.num_tasks)]
+    logits, core = self.towers(extracted, self.cfg.tower_dims)
+    return ModelOutput(jnp.cumprod(jax.nn.sigmoid(logits), axis=-1), core)

@@ -11,9 +11,8 @@ paper (on Kaggle-Revenue, ``y > 0`` is exactly a repurchase within 30 days).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -26,11 +25,7 @@ class ZILN(HybridModel):
 
   trains_binary_tasks = False
 
-  @nn.compact
-  def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,
-               tau: jax.Array | float = 1.0,
-               example_index: Optional[jax.Array] = None) -> ModelOutput:
-    del train, tau, example_index  # Deterministic; no per-example noise.
+  def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     if self.cfg.head != 'ziln':
       raise ValueError(f"model 'ziln' needs head='ziln', got head={self.cfg.head!r}")
     core, _ = self.core_tower(layers.flatten_fields(embs[0]), self.cfg.hidden_dims)

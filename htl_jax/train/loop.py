@@ -31,6 +31,7 @@ from htl_jax.losses import CORE_TRANSFORMS, CoreTransform
 from htl_jax.serve import preprocessing as serve_preprocessing
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
+from htl_jax.train.writers import RunWriter, defined_metrics
 from htl_jax.train.state import (GRAD_PROCESSES, TrainSetup, init_state, make_setup,
                                   resolve_grad_process)
 
@@ -113,37 +114,23 @@ def predict(setup: TrainSetup, p_eval, state, split: Split, batch_size: int
   return np.concatenate(probs), np.concatenate(core)
 
 
-def evaluate(setup: TrainSetup, p_eval, state, split: Split, batch_size: int
-             ) -> dict[str, dict[str, float]]:
+def evaluate(setup: TrainSetup, p_eval, state, split: Split, batch_size: int,
+             split_name: str, warned: set) -> dict[str, dict[str, Optional[float]]]:
+  """Metrics of a whole split; undefined ones are ``None`` (see ``writers.defined_metrics``)."""
   probs, core_pred = predict(setup, p_eval, state, split, batch_size)
-  return metrics_lib.evaluate_tasks(split.y, probs, split.core, core_pred, setup.spec.tasks)
+  metrics = metrics_lib.evaluate_tasks(split.y, probs, split.core, core_pred,
+                                       setup.spec.tasks)
+  return defined_metrics(metrics, split_name, warned)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-class MetricsLog:
-  """``metrics.jsonl``, truncated to the resumed step so a restart writes no duplicates."""
-
-  def __init__(self, path: str, resume_step: int):
-    self.path = path
-    lines = []
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = [line for line in f if line.strip()
-                 and json.loads(line).get('step', 0) <= resume_step]
-    with open(path, 'w') as f:
-      f.writelines(lines)
-
-  def write(self, record: dict[str, Any]) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-
 def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` atomically as strict JSON (a NaN or inf raises instead of being written)."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
+    json.dump(obj, f, indent=2, allow_nan=False)
   os.replace(tmp, path)
 
 
@@ -200,6 +187,8 @@ def train_and_evaluate(config, workdir: str, *,
     What ``metrics.json`` holds.
   """
   check_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
   malloc.keep_scratch_memory()      # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
   os.makedirs(workdir, exist_ok=True)
@@ -225,7 +214,8 @@ def train_and_evaluate(config, workdir: str, *,
     loop.setdefault('train_seconds', 0.0)
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
-  log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start)
+  writer = RunWriter(workdir, start, total_steps)
+  warned: set = set()
   logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
                '%d steps (%d per epoch), %d device(s), gradient process: %s (%s path)',
                config.model, config.dataset, len(data.train), len(data.valid),
@@ -257,27 +247,27 @@ def train_and_evaluate(config, workdir: str, *,
       pending = []
       elapsed = time.perf_counter() - window_start
       examples_per_s = window_steps * config.batch_size / max(elapsed, 1e-9)
-      logging.info('step %d/%d  loss %.4f  tau %.3g  %.0f examples/s', step, total_steps,
-                   float(last['loss'][0]), float(last['tau'][0]), examples_per_s)
+      writer.progress(step, float(last['loss'][0]), float(last['tau'][0]), examples_per_s)
       window_start, window_steps = time.perf_counter(), 0
     if is_eval:
       loop['train_seconds'] += time.perf_counter() - train_start
       host_state = parallel.unreplicate(rstate)
-      valid = evaluate(setup, p_eval, rstate, data.valid, config.eval_batch_size)
+      valid = evaluate(setup, p_eval, rstate, data.valid, config.eval_batch_size, 'valid',
+                       warned)
       value = valid[spec.core_task][best_metric]
-      improved = loop['best_value'] is None or (
-          value < loop['best_value'] if lower_better else value > loop['best_value'])
+      improved = value is not None and (loop['best_value'] is None or (
+          value < loop['best_value'] if lower_better else value > loop['best_value']))
       if improved:
         loop.update(best_value=float(value), best_step=step, bad_evals=0)
         ckpt.save_best(step, host_state, loop, value)
-      else:
+      elif value is not None:        # an undefined value neither improves nor counts
         loop['bad_evals'] += 1
       loop['stopped_early'] = loop['bad_evals'] >= config.patience
-      log.write({'step': step, 'epoch': step / per_epoch, 'train_loss': float(last['loss'][0]),
+      writer.evaluation({'step': step, 'epoch': step / per_epoch, 'train_loss': float(last['loss'][0]),
                  'task_losses': dict(zip(spec.tasks, map(float, last['task_losses'][0]))),
                  'tau': float(last['tau'][0]), 'examples_per_s': examples_per_s,
                  'valid': valid, 'grad': _grad_record(spec.tasks, last)})
-      logging.info('eval step %d: valid %s %s = %.4f (best %.4f at step %d)', step,
+      logging.info('eval step %d: valid %s %s = %s (best %s at step %d)', step,
                    spec.core_task, best_metric, value, loop['best_value'], loop['best_step'])
       ckpt.save_latest(step, host_state, loop)
       if on_eval is not None:
@@ -297,11 +287,14 @@ def train_and_evaluate(config, workdir: str, *,
 
   final = ckpt.restore_best(parallel.unreplicate(rstate))
   final_state = parallel.replicate(final[0]) if final is not None else rstate
-  result = {'valid': evaluate(setup, p_eval, final_state, data.valid, config.eval_batch_size),
-            'test': evaluate(setup, p_eval, final_state, data.test, config.eval_batch_size),
+  result = {'valid': evaluate(setup, p_eval, final_state, data.valid, config.eval_batch_size,
+                              'valid', warned),
+            'test': evaluate(setup, p_eval, final_state, data.test, config.eval_batch_size,
+                             'test', warned),
             'best_step': loop['best_step'], 'steps': step, 'epochs': step / per_epoch,
             'train_seconds': float(loop['train_seconds'])}
   write_json(os.path.join(workdir, 'metrics.json'), result)
+  writer.close()
   ckpt.close()
   logging.info('test metrics (best step %d): %s', loop['best_step'], json.dumps(result['test']))
   return result

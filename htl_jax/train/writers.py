@@ -1,0 +1,112 @@
+"""What a run writes while it trains: ``metrics.jsonl``, TensorBoard events and progress.
+
+- :class:`RunWriter` writes one ``metrics.jsonl`` line per evaluation (truncated to the
+  resumed step on restart, so a resumed run writes no duplicates), the same values as
+  TensorBoard scalars (``tensorboardX``, no TensorFlow; event files in the workdir next to
+  ``metrics.jsonl``), and progress: a ``tqdm`` bar with examples/s and ETA when stderr is a
+  terminal, plain log lines every ``log_every`` steps otherwise.
+- :func:`defined_metrics`: metrics as valid JSON: an undefined value (one class in a split,
+  a constant core) becomes ``None`` with one warning naming the task, split and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+from absl import logging
+import tensorboardX
+import tqdm
+
+# Why a metric can be undefined, by metric name (htl_jax.metrics returns NaN for these).
+_REASONS = {
+    'auc': 'the split has one class only',
+    'spearman': 'the core target or its prediction is constant in the split',
+    'gini': 'the core target sums to zero in the split',
+    'nrmse': 'the core target is constant in the split (std 0)',
+    'nmae': 'the core target has mean 0 in the split',
+}
+
+
+def defined_metrics(metrics: dict[str, dict[str, float]], split: str,
+                    warned: Optional[set] = None) -> dict[str, dict[str, Optional[float]]]:
+  """``{task: {metric: value}}`` with every non-finite value replaced by ``None``.
+
+  Args:
+    metrics: the output of :func:`htl_jax.metrics.evaluate_tasks`.
+    split: the split's name, for the warning.
+    warned: ``(task, split, metric)`` already warned about (updated in place), so a run
+      warns once per undefined metric, not once per evaluation.
+  """
+  warned = set() if warned is None else warned
+  out: dict[str, dict[str, Optional[float]]] = {}
+  for task, values in metrics.items():
+    out[task] = {}
+    for name, value in values.items():
+      if value is not None and math.isfinite(value):
+        out[task][name] = float(value)
+        continue
+      out[task][name] = None
+      if (task, split, name) not in warned:
+        warned.add((task, split, name))
+        logging.warning('%s %s is undefined on the %s split: %s; written as null and skipped '
+                        'by model selection', task, name, split,
+                        _REASONS.get(name, 'degenerate values'))
+  return out
+
+
+class RunWriter:
+  """The run's ``metrics.jsonl``, TensorBoard events and progress display."""
+
+  def __init__(self, workdir: str, resume_step: int, total_steps: int,
+               progress_bar: Optional[bool] = None):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    lines = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = [line for line in f if line.strip()
+                 and json.loads(line).get('step', 0) <= resume_step]
+    with open(self.path, 'w') as f:
+      f.writelines(lines)
+    self.events = tensorboardX.SummaryWriter(logdir=workdir, purge_step=resume_step + 1)
+    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    self.bar = (tqdm.tqdm(total=total_steps, initial=resume_step, unit='step',
+                          dynamic_ncols=True, file=sys.stderr) if show_bar else None)
+    self.total_steps = total_steps
+
+  def progress(self, step: int, loss: float, tau: float, examples_per_s: float) -> None:
+    """Called every ``log_every`` steps: the bar (with ETA) or one log line."""
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(loss=f'{loss:.4f}', tau=f'{tau:.3g}',
+                           ex_per_s=f'{examples_per_s:.0f}', refresh=False)
+    else:
+      logging.info('step %d/%d  loss %.4f  tau %.3g  %.0f examples/s', step,
+                   self.total_steps, loss, tau, examples_per_s)
+    self.events.add_scalar('train/loss', loss, step)
+    self.events.add_scalar('train/tau', tau, step)
+    self.events.add_scalar('train/examples_per_s', examples_per_s, step)
+
+  def evaluation(self, record: dict[str, Any]) -> None:
+    """One ``metrics.jsonl`` line, and its numbers as TensorBoard scalars."""
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    step = record['step']
+    for task, loss in record.get('task_losses', {}).items():
+      self.events.add_scalar(f'train/loss/{task}', loss, step)
+    for task, values in record.get('valid', {}).items():
+      for name, value in values.items():
+        if value is not None:
+          self.events.add_scalar(f'valid/{task}/{name}', value, step)
+    for task, values in record.get('grad', {}).items():
+      for name, value in values.items():
+        self.events.add_scalar(f'grad/{task}/{name}', value, step)
+    self.events.flush()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.events.close()
