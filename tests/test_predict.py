@@ -30,12 +30,14 @@ from htl_jax.train.loop import train_and_evaluate
 TINY_LOG_ROWS = 2000          # conftest.TINY_ARG's data.max_rows
 
 
-def _metrics_close(computed: dict, stored: dict) -> None:
-  """Equal metric by metric (NaN equal to NaN)."""
+def _metrics_equal(computed: dict, stored: dict) -> None:
+  """Equal metric by metric; an undefined metric is NaN computed, null in metrics.json."""
   assert computed.keys() == stored.keys()
   for task, values in stored.items():
+    assert computed[task].keys() == values.keys()
     for name, value in values.items():
-      np.testing.assert_equal(computed[task][name], value, err_msg=f'{task} {name}')
+      np.testing.assert_equal(computed[task][name], np.nan if value is None else value,
+                              err_msg=f'{task} {name}')
 
 
 def _shifted_side_table(name: str, key: str, directory) -> None:
@@ -110,7 +112,7 @@ def test_kuairand_test_rows_reproduce_the_test_metrics(trained_run, tmp_path, ca
       y, predictions.select('prob_click', 'prob_long_view').to_numpy(), core,
       predictions['pred_watch_time'].to_numpy(), ('click', 'long_view', 'watch_time'))
   with open(os.path.join(trained_run, 'metrics.json')) as f:
-    _metrics_close(computed, json.load(f)['test'])
+    _metrics_equal(computed, json.load(f)['test'])
   # videos first seen after the training window are OOV, and counted in the log
   assert summary.unseen['video_id'] > 0
   assert f'video_id {summary.unseen["video_id"]}' in caplog.text
@@ -233,7 +235,7 @@ def test_tabular_test_rows_reproduce_the_test_metrics(tmp_path, cache_dir):
       y, predictions.select('prob_click', 'prob_buy').to_numpy(),
       test['amount'].to_numpy().astype(np.float32), predictions['pred_amount'].to_numpy(),
       ('click', 'buy', 'amount'))
-  _metrics_close(computed, result['test'])
+  _metrics_equal(computed, result['test'])
   test.drop('price').write_csv(tmp_path / 'bad.csv')
   with pytest.raises(DataError, match=r"bad.csv: missing column\(s\) 'price'"):
     predict_file(workdir, str(tmp_path / 'bad.csv'), str(tmp_path / 'q.csv'))
