@@ -26,6 +26,7 @@ setuptools.setup(
         'ml-collections>=0.1.1',
         'tensorboardX>=2.6',
         'tqdm>=4.60',
+        'flatbuffers>=23.0',
     ],
     extras_require={
         # The reproduction suite and tuning: Optuna studies in SQLite / PostgreSQL, the

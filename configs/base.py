@@ -25,6 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.numeric_buckets = 20   # quantile buckets for numeric columns (fitted on train)
   c.data.numeric_encoding = 'quantile'  # quantile | standardize (then uniform buckets)
   c.data.max_rows = 0           # 0 = all rows (handy for quick looks at big logs)
+  c.data.passthrough = ''       # input columns copied to predictions (experiments.predict)
   # Model.
   c.model = 'htlnet'
   c.embed_dim = 10              # d of the shared embedding

@@ -26,4 +26,5 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = get_base_config()
   config.dataset = 'kaggle_revenue'
   config.data_dir = ''  # the folder holding transactions.csv; required
+  config.data.passthrough = 'id,company'  # id columns written next to predictions
   return common.apply_args(config, arg)

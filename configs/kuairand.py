@@ -23,6 +23,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config = get_base_config()
   config.dataset = 'kuairand'
   config.data_dir = ''          # '' = the embedded sample shipped with the package
+  config.data.passthrough = 'user_id,video_id'  # id columns written next to predictions
   # The sample has ~32k training rows: a smaller batch gives enough steps per epoch.
   config.batch_size = 512
   config.num_epochs = 4

@@ -8,6 +8,7 @@ package.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -60,3 +61,13 @@ class HybridSpec:
   @property
   def total_vocab(self) -> int:
     return int(sum(self.vocab_sizes))
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form (:meth:`from_dict` reads it back)."""
+    return {'fields': list(self.fields), 'vocab_sizes': list(self.vocab_sizes),
+            'binary_tasks': list(self.binary_tasks), 'core_task': self.core_task}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'HybridSpec':
+    return cls(fields=tuple(d['fields']), vocab_sizes=tuple(int(v) for v in d['vocab_sizes']),
+               binary_tasks=tuple(d['binary_tasks']), core_task=d['core_task'])

@@ -55,3 +55,12 @@ def cli_overrides(cache_dir: str) -> list[str]:
 @pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp('htl_cache'))
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory, cache_dir) -> str:
+  """The workdir of one finished tiny KuaiRand run, shared by the predict and export tests."""
+  from htl_jax.train.loop import train_and_evaluate  # here: only these tests need jax
+  workdir = str(tmp_path_factory.mktemp('trained_run'))
+  train_and_evaluate(tiny_config(cache_dir), workdir)
+  return workdir

@@ -3,22 +3,25 @@
 The single entry point is :func:`load_dataset`: it picks the loader named by
 ``config.dataset``, runs the shared :func:`htl_jax.data.pipeline.prepare` and, with a cache
 dir, stores the prepared arrays keyed by the input files and the data config.
+:func:`read_features` reads a file to score, in chunks, with the same loader.
 
 Every loader module exposes ``load_raw(config) -> RawTable`` and
-``input_files(config) -> list[str]``.
+``input_files(config) -> list[str]``; the loaders of files also expose
+``read_features(config, passthrough, chunk_rows) -> Iterator[FeatureChunk]``.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from htl_jax.data import pipeline
-from htl_jax.data.schema import DataError, HybridData, HybridSpec, RawTable, Split
+from htl_jax.data.schema import (DataError, FeatureChunk, HybridData, HybridSpec, RawTable,
+                                 Split)
 
-__all__ = ['DATASETS', 'DataError', 'HybridData', 'HybridSpec', 'RawTable', 'Split',
-           'load_dataset']
+__all__ = ['DATASETS', 'DataError', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable',
+           'Split', 'load_dataset', 'read_features']
 
 # config.dataset -> loader module (imported lazily, on first use).
 DATASETS = {
@@ -47,6 +50,7 @@ def _file_stamp(path: str) -> dict[str, Any]:
 def cache_key_parts(config: Any, files: list[str]) -> dict[str, Any]:
   """Everything the prepared arrays depend on: input files and the data config."""
   data = config.data.to_dict() if hasattr(config.data, 'to_dict') else dict(config.data)
+  data.pop('passthrough', None)     # what predictions copy; not part of the arrays
   return {
       'dataset': config.dataset,
       'data_dir': config.data_dir,
@@ -79,3 +83,28 @@ def load_dataset(config: Any, cache_dir: Optional[str] = None) -> HybridData:
     return build()
   parts = cache_key_parts(config, list(loader.input_files(config)))
   return pipeline.load_cached(parts, cache_dir, build)
+
+
+def read_features(config: Any, passthrough: Sequence[str] = (), chunk_rows: int = 1 << 18
+                  ) -> Iterator[FeatureChunk]:
+  """Raw feature columns of the rows to score, ``chunk_rows`` rows at a time.
+
+  Args:
+    config: a run's config pointing at the input (``data.path`` for tabular files,
+      ``data_dir`` for KuaiRand and Kaggle-Revenue).
+    passthrough: columns of the input copied to each chunk's ``passthrough`` frame.
+    chunk_rows: rows per chunk (memory stays bounded by it).
+
+  Returns:
+    An iterator of :class:`FeatureChunk` in input row order.
+
+  Raises:
+    DataError: a dataset without input files, a missing file or column.
+  """
+  loader = _loader(config.dataset)
+  if not hasattr(loader, 'read_features'):
+    raise DataError(f'dataset {config.dataset!r} reads no files, so there is nothing to '
+                    'score; prediction reads kuairand, kaggle_revenue or tabular data')
+  if chunk_rows < 1:
+    raise ValueError(f'chunk_rows must be >= 1, got {chunk_rows}')
+  return loader.read_features(config, tuple(passthrough), int(chunk_rows))

@@ -19,17 +19,21 @@ example per (customer ``id``, ``company``) (DESIGN section 7):
 The query is lazy (``scan_csv``, filter by company first, then group-bys and one join), so
 polars can stream the file. ``config.data.max_rows > 0`` reads only the first that many
 transaction rows (the file is ordered by customer, so those customers keep full histories).
+
+:func:`read_features` builds the same per-(customer, company) features from a transactions
+file to score (the streaming engine aggregates it) and hands them out in chunks.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import ml_collections
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import DataError, RawTable
+from htl_jax.data.schema import DataError, FeatureChunk, RawTable
 
 # The 20 companies of the ZILN paper's Kaggle experiment.
 COMPANIES = (10000, 101200010, 101410010, 101600010, 102100020, 102700020, 102840020,
@@ -95,6 +99,37 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
       core_task=CORE_TASK,
       source=path,
       label_columns=('purchaseamount',) * (len(BINARY_TASKS) + 1))
+
+
+def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...],
+                  chunk_rows: int) -> Iterator[FeatureChunk]:
+  """The features of every (customer, company) in ``<data_dir>/transactions.csv``.
+
+  ``passthrough`` names columns of the per-(customer, company) table (``id``, ``company``,
+  ``start_date``, ...). The aggregation runs on polars' streaming engine; the result (one
+  row per customer and company) is handed out ``chunk_rows`` rows at a time.
+
+  Raises:
+    DataError: a missing file or column, an unparsable cell, or no purchase for the 20
+      companies.
+  """
+  (path,) = input_files(config)
+  try:
+    table = customer_table(_scan(path, 0)).collect(engine='streaming')
+  except pl.exceptions.PolarsError as error:
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    raise DataError(f'{path}: cannot parse the transactions: {first_line}') from None
+  if table.height == 0:
+    raise DataError(f'{path}: empty after preprocessing: 0 (customer, company) rows with '
+                    f'purchaseamount > 0 for the {len(COMPANIES)} ZILN companies')
+  missing = [name for name in passthrough if name not in table.columns]
+  if missing:
+    raise DataError(f'{path}: passthrough column(s) {missing} are not among the '
+                    f'per-(customer, company) columns {table.columns}')
+  for start in range(0, table.height, chunk_rows):
+    chunk = table.slice(start, chunk_rows)
+    yield FeatureChunk(chunk.select(FEATURES), chunk.select(passthrough), None, path)
 
 
 def _scan(path: str, max_rows: int) -> pl.LazyFrame:

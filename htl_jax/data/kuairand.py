@@ -25,20 +25,24 @@ Feature fields (no outcome column is ever a feature: ``play_time_ms``, ``long_vi
 Quirks: every categorical column is read as a string, so ``1`` / ``1.0`` / ``-124`` / empty
 never break type inference; empty cells are null (OOV id 0); the sentinel ``-124`` in a
 categorical column is its own category; negative values in the numeric columns (durations,
-ages) are null. ``config.data.max_rows > 0`` keeps only the first rows of the log.
+ages) are null. ``config.data.max_rows > 0`` keeps only the first rows of the log. The
+string categories travel as integer codes with their strings (``RawTable.codes``), so the
+vocabularies hold the strings themselves.
+
+:func:`read_features` reads a log to score (same derivations, no labels) in chunks.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import numpy as np
 import polars as pl
 
 from htl_jax.data.pipeline import data_option
-from htl_jax.data.schema import DataError, RawTable
+from htl_jax.data.schema import DataError, FeatureChunk, RawTable
 
 LOG_FILE = 'log_random_4_22_to_5_08_pure.csv'
 USER_FILE = 'user_features_pure.csv'
@@ -66,6 +70,8 @@ _VIDEO_SCHEMA = {'video_id': pl.Int64, 'upload_dt': pl.String, 'video_duration':
                  **{c: pl.String for c in _VIDEO_CATEGORICAL}}
 
 LOG_FIELDS = ('user_id', 'video_id', 'tab', 'hour', 'weekday', 'duration_ms')
+# The log columns the features are computed from (what a log to score needs).
+_FEATURE_SOURCE_COLUMNS = ('user_id', 'video_id', 'date', 'hourmin', 'tab', 'duration_ms')
 NUMERIC_FIELDS = ('duration_ms', 'video_duration', 'video_age_days')
 FIELDS = LOG_FIELDS + _USER_CATEGORICAL + _VIDEO_CATEGORICAL + ('video_duration',
                                                                   'video_age_days')
@@ -115,13 +121,18 @@ def _unique_keys(table: pl.DataFrame, key: str, path: str) -> pl.DataFrame:
   return unique
 
 
-def _dense_codes(table: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
-  """Replaces string categories of a small table by order-preserving integer codes.
+def _dense_codes(table: pl.DataFrame, columns: tuple[str, ...]
+                 ) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+  """Replaces string categories by order-preserving integer codes ``1..C``.
 
-  The pipeline sorts the train values and numbers them, so a code that preserves the string
-  order gives exactly the same ids while the 1M-row joined table holds ints, not strings.
+  The 1M-row joined table then holds ints, not strings. Code ``k`` stands for the k-th
+  sorted distinct string of the column, returned per column (``RawTable.codes``): the
+  encoder stores the strings, so a side table with other rows (other codes) encodes the
+  same string to the same id (:mod:`htl_jax.data.encoding`).
   """
-  return table.with_columns([pl.col(c).rank('dense').cast(pl.Int64) for c in columns])
+  codes = {c: np.asarray(table[c].drop_nulls().unique().sort().to_list(), dtype=object)
+           for c in columns}
+  return table.with_columns([pl.col(c).rank('dense').cast(pl.Int64) for c in columns]), codes
 
 
 def _empty_to_null(expr: pl.Expr) -> pl.Expr:
@@ -129,31 +140,25 @@ def _empty_to_null(expr: pl.Expr) -> pl.Expr:
   return pl.when(expr.str.len_chars() > 0).then(expr).otherwise(None)
 
 
-def load_raw(config: Any) -> RawTable:
-  """Reads, joins and derives the KuaiRand fields (module docstring)."""
-  paths = input_files(config)
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise DataError(f'{missing[0]}: file not found'
-                    + (f' (also missing: {missing[1:]})' if missing[1:] else ''))
-  log_path, user_path, video_path = paths
-  max_rows = int(data_option(config, 'max_rows', 0))
-  log = _read(log_path, _LOG_SCHEMA, n_rows=max_rows if max_rows > 0 else None)
+def _side_tables(user_path: str, video_path: str
+                 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, np.ndarray]]:
+  """The user and video feature tables, one row per id, categories as codes."""
   users = _unique_keys(_read(user_path, _USER_SCHEMA), 'user_id', user_path)
   videos = _unique_keys(_read(video_path, _VIDEO_SCHEMA), 'video_id', video_path)
-
-  bad_time = log['time_ms'].null_count()
-  if bad_time:
-    raise DataError(f'{log_path}: column \'time_ms\': {bad_time} rows with an empty time')
-  users = _dense_codes(
+  users, user_codes = _dense_codes(
       users.with_columns([_empty_to_null(pl.col(c)) for c in _USER_CATEGORICAL]),
       _USER_CATEGORICAL)
   videos = videos.with_columns(
       [_empty_to_null(pl.col(c)) for c in _VIDEO_CATEGORICAL if c != 'tag']
       + [_empty_to_null(pl.col('tag').str.split(',').list.first()).alias('tag'),
          pl.col('upload_dt').str.strptime(pl.Date, '%Y-%m-%d', strict=False)])
-  videos = _dense_codes(videos, _VIDEO_CATEGORICAL)
+  videos, video_codes = _dense_codes(videos, _VIDEO_CATEGORICAL)
+  return users, videos, {**user_codes, **video_codes}
 
+
+def _joined_features(log: pl.DataFrame, users: pl.DataFrame, videos: pl.DataFrame
+                     ) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+  """Log rows (same order) with the derived and joined fields; ``tab`` as codes."""
   log_date = pl.col('date').cast(pl.String).str.strptime(pl.Date, '%Y%m%d', strict=False)
   frame = (
       log.lazy()
@@ -161,18 +166,73 @@ def load_raw(config: Any) -> RawTable:
           hour=pl.col('hourmin') // 100,
           weekday=log_date.dt.weekday(),
           log_date=log_date,
-          tab=_empty_to_null(pl.col('tab')).rank('dense'),
+          tab=_empty_to_null(pl.col('tab')),
       )
-      .join(users.lazy(), on='user_id', how='left')
-      .join(videos.lazy(), on='video_id', how='left')
+      .join(users.lazy(), on='user_id', how='left', maintain_order='left')
+      .join(videos.lazy(), on='video_id', how='left', maintain_order='left')
       .with_columns(video_age_days=(pl.col('log_date') - pl.col('upload_dt')).dt.total_days())
       .with_columns([pl.when(pl.col(c) >= 0).then(pl.col(c).cast(pl.Float64)).otherwise(None)
                      .alias(c) for c in NUMERIC_FIELDS])
       .collect()
   )
+  return _dense_codes(frame, ('tab',))
+
+
+def _checked_paths(config: Any) -> list[str]:
+  paths = input_files(config)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise DataError(f'{missing[0]}: file not found'
+                    + (f' (also missing: {missing[1:]})' if missing[1:] else ''))
+  return paths
+
+
+def load_raw(config: Any) -> RawTable:
+  """Reads, joins and derives the KuaiRand fields (module docstring)."""
+  log_path, user_path, video_path = _checked_paths(config)
+  max_rows = int(data_option(config, 'max_rows', 0))
+  log = _read(log_path, _LOG_SCHEMA, n_rows=max_rows if max_rows > 0 else None)
+  users, videos, codes = _side_tables(user_path, video_path)
+  bad_time = log['time_ms'].null_count()
+  if bad_time:
+    raise DataError(f'{log_path}: column \'time_ms\': {bad_time} rows with an empty time')
+  frame, tab_codes = _joined_features(log, users, videos)
   labels = frame.select(LABEL_COLUMNS[:2]).to_numpy().astype(np.float32)
   core = (frame['play_time_ms'].to_numpy().astype(np.float64) / 1000.0).astype(np.float32)
   return RawTable(
       features=frame.select(FIELDS), numeric=NUMERIC_FIELDS, labels=labels, core=core,
       time=frame['time_ms'].to_numpy(), binary_tasks=BINARY_TASKS, core_task=CORE_TASK,
-      source=log_path, label_columns=LABEL_COLUMNS)
+      source=log_path, label_columns=LABEL_COLUMNS, codes={**codes, **tab_codes})
+
+
+def read_features(config: Any, passthrough: tuple[str, ...], chunk_rows: int
+                  ) -> Iterator[FeatureChunk]:
+  """The feature fields of a log to score, ``chunk_rows`` log rows at a time.
+
+  The log needs the columns the features come from (``user_id, video_id, date, hourmin,
+  tab, duration_ms``) and the ``passthrough`` columns; labels and ``time_ms`` are not read.
+  The user and video tables are read whole (they are small).
+
+  Raises:
+    DataError: a missing file or column, or an unparsable cell.
+  """
+  log_path, user_path, video_path = _checked_paths(config)
+  users, videos, codes = _side_tables(user_path, video_path)
+  needed = tuple(dict.fromkeys(_FEATURE_SOURCE_COLUMNS + tuple(passthrough)))
+  try:
+    header = pl.read_csv(log_path, n_rows=0).columns
+  except (pl.exceptions.PolarsError, OSError) as e:
+    raise DataError(f'{log_path}: cannot read the CSV header: {e}') from e
+  missing = [c for c in needed if c not in header]
+  if missing:
+    raise DataError(f'{log_path}: missing column(s) {missing}')
+  schema = {c: _LOG_SCHEMA.get(c, pl.String) for c in needed}
+  scan = pl.scan_csv(log_path, schema_overrides=schema).select(needed)
+  try:
+    for log in scan.collect_batches(chunk_size=chunk_rows):
+      frame, tab_codes = _joined_features(log, users, videos)
+      yield FeatureChunk(frame.select(FIELDS), log.select(passthrough),
+                         {**codes, **tab_codes}, log_path)
+  except pl.exceptions.PolarsError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f'{log_path}: cannot parse: {first}') from None

@@ -1,4 +1,4 @@
-"""Shared preprocessing: validation, 8:1:1 split, vocabularies, bucketization, batches, cache.
+"""Shared preprocessing: validation, 8:1:1 split, encoding, batches, cache.
 
 Every loader returns a :class:`~htl_jax.data.schema.RawTable`; :func:`prepare` turns it into
 :class:`~htl_jax.data.schema.HybridData` (DESIGN section 7):
@@ -11,16 +11,15 @@ Every loader returns a :class:`~htl_jax.data.schema.RawTable`; :func:`prepare` t
 3. Split. With a timestamp, rows are sorted (stable) by time and cut 8:1:1 into train /
    valid / test, each in time order; without one, a seeded random 8:1:1 split
    (``config.seed``), each split in the table's row order.
-4. Encoding, fitted on train only. Categorical fields: sorted unique train values get ids
-   ``1..V``; null, NaN and values unseen in train get the OOV id 0. Numeric fields
-   (``RawTable.numeric``): non-finite values and nulls get id 0; the rest are bucketized
-   into ids ``1..B`` by train quantiles (``numeric_encoding='quantile'``, at most
-   ``numeric_buckets`` buckets, duplicate edges merged), or z-scored with train mean / std,
-   clipped to [-3, 3] and cut into ``numeric_buckets`` uniform buckets
-   (``numeric_encoding='standardize'``).
+4. Encoding, in two separate steps (:mod:`htl_jax.data.encoding`): :func:`encoding.fit`
+   learns the vocabularies and numeric buckets on the train rows only (the config's
+   ``data.numeric_buckets`` and ``data.numeric_encoding``), then
+   :meth:`~htl_jax.data.encoding.Encoder.encode` maps every row to ids (0 = OOV / null).
+   The fitted :class:`~htl_jax.data.encoding.Encoder` travels with the data
+   (``HybridData.encoder``), so that prediction encodes new rows with the same code.
 
 :func:`batches` yields numpy batches for the trainer and :func:`load_cached` stores prepared
-arrays on disk keyed by a hash of the inputs and the data config.
+arrays (and the encoder) on disk keyed by a hash of the inputs and the data config.
 """
 
 from __future__ import annotations
@@ -36,15 +35,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from absl import logging
 import numpy as np
-import polars as pl
 
+from htl_jax.data import encoding as encoding_lib
 from htl_jax.data.schema import DataError, HybridData, HybridSpec, RawTable, Split
 
 # Bump when the preprocessing changes so that old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-_ENCODINGS = ('quantile', 'standardize')
-_STANDARDIZE_CLIP = 3.0
 
 
 def data_option(config: Any, name: str, default: Any) -> Any:
@@ -143,131 +140,6 @@ def split_order(n: int, time: Optional[np.ndarray], seed: int) -> tuple[np.ndarr
 # --------------------------------------------------------------------------- encoding
 
 
-def _categorical_expr(name: str, dtype: pl.DataType) -> pl.Expr:
-  """Normalizes a categorical column so that unique / replace work on it."""
-  expr = pl.col(name)
-  if isinstance(dtype, (pl.Categorical, pl.Enum)):
-    return expr.cast(pl.String)
-  if dtype == pl.Boolean:
-    return expr.cast(pl.Int8)
-  if dtype.is_float():
-    return expr.fill_nan(None)
-  if dtype.is_nested():
-    raise DataError(f'column {name!r} has nested dtype {dtype}; one value per row expected')
-  return expr
-
-
-def _lookup_ids(column: pl.Series, is_train: np.ndarray) -> Optional[tuple[np.ndarray, int]]:
-  """Integer fast path: a lookup table over ``[min, max]`` (None when the range is large).
-
-  Marks the values present in train, numbers them in sorted order (``cumsum``) and reads
-  every row's id from the table; nulls (the table's last slot) and values absent from train
-  read 0.
-  """
-  if column.dtype == pl.Boolean:
-    column = column.cast(pl.Int8)
-  if not column.dtype.is_integer() or column.null_count() == column.len():
-    return None
-  lo, hi = int(column.min()), int(column.max())
-  span = hi - lo + 1
-  if span > max(4 * column.len(), 1 << 16):
-    return None
-  offsets = (column.cast(pl.Int64) - lo).fill_null(span).to_numpy()
-  present = np.zeros(span + 1, np.bool_)
-  present[offsets[is_train]] = True
-  present[span] = False
-  table = np.cumsum(present, dtype=np.int32)
-  table[~present] = 0
-  return table[offsets], int(table.max()) + 1
-
-
-def _encode_categorical(frame: pl.DataFrame, is_train: np.ndarray,
-                        names: list[str]) -> dict[str, tuple[np.ndarray, int]]:
-  """Vocabulary on train rows (sorted unique values -> 1..V, 0 = OOV) for every column.
-
-  Returns:
-    Per column, int32 ids ``[N]`` in the frame's row order and the vocabulary size V + 1.
-  """
-  out = {}
-  rest = []
-  for name in names:
-    fast = _lookup_ids(frame[name], is_train)
-    if fast is None:
-      rest.append(name)
-    else:
-      out[name] = fast
-  if not rest:
-    return out
-  normal = {n: _categorical_expr(n, frame.schema[n]) for n in rest}
-  train = frame.select(rest).filter(pl.Series(is_train))
-  uniques = train.select([normal[n].drop_nulls().unique().sort().implode() for n in rest])
-  exprs = []
-  for name in rest:
-    vocab = uniques[name][0]
-    if len(vocab) == 0:
-      exprs.append(pl.repeat(0, frame.height, dtype=pl.Int32).alias(name))
-    else:
-      ids = pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int32))
-      exprs.append(normal[name].replace_strict(vocab, ids, default=0, return_dtype=pl.Int32)
-                   .fill_null(0).alias(name))
-    out[name] = (None, len(vocab) + 1)
-  encoded = frame.select(exprs)
-  for name in rest:
-    out[name] = (encoded[name].to_numpy().astype(np.int32, copy=False), out[name][1])
-  return out
-
-
-def _numeric_values(frame: pl.DataFrame, name: str, source: str) -> np.ndarray:
-  """Float64 values with NaN for nulls and non-finite values; unparsable values raise."""
-  column = frame[name]
-  if not column.dtype.is_numeric():
-    parsed = column.cast(pl.Float64, strict=False)
-    bad = int(((parsed.is_null()) & column.is_not_null()).sum())
-    if bad:
-      raise DataError(f'{source}: numeric column {name!r}: {bad} rows are not numbers')
-    column = parsed
-  values = column.cast(pl.Float64).to_numpy().astype(np.float64, copy=True)
-  values[~np.isfinite(values)] = np.nan
-  return values
-
-
-def bucketize(values: np.ndarray, is_train: np.ndarray, num_buckets: int,
-              encoding: str) -> tuple[np.ndarray, int]:
-  """Bucket ids ``1..B`` (0 for NaN) fitted on the training rows.
-
-  Args:
-    values: float64 ``[N]``, NaN for missing.
-    is_train: bool ``[N]``, True for training rows.
-    num_buckets: number of buckets (quantile: an upper bound after merging equal edges).
-    encoding: 'quantile' or 'standardize'.
-
-  Returns:
-    int32 ids ``[N]`` and the vocabulary size ``B + 1`` (including the null id 0).
-  """
-  train = values[is_train]
-  train = train[~np.isnan(train)]
-  missing = np.isnan(values)
-  if train.size == 0:
-    return np.zeros(values.shape, np.int32), 1
-  if encoding == 'quantile':
-    quantiles = np.linspace(0.0, 1.0, num_buckets + 1)[1:-1]
-    edges = np.unique(np.quantile(train, quantiles)) if quantiles.size else np.zeros(0)
-    ids = np.searchsorted(edges, values, side='right') + 1
-    size = edges.size + 2
-  elif encoding == 'standardize':
-    std = float(train.std())
-    z = (values - float(train.mean())) / (std if std > 0 else 1.0)
-    z = np.clip(z, -_STANDARDIZE_CLIP, _STANDARDIZE_CLIP)
-    scaled = (z + _STANDARDIZE_CLIP) / (2 * _STANDARDIZE_CLIP) * num_buckets
-    ids = np.clip(np.floor(np.nan_to_num(scaled)), 0, num_buckets - 1) + 1
-    size = num_buckets + 1
-  else:
-    raise DataError(f'config.data.numeric_encoding={encoding!r}; expected one of {_ENCODINGS}')
-  ids = ids.astype(np.int32)
-  ids[missing] = 0
-  return ids, size
-
-
 def _gather_rows(columns: list[np.ndarray], order: np.ndarray,
                  block: int = 1 << 15) -> np.ndarray:
   """``stack(columns, axis=1)[order]`` as int32.
@@ -311,8 +183,9 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
   logging.info('%s: nesting y^t <= y^(t-1) enforced, %d rows fixed', raw.source, fixed)
   num_buckets = int(data_option(config, 'numeric_buckets', 20))
   encoding = str(data_option(config, 'numeric_encoding', 'quantile'))
-  if encoding not in _ENCODINGS:
-    raise DataError(f'config.data.numeric_encoding={encoding!r}; expected one of {_ENCODINGS}')
+  if encoding not in encoding_lib.ENCODINGS:
+    raise DataError(f'config.data.numeric_encoding={encoding!r}; expected one of '
+                    f'{encoding_lib.ENCODINGS}')
   if num_buckets < 1:
     raise DataError(f'config.data.numeric_buckets={num_buckets}; expected >= 1')
   missing = [n for n in raw.numeric if n not in raw.features.columns]
@@ -330,33 +203,20 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
 
   is_train = np.zeros(n, np.bool_)
   is_train[order[:n_train]] = True
-  frame = raw.features
-  fields = tuple(frame.columns)
-  categorical = [c for c in fields if c not in set(raw.numeric)]
-  try:
-    encoded = _encode_categorical(frame, is_train, categorical)
-  except (pl.exceptions.PolarsError, DataError) as e:
-    raise DataError(f'{raw.source}: could not encode categorical columns: {e}') from e
-  columns, vocab_sizes = [], []
-  for name in fields:
-    if name in encoded:
-      ids, size = encoded.pop(name)
-    else:
-      values = _numeric_values(frame, name, raw.source)
-      ids, size = bucketize(values, is_train, num_buckets, encoding)
-    columns.append(ids)
-    vocab_sizes.append(int(size))
+  encoder = encoding_lib.fit(raw.features, raw.numeric, is_train, num_buckets=num_buckets,
+                             encoding=encoding, codes=raw.codes, source=raw.source)
+  columns, _ = encoder.encode(raw.features, raw.codes, raw.source)
   x = _gather_rows(columns, order)
   labels, core = labels[order], core[order]
 
-  spec = HybridSpec(fields=fields, vocab_sizes=tuple(vocab_sizes),
+  spec = HybridSpec(fields=encoder.names, vocab_sizes=encoder.vocab_sizes,
                     binary_tasks=tuple(raw.binary_tasks), core_task=raw.core_task)
   bounds = [0, n_train, n_train + n_valid, n]
   splits = [Split(x[a:b], labels[a:b], core[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
   logging.info('%s: %d rows -> train %d / valid %d / test %d, %d fields, %d ids (%s split)',
-               raw.source, n, *sizes.values(), len(fields), spec.total_vocab,
+               raw.source, n, *sizes.values(), spec.num_fields, spec.total_vocab,
                'chronological' if time is not None else 'random')
-  return HybridData(spec, *splits)
+  return HybridData(spec, *splits, encoder=encoder)
 
 
 # --------------------------------------------------------------------------- batches
@@ -409,15 +269,18 @@ def cache_key(key_parts: Mapping[str, Any]) -> str:
 
 def _write_cache(data: HybridData, key_parts: Mapping[str, Any], cache_dir: str,
                  final: str) -> None:
-  """Writes ``data.npz`` and ``spec.json`` into a temp dir, then renames it to ``final``."""
+  """Writes ``data.npz`` and ``spec.json`` (spec and encoder) into a temp dir, then renames it
+  to ``final``."""
   os.makedirs(cache_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.tmp-', dir=cache_dir)
   try:
     arrays = {f'{s}_{a}': getattr(getattr(data, s), a) for s in _SPLITS for a in _ARRAYS}
     np.savez(os.path.join(tmp, 'data.npz'), **arrays)
-    spec = _spec_to_dict(data.spec)
+    spec = data.spec.to_dict()
+    encoder = data.encoder.to_dict() if data.encoder is not None else None
     with open(os.path.join(tmp, 'spec.json'), 'w') as f:
-      json.dump({'spec': spec, 'key_parts': key_parts}, f, indent=1, default=str)
+      json.dump({'spec': spec, 'encoder': encoder, 'key_parts': key_parts}, f, indent=1,
+                default=str)
     try:
       os.replace(tmp, final)
     except OSError:
@@ -428,20 +291,13 @@ def _write_cache(data: HybridData, key_parts: Mapping[str, Any], cache_dir: str,
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _spec_to_dict(spec: HybridSpec) -> dict[str, Any]:
-  """JSON-ready form of a spec."""
-  return {'fields': list(spec.fields), 'vocab_sizes': list(spec.vocab_sizes),
-          'binary_tasks': list(spec.binary_tasks), 'core_task': spec.core_task}
-
-
 def _read_cache(path: str) -> HybridData:
   """Reads a cache entry; raises on any inconsistency."""
   with open(os.path.join(path, 'spec.json')) as f:
-    spec_dict = json.load(f)['spec']
-  spec = HybridSpec(fields=tuple(spec_dict['fields']),
-                    vocab_sizes=tuple(int(v) for v in spec_dict['vocab_sizes']),
-                    binary_tasks=tuple(spec_dict['binary_tasks']),
-                    core_task=spec_dict['core_task'])
+    stored = json.load(f)
+  spec = HybridSpec.from_dict(stored['spec'])
+  encoder = (encoding_lib.Encoder.from_dict(stored['encoder'])
+             if stored.get('encoder') is not None else None)
   with np.load(os.path.join(path, 'data.npz'), allow_pickle=False) as npz:
     splits = [Split(*(np.asarray(npz[f'{s}_{a}']) for a in _ARRAYS)) for s in _SPLITS]
   for s in splits:
@@ -449,7 +305,9 @@ def _read_cache(path: str) -> HybridData:
     if (s.x.dtype != np.int32 or s.x.shape != (n, spec.num_fields)
         or s.y.shape != (n, spec.num_binary) or s.core.shape != (n,)):
       raise ValueError('cached arrays do not match the cached spec')
-  return HybridData(spec, *splits)
+  if encoder is not None and encoder.vocab_sizes != spec.vocab_sizes:
+    raise ValueError('the cached encoder does not match the cached spec')
+  return HybridData(spec, *splits, encoder=encoder)
 
 
 def load_cached(key_parts: Mapping[str, Any], cache_dir: str,

@@ -3,20 +3,22 @@
 A loader turns files into a :class:`RawTable` (raw feature columns, labels in task order,
 the core value and an optional timestamp). :mod:`htl_jax.data.pipeline` validates it, splits
 it 8:1:1, builds vocabularies on train only (id 0 = OOV) and returns :class:`HybridData`:
-int32 field ids, binary labels and the core value as numpy arrays, ready for batching.
+int32 field ids, binary labels and the core value as numpy arrays, ready for batching, and
+the fitted encoder. For prediction a loader yields :class:`FeatureChunk` s instead: the raw
+feature columns of a bounded number of rows, without labels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import polars as pl
 
 from htl_jax.spec import HybridSpec
 
-__all__ = ['DataError', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
+__all__ = ['DataError', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
 
 
 class DataError(ValueError):
@@ -50,12 +52,17 @@ class Split:
 
 @dataclasses.dataclass
 class HybridData:
-  """A prepared dataset: spec plus chronological train / valid / test splits."""
+  """A prepared dataset: spec plus chronological train / valid / test splits.
+
+  ``encoder`` is the :class:`htl_jax.data.encoding.Encoder` fitted on the train rows (None
+  only for data built by hand, e.g. in tests).
+  """
 
   spec: HybridSpec
   train: Split
   valid: Split
   test: Split
+  encoder: Optional[Any] = None
 
 
 @dataclasses.dataclass
@@ -75,6 +82,9 @@ class RawTable:
     core_task: core task name.
     source: the file the rows came from, for error messages.
     label_columns: source column name of each binary task and of the core (for errors).
+    codes: per feature column that holds integer codes of a side table's strings, those
+      strings (sorted; code ``k`` is ``codes[name][k - 1]``), see
+      :mod:`htl_jax.data.encoding`.
   """
 
   features: pl.DataFrame
@@ -86,3 +96,21 @@ class RawTable:
   core_task: str
   source: str
   label_columns: Optional[tuple[str, ...]] = None
+  codes: Optional[dict[str, np.ndarray]] = None
+
+
+@dataclasses.dataclass
+class FeatureChunk:
+  """Rows of a file to score: raw features as a loader gives them for training.
+
+  Attributes:
+    features: the feature columns, with the same dtypes as ``RawTable.features``.
+    passthrough: columns copied to the predictions unchanged (ids), same rows.
+    codes: as ``RawTable.codes``.
+    source: the file the rows came from, for error messages.
+  """
+
+  features: pl.DataFrame
+  passthrough: pl.DataFrame
+  codes: Optional[dict[str, np.ndarray]]
+  source: str

@@ -10,17 +10,22 @@ can never fail mid-file (a core column written ``0`` for many rows and ``195.83`
 is the usual case), and so that each bad cell can be counted. Bad input raises
 :class:`~htl_jax.data.schema.DataError` with one line naming the file, the column(s) and the
 number of bad rows, before anything reaches JAX.
+
+:func:`read_features` reads a file to score (feature columns only, labels not needed) in
+chunks of rows, with the same parsing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Iterator
+
 import ml_collections
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import DataError, RawTable
+from htl_jax.data.schema import DataError, FeatureChunk, RawTable
 
 _CSV_SEPARATORS = {'.csv': ',', '.tsv': '\t'}
 _PARQUET_SUFFIXES = ('.parquet', '.pq')
@@ -98,6 +103,35 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
       core_task=columns.core,
       source=path,
       label_columns=columns.tasks + (columns.core,))
+
+
+def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...],
+                  chunk_rows: int) -> Iterator[FeatureChunk]:
+  """The feature columns of ``config.data.path``, ``chunk_rows`` rows at a time.
+
+  The file needs the feature columns and the ``passthrough`` columns (kept as read: text
+  for CSV, typed for Parquet); task, core and time columns are not read.
+
+  Raises:
+    DataError: a missing file or column, or a cell that is not a number in a numeric column.
+  """
+  columns = _declared_columns(config)
+  (path,) = input_files(config)
+  needed = tuple(dict.fromkeys(columns.features + tuple(passthrough)))
+  suffix = os.path.splitext(path)[1].lower()
+  try:
+    if suffix in _PARQUET_SUFFIXES:
+      scan = pl.scan_parquet(path)
+    else:
+      scan = pl.scan_csv(path, separator=_CSV_SEPARATORS[suffix], infer_schema=False)
+    _check_present(path, needed, scan.collect_schema().names())
+    for chunk in scan.select(needed).collect_batches(chunk_size=chunk_rows):
+      yield FeatureChunk(_features(chunk, columns, path), chunk.select(passthrough), None, path)
+  except pl.exceptions.NoDataError:
+    raise DataError(f'{path}: the file is empty (0 rows, no header)') from None
+  except (pl.exceptions.PolarsError, OSError) as error:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    raise DataError(f'{path}: cannot read the file: {first_line}') from None
 
 
 def _declared_columns(config: ml_collections.ConfigDict) -> _Columns:

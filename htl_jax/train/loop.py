@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the whole run, resumable (DESIGN section 8).
 
-Writes to ``workdir``: ``config.json``; ``metrics.jsonl`` (one line per evaluation: train
+Writes to ``workdir``: ``config.json``; ``preprocessing.json`` (what was fitted on train,
+:mod:`htl_jax.serve.preprocessing`); ``metrics.jsonl`` (one line per evaluation: train
 loss, temperature, examples/s, validation metrics per task, and per task the norm of its
 gradient on ``theta_s`` before and after the gradient process with its cosine to the core
 task's, the data of the paper's Fig. 5, taken in the train step itself); ``metrics.json``
@@ -27,6 +28,7 @@ from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
 from htl_jax.models import MODELS, model_class
 from htl_jax.losses import CORE_TRANSFORMS, CoreTransform
+from htl_jax.serve import preprocessing as serve_preprocessing
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.writers import RunWriter, defined_metrics
@@ -193,6 +195,7 @@ def train_and_evaluate(config, workdir: str, *,
   write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   spec = data.spec
   setup = make_setup(config, spec, CoreTransform.fit(config.core_transform, data.train.core))
+  serve_preprocessing.save_for_run(workdir, config, data, setup.objective.core_transform)
   per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
   if per_epoch < 1:
     raise ConfigError(f'the train split has {len(data.train)} rows, fewer than '

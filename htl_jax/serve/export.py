@@ -1,0 +1,152 @@
+"""Export a trained run for serving: its eval function, parameters baked in, via ``jax.export``.
+
+:func:`export_run` writes two files into the output directory:
+
+* ``model.jax_export``: ``jax.export.Exported.serialize()`` of the trainer's eval step
+  (:func:`htl_jax.train.step.eval_step`) with the best checkpoint's parameters as constants,
+  lowered to StableHLO for CPU and, where it lowers (it does without a GPU), CUDA. Input:
+  ``ids``, int32 ``[b, F]`` with a symbolic batch dimension ``b``; outputs ``(probs, core)``:
+  float32 ``[b, T]`` binary-task probabilities (chain order) and float32 ``[b]`` core
+  predictions on the original scale.
+* ``serving.json``: the contract: the input signature (field order, vocabulary sizes), the
+  outputs, the platforms, the jax version, and the preprocessing that turns raw rows into
+  ``ids`` (the run's ``preprocessing.json``, :mod:`htl_jax.serve.preprocessing`):
+  ``ids[:, j]`` is field ``fields[j]``'s id, ``0 <= ids[:, j] < vocab_sizes[j]`` (0 = null /
+  unseen in training).
+
+Loading needs only ``jax`` (and ``flatbuffers``), not htl_jax::
+
+  from jax import export
+  exported = export.deserialize(open('model.jax_export', 'rb').read())
+  probs, core = exported.call(ids)            # ids: int32 [b, F], any b >= 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from absl import logging
+import jax
+from jax import export as jax_export
+import jax.numpy as jnp
+
+from htl_jax.serve.run import TrainedRun, load_run
+from htl_jax.train import step as step_lib
+
+MODEL_FILE = 'model.jax_export'
+SIGNATURE_FILE = 'serving.json'
+DEFAULT_PLATFORMS = ('cpu', 'cuda')
+FORMAT = 1
+
+
+def serving_function(run: TrainedRun) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """``ids [b, F] -> (probs [b, T], core [b])``: the eval step with the run's state bound."""
+  setup, state = run.setup, run.state
+
+  def serve(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    batch_size = ids.shape[0]
+    batch = {'x': ids, 'index': jnp.arange(batch_size, dtype=jnp.int32),
+             'weight': jnp.ones((batch_size,), jnp.float32)}
+    out = step_lib.eval_step(setup, state, batch)
+    return out['probs'], out['core']
+
+  return serve
+
+
+def export_function(run: TrainedRun, platforms: Sequence[str]) -> jax_export.Exported:
+  """Lowers :func:`serving_function` for ``platforms`` with a symbolic batch dimension."""
+  (batch,) = jax_export.symbolic_shape('b')
+  ids = jax.ShapeDtypeStruct((batch, run.preprocessing.spec.num_fields), jnp.int32)
+  return jax_export.export(jax.jit(serving_function(run)), platforms=tuple(platforms))(ids)
+
+
+def _lower(run: TrainedRun, platforms: Sequence[str]) -> tuple[jax_export.Exported, str]:
+  """Exports for ``platforms``; falls back to CPU alone when another platform fails."""
+  try:
+    return export_function(run, platforms), ''
+  except Exception as error:  # pylint: disable=broad-except
+    if tuple(platforms) == ('cpu',) or 'cpu' not in platforms:
+      raise
+    reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0]}'
+    logging.warning('lowering for %s failed (%s); exporting for cpu only', platforms, reason)
+    return export_function(run, ('cpu',)), reason
+
+
+def signature(run: TrainedRun, exported: jax_export.Exported, fallback: str = ''
+              ) -> dict[str, Any]:
+  """The ``serving.json`` contract of an export (module docstring)."""
+  spec = run.preprocessing.spec
+  return {
+      'format': FORMAT,
+      'model_file': MODEL_FILE,
+      'platforms': list(exported.platforms),
+      'platform_fallback': fallback,
+      'jax_version': jax.__version__,
+      'run': {'workdir': os.path.abspath(run.workdir), 'model': run.config.model,
+              'dataset': run.preprocessing.dataset, 'best_step': run.best_step},
+      'input': {
+          'name': 'ids', 'dtype': 'int32', 'shape': ['b', spec.num_fields],
+          'fields': list(spec.fields), 'vocab_sizes': list(spec.vocab_sizes),
+          'contract': ('ids[:, j] is the id of fields[j] given by the preprocessing below; '
+                       '0 <= ids[:, j] < vocab_sizes[j]; 0 = null or unseen in training'),
+      },
+      'outputs': [
+          {'name': 'probs', 'dtype': 'float32', 'shape': ['b', spec.num_binary],
+           'tasks': list(spec.binary_tasks)},
+          {'name': 'core', 'dtype': 'float32', 'shape': ['b'], 'task': spec.core_task,
+           'scale': 'original'},
+      ],
+      'preprocessing': run.preprocessing.to_dict(),
+  }
+
+
+@dataclasses.dataclass
+class ExportSummary:
+  """What :func:`export_run` wrote: the two paths, the platforms and the model's bytes."""
+
+  model_path: str
+  signature_path: str
+  platforms: tuple[str, ...]
+  model_bytes: int
+
+
+def _write(path: str, payload: bytes) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def export_run(workdir: str, out_dir: str, *, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+               run: Optional[TrainedRun] = None) -> ExportSummary:
+  """Exports the best checkpoint of ``workdir`` into ``out_dir`` (module docstring).
+
+  Args:
+    workdir: a finished training run.
+    out_dir: where ``model.jax_export`` and ``serving.json`` go (created if needed).
+    platforms: ``jax.export`` platforms; if one besides 'cpu' fails to lower, the export
+      is for CPU alone and ``serving.json`` says why.
+    run: an already loaded run (skips :func:`load_run`).
+
+  Returns:
+    An :class:`ExportSummary`.
+
+  Raises:
+    RunError: ``workdir`` holds no finished run.
+  """
+  run = run or load_run(workdir)
+  exported, fallback = _lower(run, platforms)
+  os.makedirs(out_dir, exist_ok=True)
+  model_path = os.path.join(out_dir, MODEL_FILE)
+  signature_path = os.path.join(out_dir, SIGNATURE_FILE)
+  payload = bytes(exported.serialize())
+  _write(model_path, payload)
+  _write(signature_path, json.dumps(signature(run, exported, fallback), indent=1,
+                                    allow_nan=False).encode())
+  logging.info('exported %s (best step %d) for %s: %s (%d bytes), %s', run.workdir,
+               run.best_step, list(exported.platforms), model_path, len(payload),
+               signature_path)
+  return ExportSummary(model_path, signature_path, tuple(exported.platforms), len(payload))
