@@ -7,7 +7,8 @@ One module-scoped set of runs of the tiny HTLNet config (``conftest.TINY_OVERRID
 - 1 process x 2 devices (``XLA_FLAGS``) and 2 processes x 1 device (``jax.distributed``
   on 127.0.0.1 with CPU gloo collectives), subprocesses of ``experiments.main``, at once;
 - 2 processes x 1 device where process 1 is killed (SIGKILL, injected by this test) right
-  after its step-4 checkpoint; then both restarted with the same command.
+  after its step-4 checkpoint; then both restarted, this time as the 2 tasks of a
+  simulated SLURM ``srun`` step with no distributed flags (JAX's auto-detection).
 
 Start-up decisions (flags, cluster detection) and the per-process batch parts are tested
 directly, without launching anything.
@@ -37,9 +38,10 @@ from htl_jax.train.state import init_state, make_setup
 _HEARTBEAT_TIMEOUT = 30         # seconds; the bound on how long a survivor may wait
 _TIMEOUT = 600                  # seconds for any launch to finish (a hang fails the test)
 _CLUSTER_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID',
-                      'SLURM_STEP_NUM_TASKS', 'OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_SIZE',
-                      'KUBERNETES_SERVICE_HOST', 'JOB_COMPLETION_INDEX',
-                      'JAX_COORDINATOR_ADDRESS')
+                      'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'OMPI_MCA_orte_hnp_uri',
+                      'OMPI_COMM_WORLD_SIZE', 'KUBERNETES_SERVICE_HOST',
+                      'JOB_COMPLETION_INDEX', 'JAX_COORDINATOR_ADDRESS',
+                      'JAX_COORDINATOR_PORT')
 # Runs experiments.main with Checkpoints.save_latest patched to SIGKILL the process right
 # after it saved step {step}: a process dying mid-run, at a known point.
 _DIE_AFTER_CHECKPOINT = '''
@@ -66,16 +68,23 @@ class _Launch:
   """One ``experiments.main`` subprocess with its output in a file."""
 
   def __init__(self, workdir: str, cache_dir: str, log: str, *, devices: int = 1,
-               process: tuple[int, int, int] | None = None, die_after: int | None = None):
+               process: tuple[int, int, int] | None = None, die_after: int | None = None,
+               slurm: bool = False):
     env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARIABLES}
     env.update(JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     args = [f'--config=configs/kuairand.py:{TINY_ARG}', f'--workdir={workdir}',
-            *cli_overrides(cache_dir), '--config.grad_process=htl']
-    if process is not None:
+            *cli_overrides(cache_dir), '--config.grad_process=htl',
+            f'--heartbeat_timeout={_HEARTBEAT_TIMEOUT}']
+    if process is not None and slurm:    # what srun sets for task `index` on one node
+      port, index, count = process
+      env.update(SLURM_JOB_ID='1', SLURM_STEP_NODELIST='localhost', SLURM_NTASKS=str(count),
+                 SLURM_STEP_NUM_TASKS=str(count), SLURM_PROCID=str(index),
+                 SLURM_LOCALID=str(index), JAX_COORDINATOR_PORT=str(port))
+    elif process is not None:
       port, index, count = process
       args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={count}',
-               f'--process_id={index}', f'--heartbeat_timeout={_HEARTBEAT_TIMEOUT}']
+               f'--process_id={index}']
     program = (['-c', _DIE_AFTER_CHECKPOINT.format(step=die_after)] if die_after
                else ['-m', 'experiments.main'])
     self.log = log
@@ -93,10 +102,11 @@ class _Launch:
       return code, f.read()
 
 
-def _two_processes(workdir, cache_dir, root, name, die_after=None) -> list[_Launch]:
+def _two_processes(workdir, cache_dir, root, name, die_after=None, slurm=False
+                   ) -> list[_Launch]:
   port = _free_port()
   return [_Launch(workdir, cache_dir, os.path.join(root, f'{name}{i}.txt'),
-                  process=(port, i, 2), die_after=die_after if i == 1 else None)
+                  process=(port, i, 2), die_after=die_after if i == 1 else None, slurm=slurm)
           for i in range(2)]
 
 
@@ -138,7 +148,7 @@ def runs(tmp_path_factory, cache_dir):
   crash = _two_processes(work['crash'], cache_dir, root, 'crash', die_after=4)
   done['crash'] = [launch.wait() for launch in crash]
   done['crash_latest'] = _latest_state(config, work['crash'])
-  restart = _two_processes(work['crash'], cache_dir, root, 'restart')
+  restart = _two_processes(work['crash'], cache_dir, root, 'restart', slurm=True)
   done['restart'] = [launch.wait() for launch in restart]
   return config, work, done
 
@@ -199,10 +209,11 @@ def test_dead_process_stops_the_other_with_one_error(runs):
   assert int(done['crash_latest'].step) == 4
 
 
-def test_restart_resumes_from_the_last_checkpoint(runs):
+def test_restart_under_srun_resumes_from_the_last_checkpoint(runs):
   _, work, done = runs
-  for code, output in done['restart']:
+  for i, (code, output) in enumerate(done['restart']):
     assert code == 0, output[-3000:]
+    assert f'jax.distributed: process {i} of 2 (slurm)' in output
     assert 'resumed from step 4' in output
   assert _jsonl_steps(work['crash']) == [4, 8]
   assert _metrics(work['crash']) == _metrics(work['two_processes'])
