@@ -2,9 +2,14 @@
 
   python -m experiments.main --config=configs/kuairand.py --workdir=runs/kuairand
 
+On several hosts, run the same command on each with ``--coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I`` (or under ``srun`` / ``mpirun`` with none of them):
+see ``htl_jax.train.distributed`` and the README.
+
 Bad input (a missing file or column, bad labels, an unknown or impossible config value)
 stops before training with one line on stderr and exit code 2; a non-finite loss stops with
-exit code 3, keeping the last good checkpoint.
+exit code 3, keeping the last good checkpoint; in a multi-process run, a process that loses
+another one stops with one line and exit code 4 (restart all of them to resume).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from htl_jax.data.schema import DataError
+from htl_jax.train import distributed
 from htl_jax.train.loop import ConfigError, NonFiniteError, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -62,13 +68,19 @@ def main(argv: list[str]) -> None:
     print(f'error: cannot load --config: {_one_line(error)}', file=sys.stderr)
     sys.exit(2)
   try:
-    train_and_evaluate(config, FLAGS.workdir)
-  except (DataError, ConfigError) as error:
+    distributed.maybe_initialize()        # before anything touches a device
+  except (ConfigError, distributed.StartError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
-  except NonFiniteError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(3)
+  with distributed.stop_all_on_failure():
+    try:
+      train_and_evaluate(config, FLAGS.workdir)
+    except (DataError, ConfigError) as error:
+      print(f'error: {error}', file=sys.stderr)
+      distributed.exit_now(2)
+    except NonFiniteError as error:
+      print(f'error: {error}', file=sys.stderr)
+      distributed.exit_now(3)
 
 
 if __name__ == '__main__':

@@ -230,7 +230,8 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
 
 
 def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
-            drop_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
+            drop_remainder: bool, part: tuple[int, int] = (0, 1)
+            ) -> Iterator[dict[str, np.ndarray]]:
   """Yields numpy batches of a split.
 
   Each batch has ``x`` int32 ``[B, F]``, ``y`` float32 ``[B, T]``, ``core`` float32 ``[B]``,
@@ -238,7 +239,17 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: i
   real rows, 0 for padding). With ``shuffle`` the order is the permutation drawn from
   ``np.random.default_rng((seed, epoch))``. With ``drop_remainder=False`` the last batch is
   padded to ``batch_size`` by repeating the split's row 0 (index 0) with weight 0.
+
+  ``part=(p, P)`` yields only the contiguous part ``p`` of ``P`` equal parts of each batch
+  (``B / P`` rows; ``batch_size`` must be divisible by ``P``): what process ``p`` of ``P``
+  feeds. The parts of all processes, in order, are the whole batch.
   """
+  index_of_part, num_parts = part
+  if batch_size % num_parts or not 0 <= index_of_part < num_parts:
+    raise ValueError(f'cannot take part {index_of_part} of {num_parts} of a batch of '
+                     f'{batch_size} rows')
+  rows = slice(index_of_part * batch_size // num_parts,
+               (index_of_part + 1) * batch_size // num_parts)
   n = len(split)
   count = num_batches(n, batch_size, drop_remainder)
   order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle
@@ -250,6 +261,7 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: i
     if real < batch_size:
       index = np.concatenate([index, np.zeros(batch_size - real, index.dtype)])
       weight[real:] = 0.0
+    index, weight = index[rows], weight[rows]
     yield {'x': split.x[index], 'y': split.y[index], 'core': split.core[index],
            'index': index.astype(np.int32), 'weight': weight}
 

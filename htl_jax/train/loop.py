@@ -9,6 +9,12 @@ task's, the data of the paper's Fig. 5, taken in the train step itself); ``metri
 "train_seconds"}`` of the best checkpoint); and ``checkpoints/{latest,best}``. A restarted run resumes from the latest
 checkpoint and gives the same result as an uninterrupted one. Early stopping after
 ``patience`` evaluations without improvement of the core task's validation metric.
+
+With several processes (``htl_jax.train.distributed``), every process prepares the same data,
+feeds its part of each global batch and evaluates its part of each evaluation batch (the
+predictions are gathered, so every row is evaluated once); all of them take part in the
+orbax checkpoints, and only the primary process writes ``config.json``, ``metrics.jsonl``
+and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import functools
 import json
 import os
 import time
+import zlib
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
@@ -25,9 +32,9 @@ import numpy as np
 
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import load_dataset, pipeline
-from htl_jax.data.schema import HybridData, Split
-from htl_jax.models import MODELS, model_class
+from htl_jax.data.schema import DataError, HybridData, Split
 from htl_jax.losses import CORE_TRANSFORMS, CoreTransform
+from htl_jax.models import MODELS, model_class
 from htl_jax.serve import preprocessing as serve_preprocessing
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
@@ -59,7 +66,8 @@ def check_config(config) -> None:
   n = parallel.device_count()
   if config.batch_size % n or config.eval_batch_size % n:
     raise ConfigError(f'batch_size={config.batch_size} and eval_batch_size='
-                      f'{config.eval_batch_size} must be divisible by the {n} devices')
+                      f'{config.eval_batch_size} must be divisible by the {n} devices '
+                      f'(of all processes)')
   if config.best_metric and config.best_metric not in metrics_lib.CORE_METRICS:
     raise ConfigError(f'config.best_metric must be one of {metrics_lib.CORE_METRICS}')
   _check_model_config(config)
@@ -95,7 +103,7 @@ def default_cache_dir() -> str:
 def compiled_steps(setup: TrainSetup):
   """Data-parallel train and eval steps of ``setup`` (compiled once per setup)."""
   return (parallel.pmap_step(functools.partial(step_lib.train_step, setup)),
-          parallel.pmap_step(functools.partial(step_lib.eval_step, setup), False))
+          parallel.pmap_gathered(functools.partial(step_lib.eval_step, setup)))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -103,14 +111,17 @@ def compiled_steps(setup: TrainSetup):
 
 def predict(setup: TrainSetup, p_eval, state, split: Split, batch_size: int
             ) -> tuple[np.ndarray, np.ndarray]:
-  """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of a whole split."""
+  """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of a whole split.
+
+  Each process predicts its part of each batch; ``p_eval`` gathers the parts.
+  """
   probs, core = [], []
   for batch in pipeline.batches(split, batch_size, shuffle=False, seed=0, epoch=0,
-                                drop_remainder=False):
-    out = p_eval(state, parallel.shard(batch))
-    keep = parallel.unshard(out['weight']) > 0
-    probs.append(parallel.unshard(out['probs'])[keep])
-    core.append(parallel.unshard(out['core'])[keep])
+                                drop_remainder=False, part=parallel.process_part()):
+    out = parallel.unreplicate(p_eval(state, parallel.shard(batch)))
+    keep = out['weight'] > 0
+    probs.append(out['probs'][keep])
+    core.append(out['core'][keep])
   return np.concatenate(probs), np.concatenate(core)
 
 
@@ -127,7 +138,9 @@ def evaluate(setup: TrainSetup, p_eval, state, split: Split, batch_size: int,
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` atomically as strict JSON (a NaN or inf raises instead of being written)."""
+  """Writes ``obj`` atomically as strict JSON (NaN or inf raise), from the primary process."""
+  if not parallel.is_primary():
+    return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, allow_nan=False)
@@ -141,10 +154,25 @@ def train_batches(data: HybridData, config, start_step: int) -> Iterator[dict]:
   while True:
     for i, batch in enumerate(pipeline.batches(data.train, config.batch_size, shuffle=True,
                                                seed=config.seed, epoch=epoch,
-                                               drop_remainder=True)):
+                                               drop_remainder=True,
+                                               part=parallel.process_part())):
       if i >= skip:
         yield batch
     epoch, skip = epoch + 1, 0
+
+
+def _check_same_data(data: HybridData) -> None:
+  """Every process must have prepared the same splits (a collective with several)."""
+  if parallel.process_count() == 1:
+    return
+  fingerprint = [len(data.train), len(data.valid), len(data.test), data.spec.total_vocab]
+  for split in (data.train, data.valid, data.test):
+    for array in (split.x, split.y, split.core):
+      fingerprint.append(zlib.crc32(np.ascontiguousarray(array).data) & 0x7fffffff)
+  if not parallel.same_on_all_processes(np.asarray(fingerprint)):
+    raise DataError(f'process {parallel.process_index()} of {parallel.process_count()} '
+                    'prepared different data than the others: every process must read the '
+                    'same files with the same config')
 
 
 def _grad_record(tasks, metrics: dict) -> dict[str, dict[str, float]]:
@@ -191,11 +219,13 @@ def train_and_evaluate(config, workdir: str, *,
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
   malloc.keep_scratch_memory()      # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
+  _check_same_data(data)
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   spec = data.spec
   setup = make_setup(config, spec, CoreTransform.fit(config.core_transform, data.train.core))
-  serve_preprocessing.save_for_run(workdir, config, data, setup.objective.core_transform)
+  if parallel.is_primary():
+    serve_preprocessing.save_for_run(workdir, config, data, setup.objective.core_transform)
   per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
   if per_epoch < 1:
     raise ConfigError(f'the train split has {len(data.train)} rows, fewer than '
@@ -214,13 +244,14 @@ def train_and_evaluate(config, workdir: str, *,
     loop.setdefault('train_seconds', 0.0)
     logging.info('resumed from step %d', int(state.step))
   start = int(state.step)
-  writer = RunWriter(workdir, start, total_steps)
+  writer = RunWriter(workdir, start, total_steps, primary=parallel.is_primary())
   warned: set = set()
   logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
-               '%d steps (%d per epoch), %d device(s), gradient process: %s (%s path)',
+               '%d steps (%d per epoch), %d device(s) in %d process(es), gradient process: %s '
+               '(%s path)',
                config.model, config.dataset, len(data.train), len(data.valid),
                len(data.test), spec.num_fields, spec.tasks, total_steps, per_epoch,
-               parallel.device_count(), setup.grad_process, setup.grad_path)
+               parallel.device_count(), parallel.process_count(), setup.grad_process, setup.grad_path)
 
   p_train, p_eval = compiled_steps(setup)
   diag_on, diag_off = parallel.replicate(np.bool_(True)), parallel.replicate(np.bool_(False))

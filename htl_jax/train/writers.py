@@ -62,7 +62,12 @@ class RunWriter:
   """The run's ``metrics.jsonl``, TensorBoard events and progress display."""
 
   def __init__(self, workdir: str, resume_step: int, total_steps: int,
-               progress_bar: Optional[bool] = None):
+               progress_bar: Optional[bool] = None, primary: bool = True):
+    """Opens the writers; with ``primary=False`` (not the primary process) nothing is written."""
+    self.primary = primary
+    self.total_steps = total_steps
+    if not primary:
+      return
     self.path = os.path.join(workdir, 'metrics.jsonl')
     lines = []
     if os.path.exists(self.path):
@@ -75,10 +80,11 @@ class RunWriter:
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     self.bar = (tqdm.tqdm(total=total_steps, initial=resume_step, unit='step',
                           dynamic_ncols=True, file=sys.stderr) if show_bar else None)
-    self.total_steps = total_steps
 
   def progress(self, step: int, loss: float, tau: float, examples_per_s: float) -> None:
     """Called every ``log_every`` steps: the bar (with ETA) or one log line."""
+    if not self.primary:
+      return
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix(loss=f'{loss:.4f}', tau=f'{tau:.3g}',
@@ -92,6 +98,8 @@ class RunWriter:
 
   def evaluation(self, record: dict[str, Any]) -> None:
     """One ``metrics.jsonl`` line, and its numbers as TensorBoard scalars."""
+    if not self.primary:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     step = record['step']
@@ -107,6 +115,8 @@ class RunWriter:
     self.events.flush()
 
   def close(self) -> None:
+    if not self.primary:
+      return
     if self.bar is not None:
       self.bar.close()
     self.events.close()
