@@ -49,7 +49,7 @@ import numpy as np
 from configs.base import get_base_config
 from htl_jax import metrics as metrics_lib
 from htl_jax.data.schema import HybridSpec
-from htl_jax.models import MODELS
+from htl_jax.models import MODELS, model_class
 from htl_jax.models.heads import CoreTransform
 from htl_jax.train import malloc, parallel
 from htl_jax.train.loop import compiled_steps
@@ -80,11 +80,12 @@ def make_batch(spec: HybridSpec, batch_size: int, seed: int = 0) -> dict[str, np
 class Runner:
   """One configuration's compiled train step, its state and a batch."""
 
-  def __init__(self, model: str, grad_process: str, spec: HybridSpec, batch_size: int,
-               grad_path: str | None = None):
+  def __init__(self, spec: HybridSpec, batch_size: int, grad_path: str | None = None,
+               **overrides):
     config = get_base_config()
-    config.model, config.grad_process = model, grad_process
     config.batch_size = batch_size
+    for key, value in overrides.items():
+      config[key] = value
     setup = make_setup(config, spec, CoreTransform('standardize', 2.0, 5.0))
     if grad_path is not None:
       setup = dataclasses.replace(setup, grad_path=grad_path)
@@ -118,30 +119,50 @@ class Runner:
     return float(np.median(self.times))
 
 
-def bench_steps(quick: bool, batch_size: int) -> dict:
-  spec_small, spec_large = make_spec(20000), make_spec(1_000_000 - 12000 - 8000)
+def step_configs(quick: bool) -> dict[str, tuple[HybridSpec, str | None, dict]]:
+  """``name -> (spec, grad_path, config overrides)`` of every timed configuration."""
+  small, large = make_spec(20000), make_spec(1_000_000 - 12000 - 8000)
+  huge = make_spec(10_000_000 - 12000 - 8000)
+  lazy = {'embedding_optimizer': 'lazy_adam'}
   configs = {
-      'htlnet/htl': ('htlnet', 'htl', spec_small, None),
-      'htlnet/none': ('htlnet', 'none', spec_small, None),
-      'htlnet/htl/general_path': ('htlnet', 'htl', spec_small, 'general'),
-      'shared_bottom/none': ('shared_bottom', 'none', spec_small, None),
-      'htlnet/htl/1e6': ('htlnet', 'htl', spec_large, None),
-      'htlnet/none/1e6': ('htlnet', 'none', spec_large, None),
+      'htlnet/htl': (small, None, {'model': 'htlnet', 'grad_process': 'htl'}),
+      'htlnet/none': (small, None, {'model': 'htlnet', 'grad_process': 'none'}),
+      'htlnet/htl/general_path': (small, 'general', {'model': 'htlnet',
+                                                     'grad_process': 'htl'}),
+      'shared_bottom/none': (small, None, {'model': 'shared_bottom', 'grad_process': 'none'}),
+      'htlnet/htl/1e6': (large, None, {'model': 'htlnet', 'grad_process': 'htl'}),
+      'htlnet/none/1e6': (large, None, {'model': 'htlnet', 'grad_process': 'none'}),
+      'htlnet/htl/lazy': (small, None, {'model': 'htlnet', 'grad_process': 'htl', **lazy}),
+      'htlnet/htl/lazy/1e7': (huge, None, {'model': 'htlnet', 'grad_process': 'htl',
+                                           **lazy}),
+      'shared_bottom/none/lazy': (small, None, {'model': 'shared_bottom',
+                                                'grad_process': 'none', **lazy}),
+      'shared_bottom/none/lazy/1e7': (huge, None, {'model': 'shared_bottom',
+                                                   'grad_process': 'none', **lazy}),
   }
-  if not quick:
+  if not quick:                 # every model with its default process, as the paper runs it
     for name in MODELS:
-      configs.setdefault(f'{name}/none', (name, 'none', spec_small, None))
-      configs.setdefault(f'{name}/htl', (name, 'htl', spec_small, None))
+      overrides = {'model': name, 'grad_process': 'auto'}
+      if name == 'ziln':
+        overrides['head'] = 'ziln'
+      configs.setdefault(f'{name}/{model_class(name).default_grad_process}',
+                         (small, None, overrides))
+    configs['mmoe/metabalance'] = (small, None, {'model': 'mmoe',
+                                                 'grad_process': 'metabalance'})
+  return configs
+
+
+def bench_steps(quick: bool, batch_size: int) -> dict:
   runners = {}
-  for key, (model, process, spec, path) in configs.items():
-    runners[key] = Runner(model, process, spec, batch_size, path)
+  for key, (spec, path, overrides) in step_configs(quick).items():
+    runners[key] = Runner(spec, batch_size, path, **overrides)
     runners[key].run(3, record=False)              # compile and warm up
   rounds, per_round = (12, 5) if quick else (16, 10)
   for _ in range(rounds):                          # interleaved, so load hits all alike
     for runner in runners.values():
       runner.run(per_round)
   med = {k: r.median for k, r in runners.items()}
-  gflops = {k: runners[k].gflops() for k in ('htlnet/htl', 'shared_bottom/none')}
+  gflops = {k: r.gflops() for k, r in runners.items()}
 
   def ratio(a: str, b: str) -> float:
     """Median over rounds of a's window time / b's in the same round (load drifts)."""
@@ -154,7 +175,15 @@ def bench_steps(quick: bool, batch_size: int) -> dict:
       'htlnet_vs_shared_bottom_flops': gflops['htlnet/htl'] / gflops['shared_bottom/none'],
       'gflop_per_step': gflops,
       'fast_path_speedup': ratio('htlnet/htl/general_path', 'htlnet/htl'),
+      'vocab_scaling_1e7': {
+          'htlnet/htl': ratio('htlnet/htl/lazy/1e7', 'htlnet/htl/lazy'),
+          'shared_bottom/none': ratio('shared_bottom/none/lazy/1e7',
+                                      'shared_bottom/none/lazy')},
+      'lazy_vs_dense_adam': {
+          'htlnet/htl': ratio('htlnet/htl/lazy', 'htlnet/htl'),
+          'shared_bottom/none': ratio('shared_bottom/none/lazy', 'shared_bottom/none')},
       'examples_per_s': {k: batch_size / v for k, v in med.items()},
+      'gflop_per_s': {k: gflops[k] / v for k, v in med.items()},
       'step_ms': {k: 1e3 * v for k, v in med.items()},
   }
 
