@@ -21,6 +21,7 @@ from configs.base import get_base_config
 from htl_jax.data.schema import HybridSpec
 from htl_jax.models.heads import CoreTransform
 from htl_jax.optim import lazy_adam, per_task
+from htl_jax.train import loop as loop_lib
 from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
 from htl_jax.train.state import init_state, make_setup
@@ -222,6 +223,8 @@ def test_model_parameters_keep_dense_adam():
 
 
 def test_unknown_embedding_optimizer_is_rejected():
+  with pytest.raises(loop_lib.ConfigError, match="embedding_optimizer='sgd'"):
+    loop_lib.check_config(_config('htlnet', 'htl', 'sgd'))
   with pytest.raises(ValueError, match='embedding_optimizer'):
     make_setup(_config('htlnet', 'htl', 'sgd'), SPEC, CoreTransform('none'))
 

@@ -205,7 +205,8 @@ def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], n
       slots are sparse and nothing of size ``num_ids`` is touched).
 
   Returns:
-    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None and ``grads`` is the table gradient.
+    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None
+    and ``grads`` is the table gradient.
     Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
     every other slot holds zeros, and ``ids`` are the flat ids.
   """

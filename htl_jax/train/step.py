@@ -157,8 +157,12 @@ def _diagnostics(stacked: Any, processed_norms: jax.Array) -> dict[str, jax.Arra
 
 
 def _summed_update(setup: TrainSetup, state: TrainState, batch: Batch, rows, ids, first,
-                   with_diagnostics: jax.Array):
-  """No gradient process: the gradient of the summed loss (plus diagnostics on request)."""
+                   with_diagnostics: jax.Array | bool):
+  """No gradient process: the gradient of the summed loss (plus diagnostics on request).
+
+  A traced ``with_diagnostics`` selects the diagnostics with a ``lax.cond`` (both branches
+  compiled); a Python bool traces only the branch asked for.
+  """
   table = state.params['embedding']['table']
   losses, row_grads, model_grads = per_task.row_grads_summed(
       _loss_vector_fn(setup, state, batch, True), state.params['model'], rows,
@@ -182,7 +186,10 @@ def _summed_update(setup: TrainSetup, state: TrainState, batch: Batch, rows, ids
     return {'task_grad_norm': zeros, 'task_grad_norm_processed': zeros,
             'task_grad_cos_core': zeros}
 
-  diag = jax.lax.cond(with_diagnostics, diagnose, skip)
+  if isinstance(with_diagnostics, bool):    # static: trace only the branch that runs
+    diag = diagnose() if with_diagnostics else skip()
+  else:
+    diag = jax.lax.cond(with_diagnostics, diagnose, skip)
   return grads, parallel.mean(losses), state.opt_state['balance'], diag
 
 
@@ -235,8 +242,7 @@ def gradients(setup: TrainSetup, state: TrainState, batch: Batch,
     first, scratch = per_task.first_occurrence_in(ids.reshape(-1),
                                                   state.opt_state['id_scratch'])
   if setup.balance is None:
-    out = _summed_update(setup, state, batch, rows, ids, first,
-                         jnp.asarray(with_diagnostics))
+    out = _summed_update(setup, state, batch, rows, ids, first, with_diagnostics)
   else:
     out = _balanced_update(setup, state, batch, rows, ids, first)
   return StepGradients(*out, id_scratch=scratch)
