@@ -68,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10
   c.max_steps = 0               # 0 = num_epochs * steps_per_epoch
   c.learning_rate = 1e-3        # the one Adam learning rate of every parameter (Table 6)
+  c.embedding_optimizer = 'adam'  # adam (dense) | lazy_adam (only the batch's rows; for
+                                # vocabularies much larger than a batch's ids, README)
   c.l2 = 1e-6
   # Loop.
   c.eval_every = 500            # steps; also at each epoch end

@@ -136,3 +136,48 @@ def test_two_devices_match_one_device(straight_run, tmp_path):
   for task, values in result['test'].items():
     for name, value in values.items():
       assert two['test'][task][name] == pytest.approx(value, rel=1e-3, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- lazy_adam
+
+
+@pytest.fixture(scope='module')
+def lazy_run(tmp_path_factory, cache_dir):
+  """8 uninterrupted steps with the row-wise embedding optimizer."""
+  workdir = str(tmp_path_factory.mktemp('lazy'))
+  config = tiny_config(cache_dir, embedding_optimizer='lazy_adam')
+  result = loop_lib.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_lazy_adam_resume_gives_the_same_run(lazy_run, tmp_path):
+  """Table, moments, per-row counts and the id scratch survive the checkpoint exactly."""
+  config, workdir, result = lazy_run
+  half = tiny_config(config.cache_dir, embedding_optimizer='lazy_adam', max_steps=4)
+  loop_lib.train_and_evaluate(half, str(tmp_path))
+  resumed = loop_lib.train_and_evaluate(config, str(tmp_path))
+  assert resumed['test'] == result['test']
+  state_a, _ = _latest_state(config, workdir)
+  state_b, _ = _latest_state(config, str(tmp_path))
+  _assert_trees_equal(state_a, state_b)
+  counts = np.asarray(state_a.opt_state['optimizer']['table'].count)
+  assert 0 < counts.max() <= 8 and (counts == 0).any()     # rows not in a batch: no update
+
+
+def test_lazy_adam_two_devices_match_one_device(lazy_run, tmp_path):
+  config, workdir, _ = lazy_run
+  done = _run_main(str(tmp_path), config.cache_dir,
+                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                   ['--config.embedding_optimizer=lazy_adam'])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert '2 device(s)' in done.stderr
+  state_1, _ = _latest_state(config, workdir)
+  state_2, _ = _latest_state(config, str(tmp_path))
+  _assert_trees_equal(state_1.params, state_2.params, rtol=2e-4, atol=2e-6)
+  table_1 = state_1.opt_state['optimizer']['table']
+  table_2 = state_2.opt_state['optimizer']['table']
+  np.testing.assert_array_equal(table_1.count, table_2.count)
+  _assert_trees_equal((table_1.mu, table_1.nu), (table_2.mu, table_2.nu), rtol=2e-4,
+                      atol=1e-9)
+  np.testing.assert_array_equal(state_1.opt_state['id_scratch'],
+                                state_2.opt_state['id_scratch'])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -49,9 +50,10 @@ import numpy as np
 from configs.base import get_base_config
 from htl_jax import metrics as metrics_lib
 from htl_jax.spec import HybridSpec
-from htl_jax.models import MODELS
+from htl_jax.models import MODELS, model_class
 from htl_jax.losses import CoreTransform
 from htl_jax.train import malloc, parallel
+from htl_jax.train import step as step_lib
 from htl_jax.train.loop import compiled_steps
 from htl_jax.train.state import init_state, make_setup
 
@@ -80,16 +82,21 @@ def make_batch(spec: HybridSpec, batch_size: int, seed: int = 0) -> dict[str, np
 class Runner:
   """One configuration's compiled train step, its state and a batch."""
 
-  def __init__(self, model: str, grad_process: str, spec: HybridSpec, batch_size: int,
-               grad_path: str | None = None):
+  def __init__(self, spec: HybridSpec, batch_size: int, grad_path: str | None = None,
+               **overrides):
     config = get_base_config()
-    config.model, config.grad_process = model, grad_process
     config.batch_size = batch_size
+    for key, value in overrides.items():
+      config[key] = value
     setup = make_setup(config, spec, CoreTransform('standardize', 2.0, 5.0))
     if grad_path is not None:
       setup = dataclasses.replace(setup, grad_path=grad_path)
+    self.setup = setup
     self.step = compiled_steps(setup)[0]
-    self.state = parallel.replicate(init_state(setup, config))
+    # Built by one compiled program per device: a 1e8-row table and its moments are
+    # written once, with no host copy and no temporaries.
+    self.state = parallel.pmap_step(lambda _: init_state(setup, config), False)(
+        np.zeros(parallel.device_count()))
     self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
     self.no_diagnostics = parallel.replicate(np.bool_(False))
     self.times: list[float] = []
@@ -108,8 +115,14 @@ class Runner:
       self.times.append((time.perf_counter() - start) / steps)
 
   def gflops(self) -> float:
-    """XLA's FLOP count of one train step (forward, backward, optimizer), in GFLOP."""
-    cost = self.step.lower(self.state, self.batch, self.no_diagnostics).cost_analysis()
+    """XLA's FLOP count of one train step (forward, backward, optimizer), in GFLOP.
+
+    Counted on the step without diagnostics (``with_diagnostics=False`` static), so the
+    diagnostics branch that the timed steps compile but never run is not counted.
+    """
+    step = parallel.pmap_step(functools.partial(step_lib.train_step, self.setup,
+                                                with_diagnostics=False))
+    cost = step.lower(self.state, self.batch).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost['flops']) / 1e9
 
@@ -118,30 +131,50 @@ class Runner:
     return float(np.median(self.times))
 
 
-def bench_steps(quick: bool, batch_size: int) -> dict:
-  spec_small, spec_large = make_spec(20000), make_spec(1_000_000 - 12000 - 8000)
+def step_configs(quick: bool) -> dict[str, tuple[HybridSpec, str | None, dict]]:
+  """``name -> (spec, grad_path, config overrides)`` of every timed configuration."""
+  small, large = make_spec(20000), make_spec(1_000_000 - 12000 - 8000)
+  huge = make_spec(10_000_000 - 12000 - 8000)
+  lazy = {'embedding_optimizer': 'lazy_adam'}
   configs = {
-      'htlnet/htl': ('htlnet', 'htl', spec_small, None),
-      'htlnet/none': ('htlnet', 'none', spec_small, None),
-      'htlnet/htl/general_path': ('htlnet', 'htl', spec_small, 'general'),
-      'shared_bottom/none': ('shared_bottom', 'none', spec_small, None),
-      'htlnet/htl/1e6': ('htlnet', 'htl', spec_large, None),
-      'htlnet/none/1e6': ('htlnet', 'none', spec_large, None),
+      'htlnet/htl': (small, None, {'model': 'htlnet', 'grad_process': 'htl'}),
+      'htlnet/none': (small, None, {'model': 'htlnet', 'grad_process': 'none'}),
+      'htlnet/htl/general_path': (small, 'general', {'model': 'htlnet',
+                                                     'grad_process': 'htl'}),
+      'shared_bottom/none': (small, None, {'model': 'shared_bottom', 'grad_process': 'none'}),
+      'htlnet/htl/1e6': (large, None, {'model': 'htlnet', 'grad_process': 'htl'}),
+      'htlnet/none/1e6': (large, None, {'model': 'htlnet', 'grad_process': 'none'}),
+      'htlnet/htl/lazy': (small, None, {'model': 'htlnet', 'grad_process': 'htl', **lazy}),
+      'htlnet/htl/lazy/1e7': (huge, None, {'model': 'htlnet', 'grad_process': 'htl',
+                                           **lazy}),
+      'shared_bottom/none/lazy': (small, None, {'model': 'shared_bottom',
+                                                'grad_process': 'none', **lazy}),
+      'shared_bottom/none/lazy/1e7': (huge, None, {'model': 'shared_bottom',
+                                                   'grad_process': 'none', **lazy}),
   }
-  if not quick:
+  if not quick:                 # every model with its default process, as the paper runs it
     for name in MODELS:
-      configs.setdefault(f'{name}/none', (name, 'none', spec_small, None))
-      configs.setdefault(f'{name}/htl', (name, 'htl', spec_small, None))
+      overrides = {'model': name, 'grad_process': 'auto'}
+      if name == 'ziln':
+        overrides['head'] = 'ziln'
+      configs.setdefault(f'{name}/{model_class(name).default_grad_process}',
+                         (small, None, overrides))
+    configs['mmoe/metabalance'] = (small, None, {'model': 'mmoe',
+                                                 'grad_process': 'metabalance'})
+  return configs
+
+
+def bench_steps(quick: bool, batch_size: int) -> dict:
   runners = {}
-  for key, (model, process, spec, path) in configs.items():
-    runners[key] = Runner(model, process, spec, batch_size, path)
+  for key, (spec, path, overrides) in step_configs(quick).items():
+    runners[key] = Runner(spec, batch_size, path, **overrides)
     runners[key].run(3, record=False)              # compile and warm up
   rounds, per_round = (12, 5) if quick else (16, 10)
   for _ in range(rounds):                          # interleaved, so load hits all alike
     for runner in runners.values():
       runner.run(per_round)
   med = {k: r.median for k, r in runners.items()}
-  gflops = {k: runners[k].gflops() for k in ('htlnet/htl', 'shared_bottom/none')}
+  gflops = {k: r.gflops() for k, r in runners.items()}
 
   def ratio(a: str, b: str) -> float:
     """Median over rounds of a's window time / b's in the same round (load drifts)."""
@@ -154,7 +187,15 @@ def bench_steps(quick: bool, batch_size: int) -> dict:
       'htlnet_vs_shared_bottom_flops': gflops['htlnet/htl'] / gflops['shared_bottom/none'],
       'gflop_per_step': gflops,
       'fast_path_speedup': ratio('htlnet/htl/general_path', 'htlnet/htl'),
+      'vocab_scaling_1e7': {
+          'htlnet/htl': ratio('htlnet/htl/lazy/1e7', 'htlnet/htl/lazy'),
+          'shared_bottom/none': ratio('shared_bottom/none/lazy/1e7',
+                                      'shared_bottom/none/lazy')},
+      'lazy_vs_dense_adam': {
+          'htlnet/htl': ratio('htlnet/htl/lazy', 'htlnet/htl'),
+          'shared_bottom/none': ratio('shared_bottom/none/lazy', 'shared_bottom/none')},
       'examples_per_s': {k: batch_size / v for k, v in med.items()},
+      'gflop_per_s': {k: gflops[k] / v for k, v in med.items()},
       'step_ms': {k: 1e3 * v for k, v in med.items()},
   }
 
@@ -200,6 +241,23 @@ def bench_metrics(n: int = 1_000_000) -> dict:
   return {'metrics_1m_seconds': time.perf_counter() - start}
 
 
+def bench_huge_vocab(rows: int, batch_size: int, steps: int = 20) -> dict:
+  """HTLNet (htl) with ``lazy_adam`` at a ``rows``-row user vocabulary: examples/s, peak RSS.
+
+  1e8 rows of d = 10 are 12 GB of table and Adam moments (plus 0.8 GB of per-row counts and
+  id scratch): run it alone, on a machine with that much free memory.
+  """
+  spec = make_spec(rows - 8000 - 279 * (NUM_FIELDS - 2))
+  runner = Runner(spec, batch_size, model='htlnet', grad_process='htl',
+                  embedding_optimizer='lazy_adam')
+  runner.run(3, record=False)
+  for _ in range(steps // 5):
+    runner.run(5)
+  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {'huge_vocab_rows': spec.total_vocab, 'huge_vocab_examples_per_s':
+          batch_size / runner.median, 'huge_vocab_peak_rss_gb': peak_kb / 2**20}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--quick', action='store_true', help='fewer models and steps')
@@ -207,12 +265,18 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=2048)
   parser.add_argument('--prep_rows', type=int, default=1_200_000)
   parser.add_argument('--skip_prep', action='store_true')
+  parser.add_argument('--huge_vocab', type=int, default=0,
+                      help='only time HTLNet + lazy_adam at this many rows (e.g. 100000000)')
   parser.add_argument('--default_malloc', action='store_true',
                       help="leave glibc's malloc thresholds alone (to measure their effect)")
   args = parser.parse_args()
   tuned = False if args.default_malloc else malloc.keep_scratch_memory()
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
             'backend': jax.default_backend(), 'malloc_tuned': tuned}
+  if args.huge_vocab:
+    result.update(bench_huge_vocab(args.huge_vocab, args.batch_size))
+    print(json.dumps(result))
+    return
   if not args.skip_prep:
     result.update(bench_prep(args.prep_rows))
   result.update(bench_metrics())

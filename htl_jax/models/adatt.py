@@ -72,10 +72,12 @@ class AdaTT(HybridModel):
     sizes = [self.experts_per_task] * num_tasks
     if self.num_shared_experts:
       sizes.append(self.num_shared_experts)
-    groups = [
-        moe.ExpertBank(dims, size, name=f'level_{level}_experts_{u}')(inputs[u])
-        for u, size in enumerate(sizes)
-    ]
+    # Every group of the level at once: groups reading the same input (all of them at the
+    # first level) share one matmul.
+    banks = [moe.ExpertWeights(dims, size, inputs[u].shape[-1],
+                               name=f'level_{level}_experts_{u}')()
+             for u, size in enumerate(sizes)]
+    groups = moe.apply_banks(banks, inputs[:len(sizes)])
     every_expert = jnp.concatenate(groups, axis=1)
     num_units = num_tasks if last else len(sizes)
     fused = []

@@ -43,11 +43,14 @@ class PLE(HybridModel):
     """One extraction network (Eq. 5-6); returns the next level's task and shared inputs."""
     dims = (width,)
     num_shared = self.cfg.num_experts
-    task_experts = [
-        moe.ExpertBank(dims, self.experts_per_task, name=f'level_{level}_task_{t}')(x)
-        for t, x in enumerate(task_in)
-    ]
-    shared_experts = moe.ExpertBank(dims, num_shared, name=f'level_{level}_shared')(shared_in)
+    # Every bank of the level at once: banks reading the same input (all of them at the
+    # first level) share one matmul.
+    banks = [moe.ExpertWeights(dims, self.experts_per_task, x.shape[-1],
+                               name=f'level_{level}_task_{t}')()
+             for t, x in enumerate(task_in)]
+    banks.append(moe.ExpertWeights(dims, num_shared, shared_in.shape[-1],
+                                   name=f'level_{level}_shared')())
+    *task_experts, shared_experts = moe.apply_banks(banks, [*task_in, shared_in])
     task_out = []
     for t, x in enumerate(task_in):
       selected = jnp.concatenate([task_experts[t], shared_experts], axis=1)

@@ -144,17 +144,52 @@ def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
   """For each position, the first position in ``flat_ids`` holding the same id, ``[N]``.
 
   A scatter-min into an int32 scratch of ``num_ids`` slots then a gather: O(N) work plus an
-  int32 fill of ``num_ids`` (a tenth of a d=10 float table, far less than the optimizer's
-  pass over the table). No sort: XLA:CPU sorts 92k ids in ~27 ms, which this avoids.
+  int32 fill of ``num_ids`` (a tenth of a d=10 float table, far less than dense Adam's pass
+  over the table). No sort: XLA:CPU sorts 92k ids in ~27 ms, which this avoids. Without
+  the fill, see :func:`first_occurrence_in`.
   """
-  n = flat_ids.shape[0]
-  positions = jnp.arange(n, dtype=jnp.int32)
-  first = jnp.full((num_ids,), n, jnp.int32).at[flat_ids].min(positions)
-  return first[flat_ids]
+  return first_occurrence_in(flat_ids, new_id_scratch(num_ids))[0]
+
+
+# An id scratch slot that no position has written (larger than any position).
+_NO_POSITION = jnp.iinfo(jnp.int32).max
+
+
+def new_id_scratch(num_ids: int) -> jax.Array:
+  """The ``[num_ids]`` int32 scratch of :func:`first_occurrence_in`, every slot unwritten."""
+  return jnp.full((num_ids,), _NO_POSITION, jnp.int32)
+
+
+def first_occurrence_in(flat_ids: jax.Array, scratch: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+  """:func:`first_occurrence` in a persistent scratch: O(N) work, no O(num_ids) fill.
+
+  The scratch (from :func:`new_id_scratch`, kept in the train state) is unwritten
+  everywhere on entry; the positions are scatter-min'ed into the slots of ``flat_ids``,
+  gathered, and those slots reset, so it is unwritten everywhere again on return. Pass the
+  scratch in a donated buffer and use only the returned one: XLA then updates it in place.
+
+  Returns:
+    ``(first [N], scratch)``.
+  """
+  positions = jnp.arange(flat_ids.shape[0], dtype=jnp.int32)
+  written = scratch.at[flat_ids].min(positions, mode='promise_in_bounds')
+  first = written[flat_ids]
+  # The reset values are computed from ``first`` (max(first, _NO_POSITION) is
+  # _NO_POSITION): a reset that does not depend on the gather makes XLA copy the whole
+  # scratch twice, to keep the gather's input alive past the in-place scatters.
+  unwritten = jnp.maximum(first, _NO_POSITION)
+  return first, written.at[flat_ids].set(unwritten, mode='promise_in_bounds')
+
+
+def occurrences(first: jax.Array) -> jax.Array:
+  """``[N]`` float32: at an id's first position, how often the id occurs; 0 elsewhere."""
+  return jnp.zeros(first.shape, jnp.float32).at[first].add(1.0, mode='promise_in_bounds')
 
 
 def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], num_ids: int,
-                   dense: bool | None = None) -> IdGradients:
+                   dense: bool | None = None, first: jax.Array | None = None
+                   ) -> IdGradients:
   """Sum row gradients that hit the same table id, per task.
 
   Args:
@@ -166,9 +201,12 @@ def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], n
     dense: True: sum into a ``[K, num_ids, d]`` table gradient; False: N slots, one per
       looked-up row. None (default) picks the smaller, so the cost is bounded by
       ``min(num_ids, N)`` and never grows with the vocabulary beyond the batch.
+    first: the slots' :func:`first_occurrence` positions when already known (then the
+      slots are sparse and nothing of size ``num_ids`` is touched).
 
   Returns:
-    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None and ``grads`` is the table gradient.
+    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None
+    and ``grads`` is the table gradient.
     Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
     every other slot holds zeros, and ``ids`` are the flat ids.
   """
@@ -176,11 +214,12 @@ def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], n
   n = flat.shape[0]
   sets = list(row_grads)
   dim = sets[0].shape[-1]
-  is_dense = dense if dense is not None else num_ids <= n
+  is_dense = first is None and (dense if dense is not None else num_ids <= n)
   if is_dense:
     num_slots, slots = num_ids, flat
   else:
-    num_slots, slots = n, first_occurrence(flat, num_ids)
+    num_slots = n
+    slots = first if first is not None else first_occurrence(flat, num_ids)
   # Task k's slots are rows [k * num_slots, (k + 1) * num_slots) of ONE buffer that every
   # scatter updates in place: no per-task buffers to stack afterwards.
   summed = jnp.zeros((len(sets) * num_slots, dim), sets[0].dtype)

@@ -39,8 +39,8 @@ from htl_jax.serve import preprocessing as serve_preprocessing
 from htl_jax.train import malloc, parallel, step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.writers import RunWriter, defined_metrics
-from htl_jax.train.state import (GRAD_PROCESSES, TrainSetup, init_state, make_setup,
-                                  resolve_grad_process)
+from htl_jax.train.state import (EMBEDDING_OPTIMIZERS, GRAD_PROCESSES, TrainSetup,
+                                  init_state, make_setup, resolve_grad_process)
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ def check_config(config) -> None:
   """Reject impossible settings before any data is read."""
   choices = {'model': tuple(MODELS), 'grad_process': GRAD_PROCESSES,
              'head': ('mse', 'ziln'), 'core_transform': CORE_TRANSFORMS,
-             'fusion': ('attention', 'concat')}
+             'fusion': ('attention', 'concat'), 'embedding_optimizer': EMBEDDING_OPTIMIZERS}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ConfigError(f'config.{key}={config[key]!r} is not one of {list(allowed)}')

@@ -2,7 +2,10 @@
 
 ``TrainState`` holds everything that changes during training: ``step``, ``params``
 (``{'embedding': {'table': E}, 'model': towers...}``), ``opt_state``
-(``{'balance': gradient-process state over theta_s, 'optimizer': Adam state}``), the Gumbel-softmax
+(``{'balance': gradient-process state over theta_s, 'optimizer': Adam state}``; with
+``embedding_optimizer='lazy_adam'`` the Adam state is ``{'model': dense Adam state, 'table':
+row-wise Adam state}`` and ``opt_state['id_scratch']`` is the ``[vocab]`` int32 scratch of
+:func:`htl_jax.optim.per_task.first_occurrence_in`), the Gumbel-softmax
 temperature ``tau`` (Appendix A: ``tau_0`` decayed by ``tau_decay`` every ``tau_decay_steps``
 steps, floored at ``tau_min``) and the base PRNG key ``rng``. Static things (the model, the
 optimizer, the gradient process) live in :class:`TrainSetup`, bound into the steps.
@@ -23,10 +26,11 @@ import optax
 from htl_jax import optim
 from htl_jax.losses import CoreTransform, Objective
 from htl_jax.models import ModelConfig, get_model, model_class
-from htl_jax.optim import per_task
+from htl_jax.optim import lazy_adam, per_task
 from htl_jax.spec import HybridSpec
 
 GRAD_PROCESSES = ('auto', 'htl', 'pcgrad', 'metabalance', 'none')
+EMBEDDING_OPTIMIZERS = ('adam', 'lazy_adam')
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -58,7 +62,9 @@ class TrainSetup:
   ``shared`` are the ``fnmatch`` patterns of the model parameters that join the embedding in
   ``theta_s`` (the model's class fact); ``table_copies`` is the number of embedding tables
   (``num_tasks`` for a model with independent tasks, else 1), stacked as blocks of rows of
-  one table, and ``offsets`` has one entry per looked-up field of every copy.
+  one table, and ``offsets`` has one entry per looked-up field of every copy. ``row_adam``
+  is the table's row-wise Adam (``embedding_optimizer='lazy_adam'``; ``tx`` then updates
+  ``params['model']`` only), None when ``tx`` (dense Adam) updates every parameter.
   """
 
   spec: HybridSpec
@@ -73,6 +79,7 @@ class TrainSetup:
   offsets: tuple[int, ...]
   shared: tuple[str, ...]
   table_copies: int
+  row_adam: Optional[lazy_adam.RowAdam] = None
 
   @property
   def table_rows(self) -> int:
@@ -114,6 +121,19 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(config['learning_rate'])
 
 
+def make_row_adam(config) -> Optional[lazy_adam.RowAdam]:
+  """The table's row-wise Adam for ``embedding_optimizer='lazy_adam'``, else None.
+
+  It has the same learning rate and moments' decays as the dense Adam of the model.
+  """
+  name = config['embedding_optimizer']
+  if name == 'adam':
+    return None
+  if name == 'lazy_adam':
+    return lazy_adam.RowAdam(config['learning_rate'])
+  raise ValueError(f'embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {name!r}')
+
+
 # Config fields that do NOT shape the compiled steps (data, schedule, loop and output). Every
 # other top-level field does: runs that agree on all of those (and on the spec and core
 # transform) share one TrainSetup, so the runs of a reproduction suite or a tuning study in
@@ -153,7 +173,7 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
       tau=TauSchedule(config['tau0'], config['tau_decay'], config['tau_decay_steps'],
                       config['tau_min']),
       l2=float(config['l2']), offsets=offsets, shared=tuple(model.shared),
-      table_copies=copies)
+      table_copies=copies, row_adam=make_row_adam(config))
 
 
 def init_state(setup: TrainSetup, config) -> TrainState:
@@ -172,6 +192,11 @@ def init_state(setup: TrainSetup, config) -> TrainState:
              'shared': per_task.split_shared(params['model'], setup.shared)[0]}
   balance_state = (setup.balance.init(theta_s)
                    if setup.balance is not None else optax.EmptyState())
-  opt_state = {'balance': balance_state, 'optimizer': setup.tx.init(params)}
+  if setup.row_adam is None:
+    opt_state = {'balance': balance_state, 'optimizer': setup.tx.init(params)}
+  else:
+    opt_state = {'balance': balance_state,
+                 'optimizer': lazy_adam.init_state(setup.tx, setup.row_adam, params),
+                 'id_scratch': per_task.new_id_scratch(setup.table_rows)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     tau=jnp.asarray(config.tau0, jnp.float32), rng=rng)
