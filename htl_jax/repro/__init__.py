@@ -1,0 +1,1 @@
+"""Reproduction and tuning of the paper's experiments (DESIGN section 10)."""
