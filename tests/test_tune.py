@@ -157,10 +157,10 @@ def test_hopeless_trial_is_pruned(cache_dir, tmp_path, monkeypatch):
 def _tune_command(workdir, cache_dir: str, trials: int, storage: str = '') -> list[str]:
   overrides = [flag for flag in cli_overrides(cache_dir)
                if not flag.startswith(('--config.max_steps', '--config.eval_every',
-                                       '--config.checkpoint_every'))]
+                                       '--config.checkpoint_every', '--config.patience'))]
   return [sys.executable, '-m', 'experiments.tune', f'--config=configs/kuairand.py:{TINY_ARG}',
           *overrides, '--config.max_steps=160', '--config.eval_every=20',
-          '--config.checkpoint_every=20', '--model=shared_bottom', f'--trials={trials}',
+          '--config.checkpoint_every=20', '--config.patience=100', '--model=shared_bottom', f'--trials={trials}',
           f'--workdir={workdir}', '--params=learning_rate', '--pruner_startup_trials=1000',
           *([f'--storage={storage}'] if storage else [])]
 
@@ -175,9 +175,9 @@ def tune_env(tmp_path_factory) -> dict[str, str]:
 
 
 def _start(command: list[str], env: dict, log_path) -> subprocess.Popen:
-  log = open(log_path, 'w')
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  with open(log_path, 'w') as log:       # the child keeps its own copy of the descriptor
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _trial_states(db_path) -> dict[int, str]:
@@ -190,12 +190,22 @@ def _trial_states(db_path) -> dict[int, str]:
     return {}
 
 
+def _saved_steps(run_dir) -> list[int]:
+  """Steps of the finished checkpoints in ``run_dir/checkpoints/latest``."""
+  try:
+    return [int(name) for name in os.listdir(run_dir / 'checkpoints' / 'latest')
+            if name.isdigit()]
+  except FileNotFoundError:
+    return []
+
+
 def _wait(process: subprocess.Popen, log_path, timeout: float = 300) -> str:
   try:
     process.wait(timeout=timeout)
   finally:
     if process.poll() is None:
       os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
   with open(log_path) as f:
     output = f.read()
   assert process.returncode == 0, output[-3000:]
@@ -212,12 +222,11 @@ def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_e
   command = _tune_command(workdir, cache_dir, trials=3)
   first = _start(command, tune_env, tmp_path / 'first.log')
   deadline = time.time() + 300
-  # Kill it once trial 0 has completed and trial 1 has saved a checkpoint.
+  # Kill it (SIGKILL) once trial 0 has completed and trial 1 has saved a checkpoint.
   while time.time() < deadline and first.poll() is None:
     states = _trial_states(db)
     if (states.get(0) == 'COMPLETE' and states.get(1) == 'RUNNING'
-        and os.path.exists(workdir / 'trials' / '1' / 'metrics.jsonl')
-        and os.path.getsize(workdir / 'trials' / '1' / 'metrics.jsonl') > 0):
+        and _saved_steps(workdir / 'trials' / '1')):
       os.killpg(first.pid, signal.SIGKILL)
       break
     time.sleep(0.05)
@@ -255,8 +264,14 @@ def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
                    trials: int = 4) -> optuna.Study:
   command = _tune_command(workdir, cache_dir, trials=trials, storage=storage)
   processes = [_start(command, env, tmp_path / f'worker{i}.log') for i in range(2)]
-  for i, process in enumerate(processes):
-    _wait(process, tmp_path / f'worker{i}.log')
+  try:
+    for i, process in enumerate(processes):
+      _wait(process, tmp_path / f'worker{i}.log')
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
   study = _load_study(storage or f'sqlite:///{workdir}/optuna.db')
   trials_run = [t for t in study.trials if not t.user_attrs.get('surplus')]
   assert [t.state.name for t in trials_run] == ['COMPLETE'] * trials

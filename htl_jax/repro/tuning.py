@@ -221,9 +221,13 @@ class Objective:
 
     try:
       result = loop_lib.train_and_evaluate(plan.config, run_dir, on_eval=on_eval)
-    except loop_lib.NonFiniteError as error:
+    except (loop_lib.NonFiniteError, loop_lib.ConfigError) as error:
+      # A diverging run, or hyperparameters this data cannot take (a batch larger than the
+      # training split): a bad point of the space, counted as pruned so that TPE avoids it
+      # (the base config itself was checked before the first trial).
       trial.set_user_attr('stopped', str(error))
-      raise optuna.TrialPruned(f'non-finite training: {error}') from None
+      logging.warning('trial %d stopped: %s', trial.number, error)
+      raise optuna.TrialPruned(str(error)) from None
     for key in ('steps', 'epochs', 'best_step', 'train_seconds'):
       trial.set_user_attr(key, result[key])
     value = result['valid'][_core_task(result['valid'])][self.metric]
