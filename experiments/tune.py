@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
   except (DataError, ConfigError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
-  logging.info('study %s: %s', summary['study'], json.dumps(summary['counts']))
+  logging.info('study %s: %s trials, %.0f s in this process', summary['study'],
+               json.dumps(summary['counts']), summary['wall_seconds'])
   if summary['best'] is not None:
     best = summary['best']
     logging.info('best trial %d: valid %s = %.6g with %s', best['trial'], best['metric'],
