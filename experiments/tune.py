@@ -37,6 +37,8 @@ flags.DEFINE_list('params', [], 'Subset of the model\'s Table 6 hyperparameters 
                   '(default: all; the others keep the config\'s values).')
 flags.DEFINE_integer('pruner_startup_trials', 5,
                      'Completed trials before the median pruner starts pruning.')
+flags.DEFINE_integer('pruner_warmup_evals', 1,
+                     'Evaluations every trial runs before the pruner may stop it.')
 
 
 def main(argv: list[str]) -> None:
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> None:
     storage = storage_lib.open_storage(storage_lib.storage_url(FLAGS.workdir, FLAGS.storage))
     summary = tuning.run_study(config, FLAGS.workdir, storage, n_trials=FLAGS.trials,
                                study_name=FLAGS.study_name, params=FLAGS.params,
-                               pruner_startup_trials=FLAGS.pruner_startup_trials)
+                               pruner_startup_trials=FLAGS.pruner_startup_trials,
+                               pruner_warmup_evals=FLAGS.pruner_warmup_evals)
   except (DataError, ConfigError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)

@@ -131,23 +131,23 @@ def test_stored_study_of_another_config_is_refused(tmp_path):
 
 
 def test_hopeless_trial_is_pruned(cache_dir, tmp_path, monkeypatch):
-  # Two good trials (learning rate 1e-2) complete; then one at 1e-5 with a 16-step budget.
+  # Two good trials (learning rate 1e-2) complete; then one at 1e-5, all with 40 steps.
   monkeypatch.setitem(tuning.TABLE6, 'learning_rate', (1e-5, 1e-2))
-  base = tiny_config(cache_dir, model='shared_bottom', max_steps=16, eval_every=4)
+  base = tiny_config(cache_dir, model='shared_bottom', max_steps=40, eval_every=10)
   storage = optuna.storages.RDBStorage(f'sqlite:///{tmp_path}/optuna.db')
   study = tuning.open_study(base, storage, study_name='prune',
-                            space=tuning.search_space(base, ['learning_rate']),
-                            pruner_startup_trials=2)
+                            space=tuning.search_space(base, ['learning_rate']))
   for rate in (1e-2, 1e-2, 1e-5):
     study.enqueue_trial({'learning_rate': rate})
   summary = tuning.run_study(base, str(tmp_path), storage, n_trials=3, study_name='prune',
-                             params=['learning_rate'], pruner_startup_trials=2)
+                             params=['learning_rate'], pruner_startup_trials=2,
+                             pruner_warmup_evals=1)
   good, _, hopeless = study.get_trials()
   assert [t.state.name for t in study.get_trials()] == ['COMPLETE', 'COMPLETE', 'PRUNED']
   assert summary['counts']['PRUNED'] == 1 and summary['best']['trial'] == 0
   assert list(good.intermediate_values) == [1, 2, 3, 4]
-  assert list(hopeless.intermediate_values) == [1]       # stopped at its first evaluation
-  assert hopeless.intermediate_values[1] > good.intermediate_values[1]
+  assert list(hopeless.intermediate_values) == [1, 2]    # stopped after its warm-up
+  assert hopeless.intermediate_values[2] > good.intermediate_values[2]
   assert not os.path.exists(tmp_path / 'trials' / '2' / 'metrics.json')
 
 

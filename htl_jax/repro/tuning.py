@@ -339,8 +339,12 @@ def study_fingerprint(base, space: dict[str, tuple]) -> str:
 
 
 def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
-               pruner_startup_trials: int = 5) -> optuna.Study:
+               pruner_startup_trials: int = 5, pruner_warmup_evals: int = 1) -> optuna.Study:
   """Create or load the study; refuse one that was created for a different config.
+
+  The median pruner prunes a trial whose best value so far is worse than the median of the
+  completed trials' values at the same evaluation, once ``pruner_startup_trials`` trials
+  have completed and the trial is past its first ``pruner_warmup_evals`` evaluations.
 
   Raises:
     loop_lib.ConfigError: the stored study's config or search space differs from ``base``'s.
@@ -349,7 +353,8 @@ def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
       storage=storage, study_name=study_name, load_if_exists=True,
       direction=direction(core_metric(base)),
       sampler=TrialSeededTPESampler(base.seed),
-      pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials))
+      pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
+                                         n_warmup_steps=pruner_warmup_evals + 1))
   expected = study_fingerprint(base, space)
   stored = study.user_attrs.get('fingerprint')
   if stored is None:
@@ -394,7 +399,7 @@ def _has_heartbeat(storage) -> bool:
 
 def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '',
               params: Sequence[str] = (), pruner_startup_trials: int = 5,
-              poll_seconds: float = 2.0) -> dict[str, Any]:
+              pruner_warmup_evals: int = 1, poll_seconds: float = 2.0) -> dict[str, Any]:
   """Run trials until the study has ``n_trials`` finished ones (see module doc).
 
   Args:
@@ -406,6 +411,8 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
     study_name: '' = ``<dataset>-<model>``.
     params: subset of the model's Table 6 hyperparameters to search ('' / empty = all).
     pruner_startup_trials: completed trials before the median pruner starts pruning.
+    pruner_warmup_evals: evaluations every trial runs before it can be pruned (the first
+      ones are noisy: on Hillstrom the first epoch's NRMSE did not predict the last one's).
     poll_seconds: wait between checks while the last trials run in other processes.
 
   Returns:
@@ -418,7 +425,8 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
   space = search_space(base, params)
   study_name = study_name or f'{dataset_name(base)}-{base.model}'
   study = open_study(base, storage, study_name=study_name, space=space,
-                     pruner_startup_trials=pruner_startup_trials)
+                     pruner_startup_trials=pruner_startup_trials,
+                     pruner_warmup_evals=pruner_warmup_evals)
   os.makedirs(workdir, exist_ok=True)
   objective = Objective(study, base, workdir, space, n_trials)
   metric = core_metric(base)
