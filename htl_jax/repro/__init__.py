@@ -6,4 +6,5 @@
 - :mod:`htl_jax.repro.runner`: the runs of an experiment as trials of one study.
 - :mod:`htl_jax.repro.report`: ``results.csv`` and ``table.md`` with significance.
 - :mod:`htl_jax.repro.figures`: Fig. 5, 7 and 8.
+- :mod:`htl_jax.repro.tuning`: Table 6's search space, tuned with Optuna per model.
 """

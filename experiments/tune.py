@@ -1,0 +1,79 @@
+"""Tune one model over the paper's Table 6 with Optuna (``htl_jax.repro.tuning``).
+
+  python -m experiments.tune --config=configs/kuairand.py --model=htlnet --trials=50 \\
+      --workdir=runs/tune/htlnet [--storage=postgresql://user@host/db]
+
+The study lives in ``<workdir>/optuna.db`` (SQLite) unless ``--storage`` names another
+database; start the same command on several machines with one PostgreSQL ``--storage`` and
+they share the trials. Rerunning a killed command continues the study. Writes
+``<workdir>/best.json`` (the best trial's config overrides and validation metrics, read by
+``experiments.reproduce --tuned=DIR`` as ``DIR/<model>/best.json``), ``<workdir>/trials.csv``
+and one run dir per trial, ``<workdir>/trials/<number>``. Exit code 2 with one line on bad
+input (config, data, flags).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import main as main_cli    # --config and --workdir, one-line flag errors
+from htl_jax.data.schema import DataError
+from htl_jax.repro import storage as storage_lib
+from htl_jax.repro import tuning
+from htl_jax.train.loop import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', '', 'Model to tune ("" = the config\'s model).')
+flags.DEFINE_integer('trials', 50, 'Finished (completed or pruned) trials the study reaches.')
+flags.DEFINE_string('storage', '', 'Optuna storage URL ("" = sqlite:///<workdir>/optuna.db).')
+flags.DEFINE_string('study_name', '', 'Study name ("" = <dataset>-<model>).')
+flags.DEFINE_list('params', [], 'Subset of the model\'s Table 6 hyperparameters to search '
+                  '(default: all; the others keep the config\'s values).')
+flags.DEFINE_integer('pruner_startup_trials', 5,
+                     'Completed trials before the median pruner starts pruning.')
+flags.DEFINE_integer('pruner_warmup_evals', 1,
+                     'Evaluations every trial runs before the pruner may stop it.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  # Orbax logs every save at INFO; keep the study's own lines readable.
+  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  try:
+    config = FLAGS.config
+    config['model']            # config_flags defers a load failure to the first access
+  except (OSError, ValueError) as error:
+    print(f'error: cannot load --config: {main_cli._one_line(error)}', file=sys.stderr)
+    sys.exit(2)
+  try:
+    if FLAGS.model:
+      config.model = FLAGS.model
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+      raise ConfigError(f'--workdir {FLAGS.workdir} is an existing file, not a directory')
+    os.makedirs(FLAGS.workdir, exist_ok=True)     # the SQLite file goes there
+    storage = storage_lib.open_storage(storage_lib.storage_url(FLAGS.workdir, FLAGS.storage))
+    summary = tuning.run_study(config, FLAGS.workdir, storage, n_trials=FLAGS.trials,
+                               study_name=FLAGS.study_name, params=FLAGS.params,
+                               pruner_startup_trials=FLAGS.pruner_startup_trials,
+                               pruner_warmup_evals=FLAGS.pruner_warmup_evals)
+  except (DataError, ConfigError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('study %s: %s trials, %.0f s in this process', summary['study'],
+               json.dumps(summary['counts']), summary['wall_seconds'])
+  if summary['best'] is not None:
+    best = summary['best']
+    logging.info('best trial %d: valid %s = %.6g with %s', best['trial'], best['metric'],
+                 best['value'], json.dumps(best['overrides']))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=main_cli.parse_flags)

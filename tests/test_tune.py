@@ -1,0 +1,302 @@
+"""Tuning with Optuna (``htl_jax.repro.tuning``, ``experiments.tune``).
+
+The search space per model and the README's table, the trial schedule, the sampler's seeds
+and the stored-config guard need no training. One in-process study shows a hopeless trial
+being pruned; the command-line tests kill a study mid-trial with SIGKILL and rerun it, and
+run two processes on one storage (SQLite, and a real local PostgreSQL where its binaries
+exist). The subprocesses share a persistent JAX compilation cache so that each distinct
+trial compiles once for the whole module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
+from configs import hillstrom
+from htl_jax.repro import tuning
+from htl_jax.train.loop import ConfigError
+from postgres_server import postgres_url  # noqa: F401  (pytest fixture)
+
+_BASE = ('embed_dim', 'batch_size', 'learning_rate', 'l2')
+_LEU = ('label_embed_dim', 'tau_decay_steps')
+
+
+def _config(**overrides):
+  config = hillstrom.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+# ----------------------------------------------------------------------------- no training
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({'model': 'htlnet'}, _BASE + _LEU + ('alpha', 'gamma', 'clip')),
+    ({'model': 'shared_bottom'}, _BASE),
+    ({'model': 'dnn'}, _BASE),
+    ({'model': 'mmoe', 'grad_process': 'metabalance'}, _BASE),
+    ({'model': 'shared_bottom', 'grad_process': 'htl'}, _BASE + ('alpha', 'gamma', 'clip')),
+    ({'model': 'htlnet', 'grad_process': 'none'}, _BASE + _LEU),
+    ({'model': 'htlnet', 'use_label_embedding': False}, _BASE + ('alpha', 'gamma', 'clip')),
+    ({'model': 'htlnet', 'grad_magnitude': False}, _BASE + _LEU + ('alpha',)),
+    ({'model': 'htlnet', 'grad_conflict': False}, _BASE + _LEU + ('gamma', 'clip')),
+], ids=lambda v: '-'.join(map(str, v.values())) if isinstance(v, dict) else None)
+def test_search_space_has_only_the_models_hyperparameters(overrides, expected):
+  space = tuning.search_space(_config(**overrides))
+  assert tuple(space) == expected
+  for name, grid in space.items():
+    assert grid == tuning.TABLE6[name]
+    assert _config()[name] in grid or name == 'tau_decay_steps', name   # defaults included
+
+
+def test_search_space_subset_and_unknown_names():
+  config = _config(model='shared_bottom')
+  assert tuple(tuning.search_space(config, ['l2', 'learning_rate'])) == ('learning_rate', 'l2')
+  with pytest.raises(ConfigError, match='alpha'):
+    tuning.search_space(config, ['alpha'])
+
+
+def test_readme_prints_table6():
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  rows = dict(re.findall(r'^\| [^|]+ \| `(\w+)` \| ([^|]+) \|', readme, re.MULTILINE))
+  assert set(rows) == set(tuning.TABLE6)
+  for name, grid in tuning.TABLE6.items():
+    assert [float(v) for v in rows[name].split(',')] == [float(v) for v in grid], name
+
+
+def test_objective_metric_and_direction():
+  assert tuning.core_metric(_config()) == 'nrmse'
+  assert tuning.core_metric(_config(head='ziln')) == 'gini'
+  assert tuning.core_metric(_config(best_metric='nmae', head='ziln')) == 'nmae'
+  assert tuning.direction('nrmse') == 'minimize' and tuning.direction('gini') == 'maximize'
+
+
+def test_trial_plan_keeps_examples_per_evaluation():
+  base = _config(max_steps=1000)        # hillstrom: batch 512, eval every 100 steps
+  plan = tuning.trial_plan(base, {'batch_size': 2048, 'learning_rate': 0.01})
+  assert plan.config.batch_size == 2048 and plan.config.learning_rate == 0.01
+  assert (plan.config.eval_every, plan.config.checkpoint_every, plan.config.max_steps) == (
+      25, 25, 250)
+  assert plan.config.best_metric == 'nrmse'
+  assert [plan.report_step(s) for s in (25, 50, 60)] == [1, 2, 3]
+  assert base.batch_size == 512 and base.eval_every == 100       # base untouched
+
+
+def _sample(sampler, study, trials: int) -> list:
+  def objective(trial):
+    return trial.suggest_categorical('x', list(range(1000))) + trial.suggest_float('y', 0, 1)
+  study.sampler = sampler
+  study.optimize(objective, n_trials=trials)
+  return [t.params for t in study.trials]
+
+
+def test_sampler_seeds_per_trial_number():
+  one = _sample(tuning.TrialSeededTPESampler(7), optuna.create_study(), 4)
+  assert one == _sample(tuning.TrialSeededTPESampler(7), optuna.create_study(), 4)
+  assert one != _sample(tuning.TrialSeededTPESampler(8), optuna.create_study(), 4)
+  # Two processes on one study: each draws from its trial's number, not from its own
+  # generator, so the second process does not repeat the first one's startup draws.
+  shared = optuna.create_study()
+  first = _sample(tuning.TrialSeededTPESampler(7), shared, 2)
+  both = _sample(tuning.TrialSeededTPESampler(7), shared, 2)
+  assert both[:2] == first and both[2:] == one[2:]
+
+
+def test_stored_study_of_another_config_is_refused(tmp_path):
+  storage = optuna.storages.RDBStorage(f'sqlite:///{tmp_path}/optuna.db')
+  base = _config(model='shared_bottom')
+  space = tuning.search_space(base)
+  tuning.open_study(base, storage, study_name='s', space=space)
+  tuning.open_study(_config(model='shared_bottom', cache_dir='/elsewhere'), storage,
+                    study_name='s', space=space)          # machine-local paths may differ
+  with pytest.raises(ConfigError, match='num_epochs'):
+    tuning.open_study(_config(model='shared_bottom', num_epochs=2), storage, study_name='s',
+                      space=space)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def test_hopeless_trial_is_pruned(cache_dir, tmp_path, monkeypatch):
+  # Two good trials (learning rate 1e-2) complete; then one at 1e-5, all with 40 steps.
+  monkeypatch.setitem(tuning.TABLE6, 'learning_rate', (1e-5, 1e-2))
+  base = tiny_config(cache_dir, model='shared_bottom', max_steps=40, eval_every=10)
+  storage = optuna.storages.RDBStorage(f'sqlite:///{tmp_path}/optuna.db')
+  study = tuning.open_study(base, storage, study_name='prune',
+                            space=tuning.search_space(base, ['learning_rate']))
+  for rate in (1e-2, 1e-2, 1e-5):
+    study.enqueue_trial({'learning_rate': rate})
+  summary = tuning.run_study(base, str(tmp_path), storage, n_trials=3, study_name='prune',
+                             params=['learning_rate'], pruner_startup_trials=2,
+                             pruner_warmup_evals=1)
+  good, _, hopeless = study.get_trials()
+  assert [t.state.name for t in study.get_trials()] == ['COMPLETE', 'COMPLETE', 'PRUNED']
+  assert summary['counts']['PRUNED'] == 1 and summary['best']['trial'] == 0
+  assert list(good.intermediate_values) == [1, 2, 3, 4]
+  assert list(hopeless.intermediate_values) == [1, 2]    # stopped after its warm-up
+  assert hopeless.intermediate_values[2] > good.intermediate_values[2]
+  assert not os.path.exists(tmp_path / 'trials' / '2' / 'metrics.json')
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _tune_command(workdir, cache_dir: str, trials: int, storage: str = '') -> list[str]:
+  overrides = [flag for flag in cli_overrides(cache_dir)
+               if not flag.startswith(('--config.max_steps', '--config.eval_every',
+                                       '--config.checkpoint_every', '--config.patience'))]
+  return [sys.executable, '-m', 'experiments.tune', f'--config=configs/kuairand.py:{TINY_ARG}',
+          *overrides, '--config.max_steps=160', '--config.eval_every=20',
+          '--config.checkpoint_every=20', '--config.patience=100', '--model=shared_bottom', f'--trials={trials}',
+          f'--workdir={workdir}', '--params=learning_rate', '--pruner_startup_trials=1000',
+          *([f'--storage={storage}'] if storage else [])]
+
+
+@pytest.fixture(scope='module')
+def tune_env(tmp_path_factory) -> dict[str, str]:
+  """Subprocess environment: a JAX compilation cache shared by the module's processes."""
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache,
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0', 'HTL_JAX_HEARTBEAT_SECONDS': '1'}
+
+
+def _start(command: list[str], env: dict, log_path) -> subprocess.Popen:
+  with open(log_path, 'w') as log:       # the child keeps its own copy of the descriptor
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _trial_states(db_path) -> dict[int, str]:
+  if not os.path.exists(db_path):
+    return {}
+  try:
+    with sqlite3.connect(db_path, timeout=5) as db:
+      return dict(db.execute('SELECT number, state FROM trials').fetchall())
+  except sqlite3.OperationalError:        # tables not created yet, or locked
+    return {}
+
+
+def _saved_steps(run_dir) -> list[int]:
+  """Steps of the finished checkpoints in ``run_dir/checkpoints/latest``."""
+  try:
+    return [int(name) for name in os.listdir(run_dir / 'checkpoints' / 'latest')
+            if name.isdigit()]
+  except FileNotFoundError:
+    return []
+
+
+def _wait(process: subprocess.Popen, log_path, timeout: float = 300) -> str:
+  try:
+    process.wait(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+  with open(log_path) as f:
+    output = f.read()
+  assert process.returncode == 0, output[-3000:]
+  return output
+
+
+def _load_study(storage_url: str) -> optuna.Study:
+  return optuna.load_study(study_name='kuairand-sample-shared_bottom', storage=storage_url)
+
+
+def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_env):
+  workdir = tmp_path / 'tune'
+  db = workdir / 'optuna.db'
+  command = _tune_command(workdir, cache_dir, trials=3)
+  first = _start(command, tune_env, tmp_path / 'first.log')
+  deadline = time.time() + 300
+  # Kill it (SIGKILL) once trial 0 has completed and trial 1 has saved a checkpoint.
+  while time.time() < deadline and first.poll() is None:
+    states = _trial_states(db)
+    if (states.get(0) == 'COMPLETE' and states.get(1) == 'RUNNING'
+        and _saved_steps(workdir / 'trials' / '1')):
+      os.killpg(first.pid, signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  first.wait(timeout=60)
+  assert first.returncode == -signal.SIGKILL, open(tmp_path / 'first.log').read()[-3000:]
+  finished_0 = os.path.getmtime(workdir / 'trials' / '0' / 'metrics.json')
+
+  output = _wait(_start(command, tune_env, tmp_path / 'second.log'), tmp_path / 'second.log')
+  study = _load_study(f'sqlite:///{db}')
+  states = [t.state.name for t in study.trials]
+  assert states[:2] == ['COMPLETE', 'FAIL'] and states.count('COMPLETE') == 3, states
+  retry = study.trials[2]
+  assert retry.user_attrs['run_dir'] == os.path.join('trials', '1')     # same run dir...
+  assert retry.params == study.trials[1].params
+  assert 'resumed from step' in output                                   # ...resumed
+  assert retry.user_attrs['steps'] == 160
+  assert os.path.getmtime(workdir / 'trials' / '0' / 'metrics.json') == finished_0
+  with open(workdir / 'trials' / '1' / 'metrics.jsonl') as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == list(range(20, 161, 20))              # no evaluation lost or repeated
+
+  with open(workdir / 'best.json') as f:
+    best = json.load(f)
+  best_trial = study.best_trial
+  assert best['model'] == 'shared_bottom' and best['metric'] == 'nrmse'
+  assert best['overrides'] == best_trial.params and best['value'] == best_trial.value
+  assert best['valid']['watch_time']['nrmse'] == pytest.approx(best_trial.value)
+  with open(workdir / 'trials.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [row['state'] for row in rows] == states
+  assert {'number', 'value', 'params_learning_rate', 'intermediate_values'} <= set(rows[0])
+
+
+def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
+                   trials: int = 4) -> optuna.Study:
+  command = _tune_command(workdir, cache_dir, trials=trials, storage=storage)
+  processes = [_start(command, env, tmp_path / f'worker{i}.log') for i in range(2)]
+  try:
+    for i, process in enumerate(processes):
+      _wait(process, tmp_path / f'worker{i}.log')
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+  study = _load_study(storage or f'sqlite:///{workdir}/optuna.db')
+  trials_run = [t for t in study.trials if not t.user_attrs.get('surplus')]
+  assert [t.state.name for t in trials_run] == ['COMPLETE'] * trials
+  run_dirs = [t.user_attrs['run_dir'] for t in trials_run]
+  assert len(set(run_dirs)) == trials                      # no trial ran twice
+  assert len({t.user_attrs['pid'] for t in trials_run}) == 2  # both processes worked
+  for run_dir in run_dirs:
+    with open(workdir / run_dir / 'metrics.jsonl') as f:
+      assert [json.loads(line)['step'] for line in f] == list(range(20, 161, 20))
+  return study
+
+
+def test_two_processes_share_a_sqlite_study(cache_dir, tmp_path, tune_env):
+  _two_processes(tmp_path / 'tune', cache_dir, tmp_path, tune_env, storage='')
+
+
+def test_two_processes_share_a_postgresql_study(cache_dir, tmp_path, tune_env, postgres_url):
+  _two_processes(tmp_path / 'tune', cache_dir, tmp_path, tune_env, storage=postgres_url)
+
+
+def test_cli_bad_params_is_one_line(cache_dir, tmp_path, tune_env):
+  command = _tune_command(tmp_path / 'tune', cache_dir, trials=1) + ['--params=alpha']
+  result = subprocess.run(command, cwd=REPO, env=tune_env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith('error: cannot search alpha')
+  assert 'Traceback' not in result.stderr
