@@ -15,8 +15,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+import experiments
 from htl_jax.serve.export import DEFAULT_PLATFORMS, export_run
 from htl_jax.serve.run import RunError
 
@@ -29,10 +29,7 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  experiments.start(argv)
   try:
     summary = export_run(FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms)
   except RunError as error:

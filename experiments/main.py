@@ -18,9 +18,9 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+import experiments
 from htl_jax.data.schema import DataError
 from htl_jax.train import distributed
 from htl_jax.train.loop import ConfigError, NonFiniteError, train_and_evaluate
@@ -56,11 +56,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  # Orbax logs every save at INFO; keep the run's own progress lines readable.
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  experiments.start(argv)
   try:
     config = FLAGS.config
     config['model']            # config_flags defers a load failure to the first access

@@ -18,8 +18,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+import experiments
 from htl_jax.data.schema import DataError
 from htl_jax.serve.predict import DEFAULT_CHUNK_ROWS, predict_file
 from htl_jax.serve.run import RunError
@@ -36,10 +36,7 @@ flags.mark_flags_as_required(['workdir', 'data', 'out'])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  experiments.start(argv)
   try:
     summary = predict_file(FLAGS.workdir, FLAGS.data, FLAGS.out, chunk_rows=FLAGS.chunk_rows,
                            passthrough=FLAGS.passthrough)

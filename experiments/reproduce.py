@@ -19,9 +19,9 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+import experiments
 from htl_jax.data import load_dataset
 from htl_jax.data.schema import DataError
 from htl_jax.repro import experiments as experiments_lib
@@ -64,10 +64,7 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str, storage: s
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  experiments.start(argv)
   try:
     config = FLAGS.config
     from configs import common  # pylint: disable=g-import-not-at-top

@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 
 from experiments import main as main_cli    # --config and --workdir, one-line flag errors
+import experiments
 from htl_jax.data.schema import DataError
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning
@@ -42,11 +43,7 @@ flags.DEFINE_integer('pruner_warmup_evals', 1,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  # Orbax logs every save at INFO; keep the study's own lines readable.
-  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+  experiments.start(argv)
   try:
     config = FLAGS.config
     config['model']            # config_flags defers a load failure to the first access
