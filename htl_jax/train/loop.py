@@ -262,12 +262,11 @@ def train_and_evaluate(config, workdir: str, *,
   window_start, window_steps = time.perf_counter(), 0
   examples_per_s = 0.0
   step = start
-  batch = None
   stop = loop['stopped_early'] or step >= total_steps
-  batch_iter = train_batches(data, config, start)
+  batch_iter = parallel.prefetch(train_batches(data, config, start))
   train_start = time.perf_counter()
   while not stop:
-    batch = parallel.shard(next(batch_iter))
+    batch = next(batch_iter)
     is_eval = (step + 1) % config.eval_every == 0 or step + 1 == total_steps
     rstate, m = p_train(rstate, batch, diag_on if is_eval else diag_off)
     step += 1

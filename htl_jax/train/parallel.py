@@ -18,8 +18,9 @@ nothing here needs ``shard_map``; a later move to it touches this file only.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from flax import jax_utils
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -152,3 +153,13 @@ def same_on_all_processes(values: np.ndarray) -> bool:
     return True
   everyone = np.asarray(multihost_utils.process_allgather(values))
   return bool(np.all(everyone == everyone[0]))
+
+
+def prefetch(batches: Iterator[dict[str, np.ndarray]], size: int = 2) -> Iterator[Any]:
+  """This process's batches, sharded and put on its devices ``size`` steps ahead.
+
+  The host prepares and transfers batch ``i + 1`` while the devices run step ``i``
+  (``flax.jax_utils.prefetch_to_device``).
+  """
+  return jax_utils.prefetch_to_device((shard(batch) for batch in batches), size,
+                                      devices=jax.local_devices())
