@@ -171,14 +171,14 @@ def test_killed_suite_resumes_and_matches_an_uninterrupted_one(tmp_path, cache_d
   process = subprocess.Popen(_suite(killed) + flags, env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = os.path.join(killed, 'HTLNet', 'seed0', 'metrics.json')
-  deadline = time.monotonic() + 240
+  deadline = time.monotonic() + 480
   while not os.path.exists(first) and process.poll() is None and time.monotonic() < deadline:
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
   for workdir in (killed, straight):
     done = subprocess.run(_suite(workdir) + flags, env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert '## Table 3' in done.stdout
   assert _csv_without_times(os.path.join(killed, 'results.csv')) == _csv_without_times(
