@@ -55,8 +55,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def main(argv: list[str]) -> None:
-  experiments.start(argv)
+def load_config_and_join():
+  """``--config``, then ``jax.distributed`` from the flags, before anything touches a device.
+
+  Either failing is one line on stderr and exit code 2.
+  """
   try:
     config = FLAGS.config
     config['model']            # config_flags defers a load failure to the first access
@@ -64,10 +67,16 @@ def main(argv: list[str]) -> None:
     print(f'error: cannot load --config: {_one_line(error)}', file=sys.stderr)
     sys.exit(2)
   try:
-    distributed.maybe_initialize()        # before anything touches a device
+    distributed.maybe_initialize()
   except (ConfigError, distributed.StartError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
+  return config
+
+
+def main(argv: list[str]) -> None:
+  experiments.start(argv)
+  config = load_config_and_join()
   with distributed.stop_all_on_failure():
     try:
       train_and_evaluate(config, FLAGS.workdir)

@@ -10,6 +10,11 @@ seed<k>``; the runs are the trials of an Optuna study in ``<workdir>/optuna.db``
 work, a finished run is never redone and a killed one resumes. When every run is done the
 command writes ``results.csv``, ``table.md`` (mean ± std, best bold, second underlined, ``*``
 for p <= 0.05) and the experiment's figure, and prints the table.
+
+On several hosts, one worker can be several processes (``--coordinator_address
+--num_processes --process_id``, or ``srun`` / ``mpirun`` with none of them, as for
+``experiments.main``): its primary process takes the runs and the others train each one
+with it; only the primary writes the report.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import experiments
 from htl_jax.data import load_dataset
 from htl_jax.data.schema import DataError
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro import report, runner
+from htl_jax.repro import lockstep, report, runner
+from htl_jax.train import distributed
 from htl_jax.train.loop import ConfigError, NonFiniteError, default_cache_dir
 
 FLAGS = flags.FLAGS
@@ -48,6 +54,9 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str, storage: s
   experiment = experiments_lib.get_experiment(experiment_name)
   os.makedirs(workdir, exist_ok=True)
   if not experiment.trains:
+    if lockstep.is_follower():
+      return ''
+
     data = load_dataset(config, config.cache_dir or default_cache_dir())
     text = report.dataset_table(data, f'{experiment.title} ({runner.dataset_tag(config)})')
     with open(os.path.join(workdir, 'table.md'), 'w') as f:
@@ -56,6 +65,8 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str, storage: s
   chosen = list(experiments_lib.select_variants(experiment, list(variants)))
   results = runner.run_experiment(config, experiment_name, seeds, workdir, storage=storage,
                                   variants=chosen, tuned_dir=tuned_dir)
+  if lockstep.is_follower():
+    return ''
   text = report.write_report(workdir, results, experiment, chosen)
   if experiment.figure:
     path = report.draw_figure(experiment.figure, workdir, results)
@@ -69,15 +80,22 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     from configs import common  # pylint: disable=g-import-not-at-top
     common.apply_args(config, ','.join(FLAGS.set) if FLAGS.set else None)
-    text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, FLAGS.storage,
-                     FLAGS.variants, FLAGS.tuned)
-  except (DataError, ConfigError, ValueError, OSError) as error:
+    distributed.maybe_initialize()        # before anything touches a device
+  except (DataError, ConfigError, ValueError, OSError, distributed.StartError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
-  except NonFiniteError as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(3)
-  print(text)
+  with distributed.stop_all_on_failure():
+    try:
+      text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, FLAGS.storage,
+                       FLAGS.variants, FLAGS.tuned)
+    except (DataError, ConfigError, ValueError, OSError) as error:
+      print(f'error: {error}', file=sys.stderr)
+      distributed.exit_now(2)
+    except NonFiniteError as error:
+      print(f'error: {error}', file=sys.stderr)
+      distributed.exit_now(3)
+  if text:
+    print(text)
 
 
 if __name__ == '__main__':

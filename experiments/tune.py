@@ -10,6 +10,11 @@ they share the trials. Rerunning a killed command continues the study. Writes
 ``experiments.reproduce --tuned=DIR`` as ``DIR/<model>/best.json``), ``<workdir>/trials.csv``
 and one run dir per trial, ``<workdir>/trials/<number>``. Exit code 2 with one line on bad
 input (config, data, flags).
+
+On several hosts, one worker can be several processes (``--coordinator_address
+--num_processes --process_id``, or ``srun`` / ``mpirun`` with none of them, as for
+``experiments.main``): its primary process takes the trials and the others train each one
+with it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from experiments import main as main_cli    # --config and --workdir, one-line f
 import experiments
 from htl_jax.data.schema import DataError
 from htl_jax.repro import storage as storage_lib
+from htl_jax.repro import lockstep
 from htl_jax.repro import tuning
+from htl_jax.train import distributed
 from htl_jax.train.loop import ConfigError
 
 FLAGS = flags.FLAGS
@@ -44,32 +51,36 @@ flags.DEFINE_integer('pruner_warmup_evals', 1,
 
 def main(argv: list[str]) -> None:
   experiments.start(argv)
-  try:
-    config = FLAGS.config
-    config['model']            # config_flags defers a load failure to the first access
-  except (OSError, ValueError) as error:
-    print(f'error: cannot load --config: {main_cli._one_line(error)}', file=sys.stderr)
-    sys.exit(2)
-  try:
-    if FLAGS.model:
-      config.model = FLAGS.model
-    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
-      raise ConfigError(f'--workdir {FLAGS.workdir} is an existing file, not a directory')
-    os.makedirs(FLAGS.workdir, exist_ok=True)     # the SQLite file goes there
-    storage = storage_lib.open_storage(storage_lib.storage_url(FLAGS.workdir, FLAGS.storage))
-    summary = tuning.run_study(config, FLAGS.workdir, storage, n_trials=FLAGS.trials,
-                               study_name=FLAGS.study_name, params=FLAGS.params,
-                               pruner_startup_trials=FLAGS.pruner_startup_trials,
-                               pruner_warmup_evals=FLAGS.pruner_warmup_evals)
-  except (DataError, ConfigError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+  config = main_cli.load_config_and_join()
+  with distributed.stop_all_on_failure():
+    try:
+      summary = _tune(config)
+    except (DataError, ConfigError) as error:
+      print(f'error: {error}', file=sys.stderr)
+      distributed.exit_now(2)
+  if lockstep.is_follower():
+    return
   logging.info('study %s: %s trials, %.0f s in this process', summary['study'],
                json.dumps(summary['counts']), summary['wall_seconds'])
   if summary['best'] is not None:
     best = summary['best']
     logging.info('best trial %d: valid %s = %.6g with %s', best['trial'], best['metric'],
                  best['value'], json.dumps(best['overrides']))
+
+
+def _tune(config) -> dict:
+  if FLAGS.model:
+    config.model = FLAGS.model
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise ConfigError(f'--workdir {FLAGS.workdir} is an existing file, not a directory')
+  storage = None
+  if not lockstep.is_follower():
+    os.makedirs(FLAGS.workdir, exist_ok=True)     # the SQLite file goes there
+    storage = storage_lib.open_storage(storage_lib.storage_url(FLAGS.workdir, FLAGS.storage))
+  return tuning.run_study(config, FLAGS.workdir, storage, n_trials=FLAGS.trials,
+                          study_name=FLAGS.study_name, params=FLAGS.params,
+                          pruner_startup_trials=FLAGS.pruner_startup_trials,
+                          pruner_warmup_evals=FLAGS.pruner_warmup_evals)
 
 
 if __name__ == '__main__':

@@ -43,14 +43,14 @@ def _setup(stop_gradient=True):
                       example_index=batch['index'], rngs={'gumbel': jax.random.PRNGKey(3)})
     bce = -(batch['y'] * jnp.log(out.probs) + (1 - batch['y']) * jnp.log1p(-out.probs))
     mse = (out.core[:, 0] - batch['core']) ** 2
-    return jnp.concatenate([bce.mean(0), mse.mean()[None]]), None
+    return jnp.concatenate([bce.mean(0), mse.mean()[None]])
 
   return model, params, table, ids, loss_vector
 
 
 def _dense_task_grads(params, table, ids, loss_vector):
   """Reference: Jacobian of the task losses w.r.t. the dense table, ``[K, M, d]``."""
-  return jax.jacrev(lambda t: loss_vector(params, (t[ids],) * K)[0])(table)
+  return jax.jacrev(lambda t: loss_vector(params, (t[ids],) * K))(table)
 
 
 def test_batch_repeats_ids():
@@ -69,7 +69,7 @@ def test_row_grads_summed_by_id_equal_dense(path, dense):
   rebuilt = jax.vmap(lambda g: per_task.scatter_to_table(
       table, per_task.IdGradients(id_grads.ids, g)))(id_grads.grads)
   np.testing.assert_allclose(rebuilt, dense, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(losses, loss_vector(params, (table[ids],) * K)[0], rtol=1e-6)
+  np.testing.assert_allclose(losses, loss_vector(params, (table[ids],) * K), rtol=1e-6)
 
 
 def test_isolated_and_general_agree_including_tower_grads():
@@ -137,7 +137,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   """
   from configs.base import get_base_config
   from htl_jax.losses import CoreTransform
-  from htl_jax.train import step as step_lib
+  from htl_jax.train import gradient_path
   from htl_jax.train.state import init_state, make_setup
 
   model_name, grad_process, vocab = TRAINER_CASES[case]
@@ -157,7 +157,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   batch = {'x': x, 'y': jnp.stack([y0, y0 * (x[:, 0] > 0)], 1), 'core': 2.0 * y0 + x[:, 1],
            'index': jnp.arange(B), 'weight': jnp.ones(B)}
 
-  got = jax.pmap(lambda s, b: step_lib.gradients(setup, s, b)[0], axis_name='batch')(
+  got = jax.pmap(lambda s, b: gradient_path.compute(setup, s, b).grads, axis_name='batch')(
       *jax.tree.map(lambda v: v[None], (state, batch)))
   got = jax.tree.map(lambda v: v[0], got)
 

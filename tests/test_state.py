@@ -17,6 +17,7 @@ from configs.base import get_base_config
 from htl_jax.spec import HybridSpec
 from htl_jax.losses import CoreTransform
 from htl_jax.train import loop as loop_lib
+from htl_jax.train import gradient_path
 from htl_jax.train import step as step_lib
 from htl_jax.train.state import init_state, make_setup, resolve_grad_process
 
@@ -47,7 +48,7 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
 def _gradients(config, core=CoreTransform('none')):
   setup = make_setup(config, SPEC, core)
   state = init_state(setup, config)
-  grads = jax.pmap(lambda s, b: step_lib.gradients(setup, s, b)[0], axis_name='batch')(
+  grads = jax.pmap(lambda s, b: gradient_path.compute(setup, s, b).grads, axis_name='batch')(
       *jax.tree.map(lambda v: v[None], (state, _batch())))
   return setup, state, jax.tree.map(lambda v: v[0], grads)
 
@@ -109,7 +110,7 @@ def test_dnn_has_one_table_per_task_and_shares_nothing():
   assert state.params['embedding']['table'].shape == (SPEC.num_tasks * vocab, 3)
   # Task t's loss reaches only rows [t * vocab, (t + 1) * vocab) of the table.
   batch = _batch()
-  ids, rows = step_lib.lookup(setup, state.params, batch)
+  ids, rows = gradient_path.lookup(setup, state.params, batch)
   assert ids.shape == (B, SPEC.num_tasks * SPEC.num_fields)
 
   def task_losses(table):
@@ -150,7 +151,7 @@ def test_core_head_starts_at_the_training_mean(model, kind):
   setup = make_setup(config, SPEC, transform)
   state = init_state(setup, config)
   batch = _batch(1)
-  _, rows = step_lib.lookup(setup, state.params, batch)
+  _, rows = gradient_path.lookup(setup, state.params, batch)
   out = setup.model.apply({'params': state.params['model']}, (rows,) * SPEC.num_tasks,
                           train=False, tau=state.tau, example_index=batch['index'])
   # Within 0.02 of a mean of ~3.6 (log1p) or ~40 (raw): the towers' initial output is tiny.

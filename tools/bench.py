@@ -25,7 +25,12 @@ medians over rounds. Only the ratios are meaningful across machines. Like
 - ``prep_rows_per_s``, ``prep_seconds``, ``prep_peak_rss_mb``: preprocessing a generated
   1.2M-row KuaiRand-format log (goal <= 15 s), in a subprocess so its peak memory is its own;
 - ``metrics_1m_seconds``: all six metrics of two binary tasks and the core on 1M
-  predictions (goal <= 2 s).
+  predictions (goal <= 2 s);
+- ``end_to_end_vs_step``: per model (HTLNet htl, Shared-Bottom none), the training
+  examples/s of ``train_and_evaluate`` on the same generated 1.2M-row KuaiRand-format log at
+  batch 2048 (a window of steps between two evaluations: batches shuffled, cut, sharded and
+  prefetched, the loop's bookkeeping, no evaluation or compile) / the pure step's
+  examples/s of the same model on the log's spec, timed before and after (goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -215,18 +220,67 @@ print(json.dumps({{'rows': rows, 'seconds': seconds}}))
 """
 
 
-def bench_prep(rows: int) -> dict:
-  """Preprocess a generated ``rows``-row KuaiRand-format log, in a child process."""
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_kuairand_sample.py'),
-                    '--rows', str(rows), '--users', '27285', '--videos', '7583',
-                    '--out', tmp], check=True, capture_output=True)
-    child = subprocess.run([sys.executable, '-c', _PREP_CHILD.format(repo=REPO, data_dir=tmp)],
-                           check=True, capture_output=True, text=True)
+def make_log(rows: int, out: str) -> None:
+  """Writes a generated ``rows``-row KuaiRand-format log (KuaiRand-Pure's users, videos)."""
+  subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'make_kuairand_sample.py'),
+                  '--rows', str(rows), '--users', '27285', '--videos', '7583',
+                  '--out', out], check=True, capture_output=True)
+
+
+def bench_prep(log_dir: str) -> dict:
+  """Preprocess the generated log in ``log_dir``, in a child process."""
+  child = subprocess.run([sys.executable, '-c', _PREP_CHILD.format(repo=REPO,
+                                                                   data_dir=log_dir)],
+                         check=True, capture_output=True, text=True)
   out = json.loads(child.stdout.strip().splitlines()[-1])
   peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   return {'prep_rows': out['rows'], 'prep_seconds': out['seconds'],
           'prep_rows_per_s': out['rows'] / out['seconds'], 'prep_peak_rss_mb': peak_kb / 1024}
+
+
+def _log_config(log_dir: str, cache_dir: str, batch_size: int, **overrides):
+  from configs.kuairand import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.data_dir, config.cache_dir, config.batch_size = log_dir, cache_dir, batch_size
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def bench_end_to_end(log_dir: str, batch_size: int, window: int = 150, rounds: int = 6
+                     ) -> dict:
+  """``end_to_end_vs_step``: ``train_and_evaluate``'s training examples/s / the pure step's.
+
+  The run evaluates every ``window`` steps and stops after two windows; its second
+  ``metrics.jsonl`` line times steps ``window+1 .. 2 window``, after the compile and the
+  first evaluation. The pure step (:class:`Runner`, the same model on the log's spec) is
+  timed in ``rounds`` windows before and after the run, so load drift hits both.
+  """
+  from htl_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  from htl_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  result = {'end_to_end_vs_step': {}, 'end_to_end_examples_per_s': {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    for key, overrides in (('htlnet/htl', {'model': 'htlnet', 'grad_process': 'htl'}),
+                           ('shared_bottom/none', {'model': 'shared_bottom',
+                                                   'grad_process': 'none'})):
+      config = _log_config(log_dir, os.path.join(tmp, 'cache'), batch_size,
+                           eval_every=window, max_steps=2 * window, log_every=window,
+                           checkpoint_every=10 * window, **overrides)
+      spec = load_dataset(config, config.cache_dir).spec
+      runner = Runner(spec, batch_size, **overrides)
+      runner.run(3, record=False)
+      for _ in range(rounds):
+        runner.run(window // rounds)
+      workdir = os.path.join(tmp, key.replace('/', '_'))
+      train_and_evaluate(config, workdir)
+      for _ in range(rounds):
+        runner.run(window // rounds)
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        lines = [json.loads(line) for line in f]
+      end_to_end = lines[-1]['examples_per_s']
+      result['end_to_end_examples_per_s'][key] = end_to_end
+      result['end_to_end_vs_step'][key] = end_to_end * runner.median / batch_size
+  return result
 
 
 def bench_metrics(n: int = 1_000_000) -> dict:
@@ -265,6 +319,9 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=2048)
   parser.add_argument('--prep_rows', type=int, default=1_200_000)
   parser.add_argument('--skip_prep', action='store_true')
+  parser.add_argument('--skip_end_to_end', action='store_true')
+  parser.add_argument('--only_end_to_end', action='store_true',
+                      help='only the end_to_end_vs_step key')
   parser.add_argument('--huge_vocab', type=int, default=0,
                       help='only time HTLNet + lazy_adam at this many rows (e.g. 100000000)')
   parser.add_argument('--default_malloc', action='store_true',
@@ -273,12 +330,23 @@ def main() -> None:
   tuned = False if args.default_malloc else malloc.keep_scratch_memory()
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
             'backend': jax.default_backend(), 'malloc_tuned': tuned}
+  if args.only_end_to_end:
+    with tempfile.TemporaryDirectory() as log_dir:
+      make_log(args.prep_rows, log_dir)
+      result.update(bench_end_to_end(log_dir, args.batch_size))
+    print(json.dumps(result))
+    return
   if args.huge_vocab:
     result.update(bench_huge_vocab(args.huge_vocab, args.batch_size))
     print(json.dumps(result))
     return
-  if not args.skip_prep:
-    result.update(bench_prep(args.prep_rows))
+  if not (args.skip_prep and args.skip_end_to_end):
+    with tempfile.TemporaryDirectory() as log_dir:
+      make_log(args.prep_rows, log_dir)
+      if not args.skip_prep:
+        result.update(bench_prep(log_dir))
+      if not args.skip_end_to_end:
+        result.update(bench_end_to_end(log_dir, args.batch_size))
   result.update(bench_metrics())
   result.update(bench_steps(args.quick, args.batch_size))
   if args.json:

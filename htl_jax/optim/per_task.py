@@ -29,7 +29,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-LossVectorFn = Callable[[Any, tuple[jax.Array, ...]], tuple[jax.Array, Any]]
+# ``(model_params, embs) -> losses [K]``, ``embs`` a tuple of K arrays ``[B, F, d]``.
+LossVectorFn = Callable[[Any, tuple[jax.Array, ...]], jax.Array]
 
 
 class IdGradients(NamedTuple):
@@ -82,8 +83,8 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
   """Per-task gradients of the rows and shared layers by ``vmap`` over one ``vjp``.
 
   Args:
-    loss_vector: ``(model_params, embs) -> (losses [K], aux)`` where ``embs`` is a tuple of K
-      arrays ``[B, F, d]``.
+    loss_vector: ``(model_params, embs) -> losses [K]`` where ``embs`` is a tuple of K
+      arrays ``[B, F, d]`` (task k reads ``embs[k]``).
     model_params: the model's parameters (towers, experts, ...).
     rows: ``[B, F, d]`` looked-up embedding rows.
     num_tasks: K.
@@ -97,7 +98,7 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
   def f(rows, shared_params, rest_params):
     return loss_vector({**shared_params, **rest_params}, (rows,) * num_tasks)
 
-  losses, vjp_fn, _ = jax.vjp(f, rows, shared_params, rest_params, has_aux=True)
+  losses, vjp_fn = jax.vjp(f, rows, shared_params, rest_params)
   eye = jnp.eye(num_tasks, dtype=losses.dtype)
   row_grads, shared_grads = jax.vmap(lambda ct: vjp_fn(ct)[:2])(eye)
   _, _, rest_grads = vjp_fn(jnp.ones_like(losses))
@@ -112,7 +113,7 @@ def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.A
   alone; only valid for models with isolated towers.
   """
   def f(copies, model_params):
-    losses, _ = loss_vector(model_params, copies)
+    losses = loss_vector(model_params, copies)
     return jnp.sum(losses), losses
 
   # K separate arguments (not slices of one stacked array): each copy's gradient is its own
@@ -132,7 +133,7 @@ def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Arr
     ``(losses [K], row gradients [B, F, d], model gradients)``.
   """
   def f(rows, model_params):
-    losses, _ = loss_vector(model_params, (rows,) * num_tasks)
+    losses = loss_vector(model_params, (rows,) * num_tasks)
     return jnp.sum(losses), losses
 
   (row_grads, model_grads), losses = jax.grad(

@@ -12,6 +12,10 @@ run dir ``<workdir>/<variant>/seed<k>``:
 
 A process waits while other processes still run cells, so each one ends with every cell
 done; the report is then written from the run dirs.
+
+A worker may be several processes of one ``jax.distributed`` run (several hosts): its
+primary process takes the cells and its other processes train each one with it, in
+lockstep (:mod:`htl_jax.repro.lockstep`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from optuna.trial import TrialState
 from configs import common
 from htl_jax import metrics as metrics_lib
 from htl_jax.repro import experiments as experiments_lib
+from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
 from htl_jax.train import loop as loop_lib
 
@@ -127,13 +132,19 @@ class _Objective:
       trial.set_user_attr('note', f'{cell} is running in another process')
       raise optuna.TrialPruned()
     variant, seed = parse_cell(cell)
-    directory = run_dir(self.workdir, variant, seed)
-    result = read_result(directory)
+    result = read_result(run_dir(self.workdir, variant, seed))
     if result is None:
-      logging.info('reproduce: running %s in %s', cell, directory)
-      config = cell_config(self.base, self.cells[cell], seed, self.tuned_dir)
-      result = self.run_cell(config, directory)
+      lockstep.announce({'cell': cell})
+      result = self.train(cell)
     return _objective_value(result)
+
+  def train(self, cell: str) -> dict:
+    """Trains one cell in its run dir (every process of a multi-process worker)."""
+    variant, seed = parse_cell(cell)
+    directory = run_dir(self.workdir, variant, seed)
+    logging.info('reproduce: running %s in %s', cell, directory)
+    config = cell_config(self.base, self.cells[cell], seed, self.tuned_dir)
+    return self.run_cell(config, directory)
 
   @staticmethod
   def _running_elsewhere(trial: optuna.Trial, cell: str) -> bool:
@@ -182,22 +193,24 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> Non
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   pause = max(0.2, storage_lib.heartbeat_seconds() / 4)
   while True:
-    with storage_lib.quiet_experimental():
-      optuna.storages.fail_stale_trials(study)
+    storage_lib.fail_stale_trials(study)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     if TrialState.WAITING in states:
       with storage_lib.quiet_experimental():
         study.optimize(objective, n_trials=1, catch=())
     elif TrialState.RUNNING in states:
       time.sleep(pause)
+      lockstep.keep_waiting()
     else:
+      lockstep.finish()
       return
 
 
 def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
                    storage: str = '', variants: Optional[list[str]] = None,
                    tuned_dir: str = '', run_cell: RunCell = train_cell) -> dict[str, dict]:
-  """Runs (or joins) every cell of an experiment; returns ``{cell: metrics.json dict}``.
+  """Runs (or joins) every cell of an experiment; returns ``{cell: metrics.json dict}``
+  (``{}`` in the non-primary processes of a multi-process worker).
 
   Args:
     base: the dataset config (overrides for every run already applied).
@@ -217,11 +230,15 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
            for s in range(seeds)}
   for cell, overrides in cells.items():          # every cell's config is valid before any run
     cell_config(base, overrides, parse_cell(cell)[1], tuned_dir)
+  objective = _Objective(base, cells, workdir, tuned_dir, run_cell)
+  if lockstep.is_follower():        # the primary process of this worker takes the cells
+    lockstep.follow(lambda announced: objective.train(announced['cell']))
+    return {}
   os.makedirs(workdir, exist_ok=True)
   study_storage = storage_lib.open_storage(storage_lib.storage_url(workdir, storage))
   name = f'reproduce:{experiment_name}:{dataset_tag(base)}'
   study = open_study(name, study_storage, list(cells))
-  work(study, _Objective(base, cells, workdir, tuned_dir, run_cell))
+  work(study, objective)
   results = {}
   for cell in cells:
     variant, seed = parse_cell(cell)

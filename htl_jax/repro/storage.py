@@ -5,18 +5,21 @@ same command, started on several machines, share one study. Every storage is an
 ``RDBStorage`` with a heartbeat: a trial whose process died (SIGKILL, a lost machine) is
 marked FAIL once its heartbeat is older than the grace period, and retried (the retry is a new
 WAITING trial with the same parameters). The heartbeat interval is 60 s, or
-``$HTL_JAX_HEARTBEAT_SECONDS`` (tests use 1 s).
+``$HTL_JAX_HEARTBEAT_SECONDS`` (tests use 1 s). :func:`fail_stale_trials` also catches the
+trials of processes killed before their first heartbeat.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import time
 import warnings
 from typing import Iterator
 
 import optuna
+from optuna.trial import TrialState
 import sqlalchemy.exc
 
 HEARTBEAT_ENV = 'HTL_JAX_HEARTBEAT_SECONDS'
@@ -63,3 +66,34 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
       last_error = error
       time.sleep(0.5)
   raise RuntimeError(f'cannot open the Optuna storage {url}: {last_error}')
+
+
+# (study id, trial id) of the RUNNING trials this process has given one heartbeat.
+_HEARTBEAT_GIVEN: set[tuple[int, int]] = set()
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+  """Marks the trials of dead processes FAIL (and retries them), as Optuna does, and more.
+
+  Optuna fails a RUNNING trial whose last heartbeat is older than the grace period, but not
+  one that has no heartbeat at all: a process killed after taking a waiting trial and before
+  its heartbeat thread's first record (seen on a loaded machine) leaves a trial that would
+  stay RUNNING forever, and every other process would wait for it. So each RUNNING trial
+  older than the grace period gets ONE heartbeat from this process: a live trial's own
+  heartbeats go on regardless, and a dead one goes stale one grace period later.
+  """
+  storage = study._storage  # pylint: disable=protected-access
+  interval = getattr(storage, 'get_heartbeat_interval', lambda: None)()
+  if interval is None:
+    return
+  with quiet_experimental():
+    optuna.storages.fail_stale_trials(study)
+  grace = datetime.timedelta(seconds=2 * interval)
+  now = datetime.datetime.now()
+  for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    key = (study._study_id, trial._trial_id)  # pylint: disable=protected-access
+    if key in _HEARTBEAT_GIVEN or trial.datetime_start is None:
+      continue
+    if now - trial.datetime_start > grace:
+      storage.record_heartbeat(trial._trial_id)  # pylint: disable=protected-access
+      _HEARTBEAT_GIVEN.add(key)

@@ -18,6 +18,10 @@ resumes from the killed trial's latest checkpoint, in the killed trial's run dir
 ends when ``n_trials`` trials have finished (completed or pruned; failed ones do not count),
 whichever process ran them. ``<workdir>/best.json`` and ``<workdir>/trials.csv`` are rewritten
 after every trial (:mod:`htl_jax.repro.tuning_outputs`).
+
+A worker may be several processes of one ``jax.distributed`` run (several hosts): its
+primary process takes the trials and decides on pruning, and its other processes train each
+trial with it, in lockstep (:mod:`htl_jax.repro.lockstep`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import optuna
 from optuna.trial import TrialState
 
 from htl_jax import metrics as metrics_lib
+from htl_jax.repro import lockstep
+from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
 from htl_jax.train import loop as loop_lib
 from htl_jax.train.state import resolve_grad_process
@@ -207,17 +213,10 @@ class Objective:
     reported = self._inherit_reports(trial, frozen)
     logging.info('trial %d%s: %s', trial.number,
                  '' if origin is None else f' (retry of trial {origin}, resuming)', params)
+    lockstep.announce({'params': params, 'run_dir': run_dir})
 
     def on_eval(step: int, valid: dict) -> None:
-      value = valid[_core_task(valid)][self.metric]
-      index = plan.report_step(step)
-      if value is None or index in reported:
-        return
-      trial.report(float(value), index)
-      reported.add(index)
-      if trial.should_prune():
-        raise optuna.TrialPruned(f'{self.metric} {value:.6g} after evaluation {index} '
-                                 f'(step {step}) is worse than the median of finished trials')
+      _stop_if_pruned(lockstep.share(self._report(trial, plan, reported, step, valid)))
 
     try:
       result = loop_lib.train_and_evaluate(plan.config, run_dir, on_eval=on_eval)
@@ -235,6 +234,20 @@ class Objective:
       trial.set_user_attr('stopped', f'validation {self.metric} undefined')
       raise optuna.TrialPruned(f'validation {self.metric} is undefined')
     return float(value)
+
+  def _report(self, trial: optuna.Trial, plan: TrialPlan, reported: set[int], step: int,
+              valid: dict) -> str:
+    """Reports an evaluation to the pruner; why the trial is pruned, or '' to go on."""
+    value = valid[_core_task(valid)][self.metric]
+    index = plan.report_step(step)
+    if value is None or index in reported:
+      return ''
+    trial.report(float(value), index)
+    reported.add(index)
+    if not trial.should_prune():
+      return ''
+    return (f'{self.metric} {value:.6g} after evaluation {index} (step {step}) is worse '
+            'than the median of finished trials')
 
   def _check_slot(self, trial: optuna.Trial) -> None:
     """Raise :class:`SurplusTrial` unless ``trial`` is among the study's first open slots."""
@@ -259,6 +272,31 @@ class Objective:
           trial.report(value, index)
           reported.add(index)
     return reported
+
+
+def _stop_if_pruned(reason: str) -> None:
+  if reason:
+    raise optuna.TrialPruned(reason)
+
+
+def follow_trials(base) -> None:
+  """A non-primary process of a multi-process worker: trains the trials its primary takes.
+
+  Each announced trial trains with the primary's hyperparameters in the primary's run dir;
+  after each evaluation every process stops if the primary's pruner stopped the trial.
+  """
+  def train(announced: dict) -> None:
+    plan = trial_plan(base, announced['params'])
+
+    def on_eval(step: int, valid: dict) -> None:
+      _stop_if_pruned(lockstep.share(None))
+
+    try:
+      loop_lib.train_and_evaluate(plan.config, announced['run_dir'], on_eval=on_eval)
+    except (optuna.TrialPruned, loop_lib.NonFiniteError, loop_lib.ConfigError):
+      pass                        # the primary records why
+
+  lockstep.follow(train)
 
 
 def _core_task(valid: dict) -> str:
@@ -386,11 +424,6 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
   return counts
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-  with _quiet_experimental():
-    optuna.storages.fail_stale_trials(study)
-
-
 def _has_heartbeat(storage) -> bool:
   """Whether ``storage`` fails the trials of dead processes (an RDB storage with heartbeat)."""
   interval = getattr(storage, 'get_heartbeat_interval', None)
@@ -406,7 +439,8 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
     base: the experiment config (its ``model`` is the model tuned).
     workdir: the study's directory (run dirs, ``best.json``, ``trials.csv``).
     storage: an Optuna storage (``htl_jax.repro.storage.open_storage``), shared by every
-      process of the study.
+      process of the study (None in the non-primary processes of a multi-process worker,
+      which never open it).
     n_trials: finished (completed or pruned) trials the study must reach.
     study_name: '' = ``<dataset>-<model>``.
     params: subset of the model's Table 6 hyperparameters to search ('' / empty = all).
@@ -424,6 +458,11 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
   loop_lib.check_config(base)
   space = search_space(base, params)
   study_name = study_name or f'{dataset_name(base)}-{base.model}'
+  if lockstep.is_follower():       # the primary process of this worker takes the trials
+    start = time.perf_counter()
+    follow_trials(base)
+    return {'study': study_name, 'counts': {}, 'best': None,
+            'wall_seconds': time.perf_counter() - start}
   study = open_study(base, storage, study_name=study_name, space=space,
                      pruner_startup_trials=pruner_startup_trials,
                      pruner_warmup_evals=pruner_warmup_evals)
@@ -436,7 +475,7 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
 
   start, waiting_logged = time.perf_counter(), False
   while True:
-    _fail_stale_trials(study)
+    storage_lib.fail_stale_trials(study)
     counts = trial_counts(study)
     finished = counts['COMPLETE'] + counts['PRUNED']
     if finished >= n_trials:
@@ -450,9 +489,11 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
                      'heartbeat to go stale)', counts['RUNNING'])
         waiting_logged = True
       time.sleep(poll_seconds)
+      lockstep.keep_waiting()
       continue
     study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[write],
                    gc_after_trial=False)
+  lockstep.finish()
   best = tuning_outputs.write_outputs(study, workdir, base.model, metric)
   return {'study': study_name, 'counts': trial_counts(study), 'best': best,
           'wall_seconds': time.perf_counter() - start}

@@ -18,6 +18,7 @@ nothing here needs ``shard_map``; a later move to it touches this file only.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterator
 
 from flax import jax_utils
@@ -153,6 +154,22 @@ def same_on_all_processes(values: np.ndarray) -> bool:
     return True
   everyone = np.asarray(multihost_utils.process_allgather(values))
   return bool(np.all(everyone == everyone[0]))
+
+
+def broadcast_json(value: Any = None) -> Any:
+  """The primary process's ``value`` (anything JSON can hold), on every process.
+
+  A collective: every process calls it at the same point; the others' ``value`` is
+  ignored. With one process it returns ``value``. It travels as UTF-8 bytes, after its
+  length (every process must pass an array of the same shape).
+  """
+  if process_count() == 1:
+    return value
+  data = json.dumps(value).encode() if is_primary() else b''
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+  buffer = np.frombuffer(data, np.uint8) if is_primary() else np.zeros(size, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+  return json.loads(received.tobytes().decode())
 
 
 def prefetch(batches: Iterator[dict[str, np.ndarray]], size: int = 2) -> Iterator[Any]:

@@ -1,0 +1,246 @@
+"""The gradient of one global batch, in the order of DESIGN section 4.
+
+:func:`compute` is steps 1-6 of the train step (:mod:`htl_jax.train.step`), each a short
+function below:
+
+1. **Lookup** (:func:`lookup`): the embedding rows of the batch, ``[B, F, d]``; a model with
+   independent tasks (DNN) looks every field up once per task's table, ``[B, K*F, d]``.
+2. **Per-task gradients** of ``theta_s`` (:func:`_task_gradients`): the rows (K arrays
+   ``[B, F, d]``) and the model's shared layers (leading task axis K), by
+   :mod:`htl_jax.optim.per_task`: one backward pass when the towers are isolated, else
+   ``vmap`` over the cotangents of one ``vjp``. Every other parameter gets the gradient of
+   the summed loss. Without a gradient process only the summed gradient is taken
+   (:func:`_summed_gradients`, one "task").
+3. **Across devices** (:func:`_gather_rows`, ``parallel.mean``): row gradients and rows are gathered, dense
+   gradients averaged, so what follows sees the GLOBAL batch (1 and N devices give the same
+   update).
+4. **Sum by id** (:func:`_sum_by_id`): per task, the row gradients of each distinct id
+   summed into one slot, ``[K, slots, d]`` (:func:`per_task.sum_rows_by_id`).
+5. **Gradient process**: Algorithm 1 (Eq. 16-17), PCGrad or MetaBalance combines the
+   per-task gradients of ``theta_s`` (rows and shared layers jointly) into one.
+6. **Back to the table, plus L2** (:func:`_table_gradient`): the L2 term of the looked-up
+   rows (not a task, so after the process) is added, and the result becomes the table's
+   gradient: a dense ``[M, d]`` array for dense Adam, or :class:`lazy_adam.RowGradients`
+   (one slot per looked-up row, never O(vocab)) for ``lazy_adam``, whose ids' first
+   occurrences come from a persistent scratch in the state
+   (:func:`per_task.first_occurrence_in`).
+
+The diagnostics are the data of the paper's Fig. 5: per task, the norm of its gradient on
+``theta_s`` before and after the process and its cosine with the core gradient. With a
+process they come from the gradients computed anyway; without one, steps 2-4 run per task
+only where ``with_diagnostics`` is true (a ``lax.cond`` in the same program), and never
+change the update.
+
+The step RNG is ``fold_in(rng, step)``; Gumbel noise is keyed by each example's position in
+its split, so 1 and N devices draw the same noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from htl_jax.optim import lazy_adam, per_task, task_norms_and_cosines
+from htl_jax.train import parallel
+from htl_jax.train.state import TrainSetup, TrainState
+
+Batch = dict[str, jax.Array]
+Diagnostics = dict[str, jax.Array]
+
+
+class StepGradients(NamedTuple):
+  """What :func:`compute` returns.
+
+  Attributes:
+    grads: shaped like ``state.params`` (``theta_s`` combined by the gradient process, L2
+      included); with ``lazy_adam`` the table's is a :class:`lazy_adam.RowGradients`.
+    losses: ``[K]`` per-task losses (mean over devices).
+    balance_state: the gradient process's new state.
+    diagnostics: the Fig. 5 diagnostics.
+    id_scratch: ``lazy_adam``'s id scratch to keep in the state (None with dense Adam).
+  """
+
+  grads: Any
+  losses: jax.Array
+  balance_state: Any
+  diagnostics: Diagnostics
+  id_scratch: jax.Array | None
+
+
+def compute(setup: TrainSetup, state: TrainState, batch: Batch,
+            with_diagnostics: jax.Array | bool = False) -> StepGradients:
+  """Steps 1-6 of the module docstring: the gradient of every parameter for this batch.
+
+  Args:
+    with_diagnostics: without a gradient process, whether to take the per-task gradients
+      for Fig. 5. A traced value selects them with a ``lax.cond`` (both branches compiled);
+      a Python bool traces only the branch asked for.
+  """
+  ids, rows = lookup(setup, state.params, batch)                                     # 1
+  ids = parallel.gather(ids, 0)
+  first, scratch = _first_occurrences(setup, state, ids)
+  if setup.balance is None:
+    grads = _summed_gradients(setup, state, batch, rows)                              # 2
+  else:
+    grads = _task_gradients(setup, state, batch, rows)
+  row_grads, global_rows = _gather_rows(grads.rows, rows)                           # 3
+  losses, rest, shared = parallel.mean((grads.losses, grads.rest, grads.shared))
+  by_id = setup.balance is not None or first is not None
+  slots = _sum_by_id(setup, ids, row_grads, first, by_id)                             # 4
+  stacked = {'embedding': slots.grads, 'shared': shared}
+  if setup.balance is None:                                                           # 5
+    combined = jax.tree.map(lambda g: g[0], stacked)
+    balance_state = state.opt_state['balance']
+    diagnostics = _diagnostics_on_request(setup, state, batch, rows, ids, first,
+                                          with_diagnostics)
+  else:
+    combined, balance_state = setup.balance.update(stacked, state.opt_state['balance'])
+    diagnostics = _diagnostics(stacked, balance_state.processed_norms)
+  table_grad = _table_gradient(                                                       # 6
+      setup, per_task.IdGradients(slots.ids, combined['embedding']), ids, global_rows,
+      first, state.params['embedding']['table'])
+  grads = {'embedding': {'table': table_grad}, 'model': {**rest, **combined['shared']}}
+  return StepGradients(grads, losses, balance_state, diagnostics, scratch)
+
+
+def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Step 1: table rows ``[B, F']`` and looked-up embeddings ``[B, F', d]`` (F' = copies F)."""
+  x = batch['x']
+  if setup.table_copies > 1:
+    x = jnp.tile(x, (1, setup.table_copies))
+  ids = per_task.table_ids(x, jnp.asarray(setup.offsets, jnp.int32))
+  return ids, params['embedding']['table'][ids]
+
+
+def loss_vector_fn(setup: TrainSetup, state: TrainState, batch: Batch
+                   ) -> Callable[[Any, tuple[jax.Array, ...]], jax.Array]:
+  """``(model_params, embs) -> [K]`` task losses of the batch (Eq. 18's terms), training mode."""
+  key = jax.random.fold_in(state.rng, state.step)
+
+  def loss_vector(model_params, embs):
+    out = setup.model.apply({'params': model_params}, embs, train=True, tau=state.tau,
+                            example_index=batch['index'], rngs={'gumbel': key})
+    return setup.objective.loss_vector(out, batch)
+
+  return loss_vector
+
+
+def _first_occurrences(setup: TrainSetup, state: TrainState, ids: jax.Array
+                       ) -> tuple[jax.Array | None, jax.Array | None]:
+  """``lazy_adam`` only: each id's first position in the batch, and the reset id scratch."""
+  if setup.row_adam is None:
+    return None, None
+  return per_task.first_occurrence_in(ids.reshape(-1), state.opt_state['id_scratch'])
+
+
+def _task_gradients(setup: TrainSetup, state: TrainState, batch: Batch, rows: jax.Array
+                    ) -> per_task.PerTaskGrads:
+  """Step 2: per-task gradients of ``theta_s``, the summed gradient of the rest."""
+  loss_vector = loss_vector_fn(setup, state, batch)
+  num_tasks = setup.spec.num_tasks
+  if setup.grad_path == 'isolated':
+    return per_task.row_grads_isolated(loss_vector, state.params['model'], rows, num_tasks)
+  return per_task.row_grads_general(loss_vector, state.params['model'], rows, num_tasks,
+                                    setup.shared)
+
+
+def _summed_gradients(setup: TrainSetup, state: TrainState, batch: Batch, rows: jax.Array
+                      ) -> per_task.PerTaskGrads:
+  """Step 2 without a gradient process: the summed loss's gradient, as one "task"."""
+  losses, row_grads, model_grads = per_task.row_grads_summed(
+      loss_vector_fn(setup, state, batch), state.params['model'], rows,
+      setup.spec.num_tasks)
+  return per_task.PerTaskGrads(losses, (row_grads,), {}, model_grads)
+
+
+def _gather_rows(row_grads: tuple[jax.Array, ...], rows: jax.Array
+                 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """Step 3 for the sparse part: every device's rows and their per-task gradients
+  (local means -> global mean). The dense gradients are averaged by ``parallel.mean``."""
+  n = parallel.num_replicas()
+  return tuple(parallel.gather(g, 0) / n for g in row_grads), parallel.gather(rows, 0)
+
+
+def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ...],
+               first: jax.Array | None, by_id: bool) -> per_task.IdGradients:
+  """Step 4: ``[K, slots, d]`` per-task gradients of the batch's distinct ids.
+
+  ``by_id=False`` (the summed gradient into a dense table: nothing reads per-id sums) keeps
+  one slot per looked-up row; the table's scatter in step 6 adds the occurrences up.
+  """
+  if not by_id:
+    flat = ids.reshape(-1)
+    return per_task.IdGradients(flat, jnp.stack(row_grads).reshape(len(row_grads),
+                                                                    flat.shape[0], -1))
+  return per_task.sum_rows_by_id(ids, row_grads, setup.table_rows, first=first)
+
+
+def _table_gradient(setup: TrainSetup, combined: per_task.IdGradients, ids: jax.Array,
+                    rows: jax.Array, first: jax.Array | None, table: jax.Array):
+  """Step 6: the table's gradient from the combined slots, plus the L2 term's.
+
+  The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows: each occurrence
+  adds ``(2 l2 / B) e``, so an id's sum is its count in the batch times that.
+
+  Args:
+    combined: ``[slots, d]`` after the process; ``ids`` None when it is the dense table
+      gradient already.
+    ids, rows: the global batch's ``[B, F]`` table ids and ``[B, F, d]`` rows.
+    first: ``lazy_adam``'s first occurrences (the slots then hold each id's sum at its
+      first occurrence), else None.
+
+  Returns:
+    ``lazy_adam``: a :class:`lazy_adam.RowGradients`; dense Adam: the ``[M, d]`` gradient.
+  """
+  flat = ids.reshape(-1)
+  coef = 2.0 * setup.l2 / ids.shape[0]
+  flat_rows = rows.reshape(flat.shape[0], -1)
+  grads = combined.grads
+  if first is not None:
+    if setup.l2:
+      grads = grads + coef * per_task.occurrences(first)[:, None] * flat_rows
+    unique = first == jnp.arange(flat.shape[0], dtype=first.dtype)
+    return lazy_adam.RowGradients(flat, grads, unique)
+  if combined.ids is None:
+    if not setup.l2:
+      return grads
+    counts = jnp.zeros(table.shape[:1], table.dtype).at[flat].add(
+        1.0, mode='promise_in_bounds')
+    return grads + coef * counts[:, None] * table
+  if setup.l2:
+    grads = grads + coef * flat_rows
+  return per_task.scatter_to_table(table, per_task.IdGradients(combined.ids, grads))
+
+
+def _diagnostics(stacked: Any, processed_norms: jax.Array) -> Diagnostics:
+  """Fig. 5's data: per-task norms on ``theta_s`` before / after, cosine with the core."""
+  norms, cosines = task_norms_and_cosines(stacked, core_index=-1)
+  return {'task_grad_norm': norms, 'task_grad_norm_processed': processed_norms,
+          'task_grad_cos_core': cosines}
+
+
+def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
+                            rows: jax.Array, ids: jax.Array, first: jax.Array | None,
+                            with_diagnostics: jax.Array | bool) -> Diagnostics:
+  """Without a gradient process: steps 2-4 per task for Fig. 5, where asked (else zeros).
+
+  Args:
+    rows: this device's looked-up rows; ``ids``: the global batch's table ids.
+  """
+  def diagnose():
+    grads = _task_gradients(setup, state, batch, rows)
+    row_grads, _ = _gather_rows(grads.rows, rows)
+    slots = _sum_by_id(setup, ids, row_grads, first, by_id=True)
+    stacked = {'embedding': slots.grads, 'shared': parallel.mean(grads.shared)}
+    return _diagnostics(stacked, task_norms_and_cosines(stacked, core_index=-1)[0])
+
+  def skip():
+    zeros = jnp.zeros((setup.spec.num_tasks,), jnp.float32)
+    return {'task_grad_norm': zeros, 'task_grad_norm_processed': zeros,
+            'task_grad_cos_core': zeros}
+
+  if isinstance(with_diagnostics, bool):    # static: trace only the branch that runs
+    return diagnose() if with_diagnostics else skip()
+  return jax.lax.cond(with_diagnostics, diagnose, skip)
