@@ -192,3 +192,25 @@ def test_killed_suite_resumes_and_matches_an_uninterrupted_one(tmp_path, cache_d
     with open(os.path.join(killed, 'HTLNet', f'seed{seed}', 'metrics.jsonl')) as f:
       steps = [json.loads(line)['step'] for line in f]
     assert steps == [6, 12]                                        # no step logged twice
+
+
+def test_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatch):
+  """A process killed after taking a trial but before its first heartbeat leaves a RUNNING
+  trial without any heartbeat, which Optuna alone never fails: it must still be retried."""
+  from htl_jax.repro import storage as storage_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(storage_lib.HEARTBEAT_ENV, '1')
+  storage = storage_lib.open_storage(storage_lib.storage_url(str(tmp_path)))
+  study = runner.open_study('orphan', storage, ['HTLNet|seed0'])
+  with pytest.warns(UserWarning, match='Heartbeat'):
+    orphan = study.ask()               # RUNNING, and no heartbeat thread ever starts
+  states = lambda: [t.state.name for t in study.get_trials()]  # noqa: E731
+  storage_lib.fail_stale_trials(study)
+  assert states() == ['RUNNING']       # young: it may still be starting
+  deadline = time.monotonic() + 30
+  while states()[0] == 'RUNNING' and time.monotonic() < deadline:
+    time.sleep(0.5)
+    storage_lib.fail_stale_trials(study)
+  assert states() == ['FAIL', 'WAITING']
+  retry = study.get_trials()[1]
+  assert retry.user_attrs['cell'] == 'HTLNet|seed0'
+  assert orphan.number == 0
