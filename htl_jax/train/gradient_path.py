@@ -78,19 +78,24 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
       for Fig. 5. A traced value selects them with a ``lax.cond`` (both branches compiled);
       a Python bool traces only the branch asked for.
   """
-  ids, rows = lookup(setup, state.params, batch)                                     # 1
+  # 1. Lookup (ids of the global batch: the sums by id and lazy Adam's slots span it).
+  ids, rows = lookup(setup, state.params, batch)
   ids = parallel.gather(ids, 0)
   first, scratch = _first_occurrences(setup, state, ids)
+  # 2. Per-task gradients of theta_s (one summed "task" without a process).
   if setup.balance is None:
-    grads = _summed_gradients(setup, state, batch, rows)                              # 2
+    grads = _summed_gradients(setup, state, batch, rows)
   else:
     grads = _task_gradients(setup, state, batch, rows)
-  row_grads, global_rows = _gather_rows(grads.rows, rows)                           # 3
+  # 3. Across devices.
+  row_grads, global_rows = _gather_rows(grads.rows, rows)
   losses, rest, shared = parallel.mean((grads.losses, grads.rest, grads.shared))
+  # 4. Sum by id.
   by_id = setup.balance is not None or first is not None
-  slots = _sum_by_id(setup, ids, row_grads, first, by_id)                             # 4
+  slots = _sum_by_id(setup, ids, row_grads, first, by_id)
   stacked = {'embedding': slots.grads, 'shared': shared}
-  if setup.balance is None:                                                           # 5
+  # 5. The gradient process.
+  if setup.balance is None:
     combined = jax.tree.map(lambda g: g[0], stacked)
     balance_state = state.opt_state['balance']
     diagnostics = _diagnostics_on_request(setup, state, batch, rows, ids, first,
@@ -98,7 +103,8 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   else:
     combined, balance_state = setup.balance.update(stacked, state.opt_state['balance'])
     diagnostics = _diagnostics(stacked, balance_state.processed_norms)
-  table_grad = _table_gradient(                                                       # 6
+  # 6. Back to the table, plus L2.
+  table_grad = _table_gradient(
       setup, per_task.IdGradients(slots.ids, combined['embedding']), ids, global_rows,
       first, state.params['embedding']['table'])
   grads = {'embedding': {'table': table_grad}, 'model': {**rest, **combined['shared']}}

@@ -33,17 +33,20 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
                with_diagnostics: jax.Array | bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on one global batch (the local shard under ``pmap``)."""
-  grads, losses, balance_state, diag, scratch = gradient_path.compute(     # 1.-6.
+  # 1.-6. The gradient of every parameter.
+  grads, losses, balance_state, diag, scratch = gradient_path.compute(
       setup, state, batch, with_diagnostics)
-  params, optimizer_state = _apply_adam(setup, state, grads)                # 7.
+  # 7. Adam.
+  params, optimizer_state = _apply_adam(setup, state, grads)
   opt_state = {'balance': balance_state, 'optimizer': optimizer_state}
   if scratch is not None:
     opt_state['id_scratch'] = scratch
   loss = jnp.sum(losses)
   grad_norm = jnp.sqrt(lazy_adam.squared_norm(grads))
+  # 8. The temperature decay.
   new_step = state.step + 1
   new_state = state.replace(
-      step=new_step, params=params, tau=setup.tau.next(state.tau, new_step),      # 8.
+      step=new_step, params=params, tau=setup.tau.next(state.tau, new_step),
       opt_state=opt_state)
   metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
              'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau,
