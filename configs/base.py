@@ -77,4 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.patience = 3                # evals without validation improvement before stopping
   c.best_metric = ''            # '' = nrmse of the core task (ziln head: gini)
   c.log_every = 100
+  c.feed = 'auto'               # training batches: device (the split stays on every device,
+                                # the host sends row numbers) | host (the host gathers each
+                                # batch and prefetches it) | auto (device up to 1 GiB)
   return c

@@ -77,11 +77,26 @@ def test_outputs_written(straight_run):
     assert json.load(f)['model'] == 'htlnet'
 
 
-def test_same_seed_same_metrics(straight_run, tmp_path):
-  config, _, result = straight_run
-  again = loop_lib.train_and_evaluate(tiny_config(config.cache_dir), str(tmp_path))
+def test_same_seed_same_run_whichever_feed(straight_run, tmp_path):
+  """The straight run kept its split on the device (feed='auto' -> 'device'); gathering
+  the batches on the host gives the same run, parameters included."""
+  config, workdir, result = straight_run
+  data = load_dataset(config, config.cache_dir)
+  assert loop_lib.resolve_feed(config, data.train) == 'device'
+  host = tiny_config(config.cache_dir, feed='host')
+  again = loop_lib.train_and_evaluate(host, str(tmp_path))
   assert again['test'] == result['test']
   assert again['valid'] == result['valid']
+  _assert_trees_equal(_latest_state(config, workdir)[0], _latest_state(host, str(tmp_path))[0])
+
+
+def test_feed_auto_leaves_large_splits_on_the_host(straight_run, monkeypatch):
+  config, _, _ = straight_run
+  train = load_dataset(config, config.cache_dir).train
+  size = train.x.nbytes + train.y.nbytes + train.core.nbytes
+  monkeypatch.setattr(loop_lib, 'RESIDENT_SPLIT_LIMIT', size - 1)
+  assert loop_lib.resolve_feed(config, train) == 'host'
+  assert loop_lib.resolve_feed(tiny_config(config.cache_dir, feed='device'), train) == 'device'
 
 
 def test_resume_gives_the_same_run(straight_run, tmp_path):

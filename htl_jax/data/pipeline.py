@@ -229,6 +229,30 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
   return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
+def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
+               drop_remainder: bool, part: tuple[int, int] = (0, 1)
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(index, weight)`` of each batch of a split of ``n`` rows: which rows :func:`batches`
+  takes (int32) and their weights (float32; 0 for padding). Arguments as there."""
+  index_of_part, num_parts = part
+  if batch_size % num_parts or not 0 <= index_of_part < num_parts:
+    raise ValueError(f'cannot take part {index_of_part} of {num_parts} of a batch of '
+                     f'{batch_size} rows')
+  rows = slice(index_of_part * batch_size // num_parts,
+               (index_of_part + 1) * batch_size // num_parts)
+  count = num_batches(n, batch_size, drop_remainder)
+  order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle
+           else np.arange(n))
+  for b in range(count):
+    index = order[b * batch_size:(b + 1) * batch_size]
+    real = index.shape[0]
+    weight = np.ones(batch_size, np.float32)
+    if real < batch_size:
+      index = np.concatenate([index, np.zeros(batch_size - real, index.dtype)])
+      weight[real:] = 0.0
+    yield index[rows].astype(np.int32), weight[rows]
+
+
 def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
             drop_remainder: bool, part: tuple[int, int] = (0, 1)
             ) -> Iterator[dict[str, np.ndarray]]:
@@ -244,26 +268,10 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int, epoch: i
   (``B / P`` rows; ``batch_size`` must be divisible by ``P``): what process ``p`` of ``P``
   feeds. The parts of all processes, in order, are the whole batch.
   """
-  index_of_part, num_parts = part
-  if batch_size % num_parts or not 0 <= index_of_part < num_parts:
-    raise ValueError(f'cannot take part {index_of_part} of {num_parts} of a batch of '
-                     f'{batch_size} rows')
-  rows = slice(index_of_part * batch_size // num_parts,
-               (index_of_part + 1) * batch_size // num_parts)
-  n = len(split)
-  count = num_batches(n, batch_size, drop_remainder)
-  order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle
-           else np.arange(n))
-  for b in range(count):
-    index = order[b * batch_size:(b + 1) * batch_size]
-    real = index.shape[0]
-    weight = np.ones(batch_size, np.float32)
-    if real < batch_size:
-      index = np.concatenate([index, np.zeros(batch_size - real, index.dtype)])
-      weight[real:] = 0.0
-    index, weight = index[rows], weight[rows]
+  for index, weight in batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed,
+                                  epoch=epoch, drop_remainder=drop_remainder, part=part):
     yield {'x': split.x[index], 'y': split.y[index], 'core': split.core[index],
-           'index': index.astype(np.int32), 'weight': weight}
+           'index': index, 'weight': weight}
 
 
 # --------------------------------------------------------------------------- cache

@@ -55,7 +55,8 @@ def check_config(config) -> None:
   """Reject impossible settings before any data is read."""
   choices = {'model': tuple(MODELS), 'grad_process': GRAD_PROCESSES,
              'head': ('mse', 'ziln'), 'core_transform': CORE_TRANSFORMS,
-             'fusion': ('attention', 'concat'), 'embedding_optimizer': EMBEDDING_OPTIMIZERS}
+             'fusion': ('attention', 'concat'), 'embedding_optimizer': EMBEDDING_OPTIMIZERS,
+             'feed': ('auto', 'device', 'host')}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ConfigError(f'config.{key}={config[key]!r} is not one of {list(allowed)}')
@@ -101,9 +102,23 @@ def default_cache_dir() -> str:
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(setup: TrainSetup):
-  """Data-parallel train and eval steps of ``setup`` (compiled once per setup)."""
+  """Data-parallel train, eval and on-rows train steps of ``setup`` (compiled once each)."""
   return (parallel.pmap_step(functools.partial(step_lib.train_step, setup)),
-          parallel.pmap_gathered(functools.partial(step_lib.eval_step, setup)))
+          parallel.pmap_gathered(functools.partial(step_lib.eval_step, setup)),
+          parallel.pmap_step(functools.partial(step_lib.train_step_on_rows, setup)))
+
+
+# feed='auto' keeps the training split on the devices up to this many bytes.
+RESIDENT_SPLIT_LIMIT = 1 << 30
+
+
+def resolve_feed(config, train: Split) -> str:
+  """``config.feed`` with 'auto' resolved: 'device' when the training split's arrays fit in
+  :data:`RESIDENT_SPLIT_LIMIT` bytes, else 'host'."""
+  if config.feed != 'auto':
+    return config.feed
+  size = train.x.nbytes + train.y.nbytes + train.core.nbytes
+  return 'device' if size <= RESIDENT_SPLIT_LIMIT else 'host'
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -147,17 +162,28 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def train_batches(data: HybridData, config, start_step: int) -> Iterator[dict]:
-  """Endless epochs of shuffled training batches, starting at ``start_step``."""
+def train_batches(data: HybridData, config, start_step: int, rows_only: bool = False
+                  ) -> Iterator[dict]:
+  """Endless epochs of shuffled training batches (this process's part), from ``start_step``.
+
+  With ``rows_only`` each batch is only ``{'index': rows}``, for a step that gathers them
+  from the split on the device (``feed='device'``).
+  """
   per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    for i, batch in enumerate(pipeline.batches(data.train, config.batch_size, shuffle=True,
-                                               seed=config.seed, epoch=epoch,
-                                               drop_remainder=True,
-                                               part=parallel.process_part())):
-      if i >= skip:
-        yield batch
+    rows = pipeline.batch_rows(len(data.train), config.batch_size, shuffle=True,
+                               seed=config.seed, epoch=epoch, drop_remainder=True,
+                               part=parallel.process_part())
+    for i, (index, _) in enumerate(rows):
+      if i < skip:
+        continue
+      if rows_only:
+        yield {'index': index}
+      else:
+        yield {'x': data.train.x[index], 'y': data.train.y[index],
+               'core': data.train.core[index], 'index': index,
+               'weight': np.ones(index.shape, np.float32)}
     epoch, skip = epoch + 1, 0
 
 
@@ -194,6 +220,11 @@ def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optiona
           f'training stopped, last good checkpoint: step {ckpt.latest_step()}')
     last = m
   return last
+
+
+def _on_rows(p_train_on_rows, state, batch, with_diagnostics, *, resident):
+  """``p_train``'s signature for the step that gathers its batch on the device."""
+  return p_train_on_rows(state, batch['index'], resident, with_diagnostics)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -253,17 +284,22 @@ def train_and_evaluate(config, workdir: str, *,
                len(data.test), spec.num_fields, spec.tasks, total_steps, per_epoch,
                parallel.device_count(), parallel.process_count(), setup.grad_process, setup.grad_path)
 
-  p_train, p_eval = compiled_steps(setup)
+  p_train, p_eval, p_train_on_rows = compiled_steps(setup)
   diag_on, diag_off = parallel.replicate(np.bool_(True)), parallel.replicate(np.bool_(False))
   rstate = parallel.replicate(state)
   del state
+  resident = None
+  if resolve_feed(config, data.train) == 'device':
+    resident = parallel.put_replicated(step_lib.resident_split(data.train))
+    p_train = functools.partial(_on_rows, p_train_on_rows, resident=resident)
 
   pending: list[tuple[int, dict]] = []
   window_start, window_steps = time.perf_counter(), 0
   examples_per_s = 0.0
   step = start
   stop = loop['stopped_early'] or step >= total_steps
-  batch_iter = parallel.prefetch(train_batches(data, config, start))
+  batch_iter = parallel.prefetch(train_batches(data, config, start,
+                                               rows_only=resident is not None))
   train_start = time.perf_counter()
   while not stop:
     batch = next(batch_iter)

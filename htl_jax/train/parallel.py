@@ -102,6 +102,12 @@ def replicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
 
 
+def put_replicated(tree: Any) -> Any:
+  """Host pytree -> one copy per local device, laid out as ``pmap``'s outputs are, so that
+  passing it to a pmapped step each time moves no data."""
+  return jax.pmap(lambda x: x, axis_name=AXIS)(replicate(tree))
+
+
 def unreplicate(tree: Any) -> Any:
   """First local device's copy, on the host."""
   return jax.device_get(jax.tree.map(lambda x: x[0], tree))

@@ -142,7 +142,7 @@ def make_row_adam(config) -> Optional[lazy_adam.RowAdam]:
 _NOT_STEP_FIELDS = frozenset({
     'dataset', 'data_dir', 'cache_dir', 'data', 'batch_size', 'eval_batch_size',
     'num_epochs', 'max_steps', 'eval_every', 'checkpoint_every', 'patience', 'best_metric',
-    'log_every'})
+    'log_every', 'feed'})
 
 
 def make_setup(config, spec: HybridSpec, core_transform: CoreTransform) -> TrainSetup:

@@ -12,6 +12,10 @@
 
 The metrics carry the losses, the gradient norm and the data of the paper's Fig. 5 (see
 :mod:`htl_jax.train.gradient_path`).
+
+``train_step_on_rows`` is the same step fed by row numbers: with ``config.feed='device'``
+the training split stays on every device and the step gathers its batch there, so the host
+sends 4 bytes a row instead of the whole batch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from htl_jax.optim import lazy_adam
@@ -61,6 +66,26 @@ def _apply_adam(setup: TrainSetup, state: TrainState, grads: Any) -> tuple[Any, 
     return optax.apply_updates(state.params, updates), opt_state
   return lazy_adam.apply_gradients(setup.tx, setup.row_adam, state.params,
                                    state.opt_state['optimizer'], grads)
+
+
+def resident_split(split) -> dict[str, np.ndarray]:
+  """The arrays of a training split that ``feed='device'`` keeps on every device."""
+  return {'x': split.x, 'y': split.y, 'core': split.core}
+
+
+def gather_batch(resident: dict[str, jax.Array], index: jax.Array) -> Batch:
+  """The batch of rows ``index`` of a device-resident split (a training batch: weight 1)."""
+  return {'x': resident['x'][index], 'y': resident['y'][index],
+          'core': resident['core'][index], 'index': index,
+          'weight': jnp.ones(index.shape, jnp.float32)}
+
+
+def train_step_on_rows(setup: TrainSetup, state: TrainState, index: jax.Array,
+                       resident: dict[str, jax.Array],
+                       with_diagnostics: jax.Array | bool = False
+                       ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """:func:`train_step` on the rows ``index`` of a split already on the device."""
+  return train_step(setup, state, gather_batch(resident, index), with_diagnostics)
 
 
 def eval_step(setup: TrainSetup, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
