@@ -162,29 +162,57 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def train_batches(data: HybridData, config, start_step: int, rows_only: bool = False
-                  ) -> Iterator[dict]:
-  """Endless epochs of shuffled training batches (this process's part), from ``start_step``.
-
-  With ``rows_only`` each batch is only ``{'index': rows}``, for a step that gathers them
-  from the split on the device (``feed='device'``).
-  """
+def train_batches(data: HybridData, config, start_step: int) -> Iterator[dict]:
+  """Endless epochs of shuffled training batches (this process's part), from ``start_step``."""
   per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    rows = pipeline.batch_rows(len(data.train), config.batch_size, shuffle=True,
-                               seed=config.seed, epoch=epoch, drop_remainder=True,
-                               part=parallel.process_part())
-    for i, (index, _) in enumerate(rows):
-      if i < skip:
-        continue
-      if rows_only:
-        yield {'index': index}
-      else:
-        yield {'x': data.train.x[index], 'y': data.train.y[index],
-               'core': data.train.core[index], 'index': index,
-               'weight': np.ones(index.shape, np.float32)}
+    for i, batch in enumerate(pipeline.batches(data.train, config.batch_size, shuffle=True,
+                                               seed=config.seed, epoch=epoch,
+                                               drop_remainder=True,
+                                               part=parallel.process_part())):
+      if i >= skip:
+        yield batch
     epoch, skip = epoch + 1, 0
+
+
+def epoch_rows(data: HybridData, config, epoch: int) -> np.ndarray:
+  """``[local devices, steps per epoch, B / devices]``: the rows of every batch of an epoch
+  that each local device trains on (the same rows :func:`train_batches` gathers)."""
+  rows = np.stack([index for index, _ in pipeline.batch_rows(
+      len(data.train), config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+      drop_remainder=True, part=parallel.process_part())])
+  n = parallel.local_device_count()
+  return rows.reshape(rows.shape[0], n, -1).transpose(1, 0, 2)
+
+
+def _feeder(data: HybridData, config, setup: TrainSetup, start_step: int
+            ) -> tuple[Callable[..., Any], Callable[[int], Any]]:
+  """``(p_train, inputs)``: the compiled train step and ``inputs(step)``, what it is given.
+
+  ``feed='host'``: each batch gathered on the host and put on the devices two steps ahead.
+  ``feed='device'``: the training split stays on every device; each epoch's row numbers go
+  there once (:func:`epoch_rows`) and each step gathers its own batch.
+  """
+  p_train, _, p_train_on_rows = compiled_steps(setup)
+  if resolve_feed(config, data.train) == 'host':
+    batches = parallel.prefetch(train_batches(data, config, start_step))
+    return p_train, lambda step: next(batches)
+  resident = parallel.put_replicated(step_lib.resident_split(data.train))
+  per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
+  current: dict[int, Any] = {}
+
+  def inputs(step: int) -> Any:
+    epoch = step // per_epoch
+    if epoch not in current:
+      current.clear()
+      current[epoch] = parallel.put_sharded(epoch_rows(data, config, epoch))
+    return current[epoch]
+
+  def train(state, rows, with_diagnostics):
+    return p_train_on_rows(state, rows, resident, with_diagnostics)
+
+  return train, inputs
 
 
 def _check_same_data(data: HybridData) -> None:
@@ -220,11 +248,6 @@ def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optiona
           f'training stopped, last good checkpoint: step {ckpt.latest_step()}')
     last = m
   return last
-
-
-def _on_rows(p_train_on_rows, state, batch, with_diagnostics, *, resident):
-  """``p_train``'s signature for the step that gathers its batch on the device."""
-  return p_train_on_rows(state, batch['index'], resident, with_diagnostics)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -284,27 +307,21 @@ def train_and_evaluate(config, workdir: str, *,
                len(data.test), spec.num_fields, spec.tasks, total_steps, per_epoch,
                parallel.device_count(), parallel.process_count(), setup.grad_process, setup.grad_path)
 
-  p_train, p_eval, p_train_on_rows = compiled_steps(setup)
+  p_eval = compiled_steps(setup)[1]
+  p_train, train_inputs = _feeder(data, config, setup, start)
   diag_on, diag_off = parallel.replicate(np.bool_(True)), parallel.replicate(np.bool_(False))
   rstate = parallel.replicate(state)
   del state
-  resident = None
-  if resolve_feed(config, data.train) == 'device':
-    resident = parallel.put_replicated(step_lib.resident_split(data.train))
-    p_train = functools.partial(_on_rows, p_train_on_rows, resident=resident)
 
   pending: list[tuple[int, dict]] = []
   window_start, window_steps = time.perf_counter(), 0
   examples_per_s = 0.0
   step = start
   stop = loop['stopped_early'] or step >= total_steps
-  batch_iter = parallel.prefetch(train_batches(data, config, start,
-                                               rows_only=resident is not None))
   train_start = time.perf_counter()
   while not stop:
-    batch = next(batch_iter)
     is_eval = (step + 1) % config.eval_every == 0 or step + 1 == total_steps
-    rstate, m = p_train(rstate, batch, diag_on if is_eval else diag_off)
+    rstate, m = p_train(rstate, train_inputs(step), diag_on if is_eval else diag_off)
     step += 1
     window_steps += 1
     pending.append((step, m))

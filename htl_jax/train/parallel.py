@@ -105,7 +105,13 @@ def replicate(tree: Any) -> Any:
 def put_replicated(tree: Any) -> Any:
   """Host pytree -> one copy per local device, laid out as ``pmap``'s outputs are, so that
   passing it to a pmapped step each time moves no data."""
-  return jax.pmap(lambda x: x, axis_name=AXIS)(replicate(tree))
+  return put_sharded(replicate(tree))
+
+
+def put_sharded(tree: Any) -> Any:
+  """Host pytree with a leading local-device axis -> on the devices, as ``pmap`` lays out
+  its outputs."""
+  return jax.pmap(lambda x: x, axis_name=AXIS)(tree)
 
 
 def unreplicate(tree: Any) -> Any:

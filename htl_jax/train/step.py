@@ -13,9 +13,9 @@
 The metrics carry the losses, the gradient norm and the data of the paper's Fig. 5 (see
 :mod:`htl_jax.train.gradient_path`).
 
-``train_step_on_rows`` is the same step fed by row numbers: with ``config.feed='device'``
-the training split stays on every device and the step gathers its batch there, so the host
-sends 4 bytes a row instead of the whole batch.
+``train_step_on_rows`` is the same step on a split kept on the device
+(``config.feed='device'``): the host puts each epoch's row numbers on the devices once, and
+every step gathers its own batch there, so nothing travels per step.
 """
 
 from __future__ import annotations
@@ -80,11 +80,19 @@ def gather_batch(resident: dict[str, jax.Array], index: jax.Array) -> Batch:
           'weight': jnp.ones(index.shape, jnp.float32)}
 
 
-def train_step_on_rows(setup: TrainSetup, state: TrainState, index: jax.Array,
+def train_step_on_rows(setup: TrainSetup, state: TrainState, epoch_rows: jax.Array,
                        resident: dict[str, jax.Array],
                        with_diagnostics: jax.Array | bool = False
                        ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """:func:`train_step` on the rows ``index`` of a split already on the device."""
+  """:func:`train_step` on a split already on the device.
+
+  Args:
+    epoch_rows: ``[steps per epoch, B]`` this device's rows of every batch of the epoch;
+      the step takes row ``state.step % steps per epoch``, so the host sends nothing per
+      step.
+    resident: the split's arrays (:func:`resident_split`) on this device.
+  """
+  index = epoch_rows[state.step % epoch_rows.shape[0]]
   return train_step(setup, state, gather_batch(resident, index), with_diagnostics)
 
 
