@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -59,7 +58,6 @@ from htl_jax.spec import HybridSpec
 from htl_jax.models import MODELS, model_class
 from htl_jax.losses import CoreTransform
 from htl_jax.train import malloc, parallel
-from htl_jax.train import step as step_lib
 from htl_jax.train.loop import compiled_steps
 from htl_jax.train.state import init_state, make_setup
 
@@ -98,13 +96,12 @@ class Runner:
     if grad_path is not None:
       setup = dataclasses.replace(setup, grad_path=grad_path)
     self.setup = setup
-    self.step = compiled_steps(setup)[0]
+    self.step = compiled_steps(setup).train     # as the loop runs between evaluations
     # Built by one compiled program per device: a 1e8-row table and its moments are
     # written once, with no host copy and no temporaries.
     self.state = parallel.pmap_step(lambda _: init_state(setup, config), False)(
         np.zeros(parallel.device_count()))
     self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
-    self.no_diagnostics = parallel.replicate(np.bool_(False))
     self.times: list[float] = []
 
   def run(self, steps: int, record: bool = True) -> None:
@@ -115,20 +112,15 @@ class Runner:
     """
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, metrics = self.step(self.state, self.batch, self.no_diagnostics)
+      self.state, metrics = self.step(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
     if record:
       self.times.append((time.perf_counter() - start) / steps)
 
   def gflops(self) -> float:
-    """XLA's FLOP count of one train step (forward, backward, optimizer), in GFLOP.
-
-    Counted on the step without diagnostics (``with_diagnostics=False`` static), so the
-    diagnostics branch that the timed steps compile but never run is not counted.
-    """
-    step = parallel.pmap_step(functools.partial(step_lib.train_step, self.setup,
-                                                with_diagnostics=False))
-    cost = step.lower(self.state, self.batch).cost_analysis()
+    """XLA's FLOP count of the timed train step (forward, backward, optimizer), in GFLOP:
+    the loop's step between evaluations, without Fig. 5's diagnostics."""
+    cost = self.step.lower(self.state, self.batch).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost['flops']) / 1e9
 

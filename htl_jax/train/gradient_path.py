@@ -28,8 +28,8 @@ function below:
 The diagnostics are the data of the paper's Fig. 5: per task, the norm of its gradient on
 ``theta_s`` before and after the process and its cosine with the core gradient. With a
 process they come from the gradients computed anyway; without one, steps 2-4 run per task
-only where ``with_diagnostics`` is true (a ``lax.cond`` in the same program), and never
-change the update.
+only where ``with_diagnostics`` is true, and never change the update (the training loop
+compiles that variant separately and runs it at evaluation steps only).
 
 The step RNG is ``fold_in(rng, step)``; Gumbel noise is keyed by each example's position in
 its split, so 1 and N devices draw the same noise.

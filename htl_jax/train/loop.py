@@ -24,7 +24,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -100,12 +100,40 @@ def default_cache_dir() -> str:
   return os.path.join(os.path.expanduser('~'), '.cache', 'htl_jax')
 
 
+class Steps(NamedTuple):
+  """The compiled, data-parallel steps of one setup (see :func:`compiled_steps`).
+
+  ``train(state, batch)`` and ``train_on_rows(state, epoch_rows, resident)`` leave out
+  Fig. 5's per-task diagnostics, which a run without a gradient process takes only at
+  evaluations, through the ``diagnosed`` variants: a second program rather than a
+  ``lax.cond`` in one, because XLA:CPU pays for an untaken branch (MMoE: 29 ms a step with
+  the cond, 22 ms without). With a gradient process the diagnostics come free, and each
+  ``diagnosed`` variant is the same program as its plain one.
+  """
+
+  train: Callable[..., Any]
+  train_diagnosed: Callable[..., Any]
+  train_on_rows: Callable[..., Any]
+  train_on_rows_diagnosed: Callable[..., Any]
+  evaluate: Callable[..., Any]
+
+
 @functools.lru_cache(maxsize=16)
-def compiled_steps(setup: TrainSetup):
-  """Data-parallel train, eval and on-rows train steps of ``setup`` (compiled once each)."""
-  return (parallel.pmap_step(functools.partial(step_lib.train_step, setup)),
-          parallel.pmap_gathered(functools.partial(step_lib.eval_step, setup)),
-          parallel.pmap_step(functools.partial(step_lib.train_step_on_rows, setup)))
+def compiled_steps(setup: TrainSetup) -> Steps:
+  """The data-parallel steps of ``setup``, each compiled once, at its first call."""
+  def pmapped(step_fn, with_diagnostics: bool):
+    return parallel.pmap_step(functools.partial(step_fn, setup,
+                                                with_diagnostics=with_diagnostics))
+
+  train = pmapped(step_lib.train_step, False)
+  on_rows = pmapped(step_lib.train_step_on_rows, False)
+  free = setup.balance is not None        # diagnostics come with the gradient process
+  return Steps(train=train,
+               train_diagnosed=train if free else pmapped(step_lib.train_step, True),
+               train_on_rows=on_rows,
+               train_on_rows_diagnosed=(on_rows if free else
+                                        pmapped(step_lib.train_step_on_rows, True)),
+               evaluate=parallel.pmap_gathered(functools.partial(step_lib.eval_step, setup)))
 
 
 # feed='auto' keeps the training split on the devices up to this many bytes.
@@ -187,32 +215,35 @@ def epoch_rows(data: HybridData, config, epoch: int) -> np.ndarray:
 
 
 def _feeder(data: HybridData, config, setup: TrainSetup, start_step: int
-            ) -> tuple[Callable[..., Any], Callable[[int], Any]]:
-  """``(p_train, inputs)``: the compiled train step and ``inputs(step)``, what it is given.
+            ) -> Callable[[Any, int, bool], tuple[Any, dict]]:
+  """``train(state, step, diagnosed) -> (state, metrics)``: one training step, fed.
 
   ``feed='host'``: each batch gathered on the host and put on the devices two steps ahead.
   ``feed='device'``: the training split stays on every device; each epoch's row numbers go
   there once (:func:`epoch_rows`) and each step gathers its own batch.
   """
-  p_train, _, p_train_on_rows = compiled_steps(setup)
+  steps = compiled_steps(setup)
   if resolve_feed(config, data.train) == 'host':
     batches = parallel.prefetch(train_batches(data, config, start_step))
-    return p_train, lambda step: next(batches)
+
+    def train_on_host_batches(state, step: int, diagnosed: bool):
+      fn = steps.train_diagnosed if diagnosed else steps.train
+      return fn(state, next(batches))
+
+    return train_on_host_batches
   resident = parallel.put_replicated(step_lib.resident_split(data.train))
   per_epoch = pipeline.num_batches(len(data.train), config.batch_size, drop_remainder=True)
   current: dict[int, Any] = {}
 
-  def inputs(step: int) -> Any:
+  def train_on_device_rows(state, step: int, diagnosed: bool):
     epoch = step // per_epoch
     if epoch not in current:
       current.clear()
       current[epoch] = parallel.put_sharded(epoch_rows(data, config, epoch))
-    return current[epoch]
+    fn = steps.train_on_rows_diagnosed if diagnosed else steps.train_on_rows
+    return fn(state, current[epoch], resident)
 
-  def train(state, rows, with_diagnostics):
-    return p_train_on_rows(state, rows, resident, with_diagnostics)
-
-  return train, inputs
+  return train_on_device_rows
 
 
 def _check_same_data(data: HybridData) -> None:
@@ -307,9 +338,8 @@ def train_and_evaluate(config, workdir: str, *,
                len(data.test), spec.num_fields, spec.tasks, total_steps, per_epoch,
                parallel.device_count(), parallel.process_count(), setup.grad_process, setup.grad_path)
 
-  p_eval = compiled_steps(setup)[1]
-  p_train, train_inputs = _feeder(data, config, setup, start)
-  diag_on, diag_off = parallel.replicate(np.bool_(True)), parallel.replicate(np.bool_(False))
+  p_eval = compiled_steps(setup).evaluate
+  train = _feeder(data, config, setup, start)
   rstate = parallel.replicate(state)
   del state
 
@@ -321,7 +351,7 @@ def train_and_evaluate(config, workdir: str, *,
   train_start = time.perf_counter()
   while not stop:
     is_eval = (step + 1) % config.eval_every == 0 or step + 1 == total_steps
-    rstate, m = p_train(rstate, train_inputs(step), diag_on if is_eval else diag_off)
+    rstate, m = train(rstate, step, is_eval)
     step += 1
     window_steps += 1
     pending.append((step, m))
