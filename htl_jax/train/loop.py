@@ -270,15 +270,14 @@ def _grad_record(tasks, metrics: dict) -> dict[str, dict[str, float]]:
 
 def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optional[dict]:
   """Raise on the first non-finite step among ``pending``; return the last metrics."""
-  last = None
-  for step, m in pending:
-    m = jax.device_get(m)
-    if not bool(np.all(m['finite'])):
+  finite = jax.device_get([m['finite'] for _, m in pending])   # one transfer for all
+  for (step, m), ok in zip(pending, finite):
+    if not bool(np.all(ok)):
       raise NonFiniteError(
-          f'non-finite loss or gradient at step {step} (loss={float(m["loss"][0])}); '
+          f'non-finite loss or gradient at step {step} '
+          f'(loss={float(jax.device_get(m["loss"])[0])}); '
           f'training stopped, last good checkpoint: step {ckpt.latest_step()}')
-    last = m
-  return last
+  return jax.device_get(pending[-1][1]) if pending else None
 
 
 # ----------------------------------------------------------------------------- main loop

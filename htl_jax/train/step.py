@@ -75,9 +75,11 @@ def resident_split(split) -> dict[str, np.ndarray]:
 
 def gather_batch(resident: dict[str, jax.Array], index: jax.Array) -> Batch:
   """The batch of rows ``index`` of a device-resident split (a training batch: weight 1)."""
-  return {'x': resident['x'][index], 'y': resident['y'][index],
-          'core': resident['core'][index], 'index': index,
-          'weight': jnp.ones(index.shape, jnp.float32)}
+  batch = {'x': resident['x'][index], 'y': resident['y'][index],
+           'core': resident['core'][index], 'index': index,
+           'weight': jnp.ones(index.shape, jnp.float32)}
+  # Gathered once, not fused into (and redone by) each consumer: SB's step 0.4 -> 0.25 ms.
+  return jax.lax.optimization_barrier(batch)
 
 
 def train_step_on_rows(setup: TrainSetup, state: TrainState, epoch_rows: jax.Array,
