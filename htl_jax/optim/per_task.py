@@ -85,12 +85,11 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
   One forward pass (``jax.vjp``), then the K one-hot cotangents of the loss vector: by
   ``vmap`` when ``theta_s`` is the embedding alone, and one by one (unrolled) when it also
   holds dense shared layers. There XLA:CPU lays the vmapped ReLU gradient ``[K, B, N]`` out
-  transposed for the weight gradients' matmuls, and those copies took 38 of MMoE +
-  MetaBalance's 94 ms a step; unrolled, each task's backward pass is an ordinary one (MMoE +
-  MetaBalance 92 -> 69 ms, PLE + PCGrad 282 -> 123 ms, Shared-Bottom + Algorithm 1 26 -> 21
-  ms; the rows alone stay faster by vmap: 47 ms vs 60 for HTLNet's general path). Unrolled,
-  the non-shared parameters' gradient is the sum of the per-task ones (the cotangent is
-  linear); by vmap it is one more pass, of the summed loss, which was faster there.
+  transposed for the weight gradients' matmuls, a copy that cost more than the matmuls;
+  unrolled, each task's backward pass is an ordinary one (measured in the README's
+  Benchmarks). Unrolled, the non-shared parameters' gradient is the sum of the per-task
+  ones (the cotangent is linear); by vmap it is one more pass, of the summed loss, which
+  was faster there.
 
   Args:
     loss_vector: ``(model_params, embs) -> losses [K]`` where ``embs`` is a tuple of K
@@ -114,11 +113,10 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
     row_grads, shared_grads = jax.vmap(lambda ct: vjp_fn(ct)[:2])(eye)
     _, _, rest_grads = vjp_fn(jnp.ones_like(losses))
     return PerTaskGrads(losses, tuple(row_grads), shared_grads, rest_grads)
-  per_task = [vjp_fn(eye[k]) for k in range(num_tasks)]
-  stack = lambda *g: jnp.stack(g)      # noqa: E731
-  return PerTaskGrads(losses, tuple(g[0] for g in per_task),
-                      jax.tree.map(stack, *[g[1] for g in per_task]),
-                      jax.tree.map(lambda *g: sum(g), *[g[2] for g in per_task]))
+  row_grads, shared_grads, rest_grads = zip(*(vjp_fn(eye[k]) for k in range(num_tasks)))
+  return PerTaskGrads(losses, row_grads,
+                      jax.tree.map(lambda *g: jnp.stack(g), *shared_grads),
+                      jax.tree.map(lambda *g: sum(g), *rest_grads))
 
 
 def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
