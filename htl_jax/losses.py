@@ -23,8 +23,8 @@ the weighted mean; a batch whose weights are all zero gives 0.
 The core head (DESIGN section 3): :class:`CoreTransform` (``none`` | ``standardize`` |
 ``log1p``, fitted on train) with :func:`core_loss` (MSE on the transformed target, or ZILN on
 raw values) and :func:`core_prediction` (back on the original scale, so metrics are always
-on it). :class:`Objective` turns a model's output into the vector of per-task losses ``[K]``,
-core last, which the per-task gradients differentiate.
+on it). :class:`Objective` turns a model's output into the per-task losses (K terms, core
+last), which the per-task gradients differentiate.
 """
 
 from __future__ import annotations
@@ -351,24 +351,43 @@ class Objective:
                binary_losses=trains_binary_tasks)
 
   def loss_vector(self, out: ModelOutput, batch: dict[str, jax.Array]) -> jax.Array:
-    """Per-task losses ``[K]`` of one batch (weighted means over real examples)."""
+    """Per-task losses ``[K]`` of one batch: :meth:`loss_terms` stacked."""
+    return jnp.stack(self.loss_terms(out, batch))
+
+  def loss_terms(self, out: ModelOutput, batch: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, ...]:
+    """Per-task losses of one batch, K scalars, core last (weighted means over real examples).
+
+    Binary task ``t`` reads ``out.task_probs[t]`` where the model sets them, so (without an
+    auxiliary loss that ties the tasks) its term depends on its own tower only.
+    """
     y, weight = batch['y'], batch['weight']
     num_binary = y.shape[1]
-    binary = jnp.stack([bce(out.probs[:, t], y[:, t], weight=weight)
-                        for t in range(num_binary)])
-    extra = jnp.zeros((num_binary,), binary.dtype)
-    if self.aitm_alpha:
-      extra = extra.at[-1].add(aitm_calibrator(out.probs, self.aitm_alpha))
-    if self.tafe_dtl_weight:
-      extra = extra.at[-1].add(self.tafe_dtl_weight * tafe_dtl_loss(out.probs, y))
-    if self.lambda_pair:
-      probs = jnp.clip(out.probs, PROB_EPS, 1 - PROB_EPS)
-      scores = jnp.log(probs) - jnp.log1p(-probs)
-      extra = extra + self.lambda_pair * pairwise_ranking_total(scores, y)
     core = core_loss(self.head, out.core, batch['core'], self.core_transform, weight)
     if not self.binary_losses:
-      return jnp.concatenate([jnp.zeros_like(binary), core[None]])
-    return jnp.concatenate([binary + extra, core[None]])
+      return (jnp.zeros_like(core),) * num_binary + (core,)
+    probs = (out.task_probs if out.task_probs is not None
+             else [out.probs[:, t] for t in range(num_binary)])
+    binary = [bce(probs[t], y[:, t], weight=weight) for t in range(num_binary)]
+    extra = self._auxiliary_losses(out.probs, y)
+    if extra is not None:
+      binary = [term + extra[t] for t, term in enumerate(binary)]
+    return (*binary, core)
+
+  def _auxiliary_losses(self, probs: jax.Array, y: jax.Array) -> jax.Array | None:
+    """``[T]`` AITM / TAFE / pairwise terms added to the binary losses; None if all are off."""
+    if not (self.aitm_alpha or self.tafe_dtl_weight or self.lambda_pair):
+      return None
+    extra = jnp.zeros((y.shape[1],), probs.dtype)
+    if self.aitm_alpha:
+      extra = extra.at[-1].add(aitm_calibrator(probs, self.aitm_alpha))
+    if self.tafe_dtl_weight:
+      extra = extra.at[-1].add(self.tafe_dtl_weight * tafe_dtl_loss(probs, y))
+    if self.lambda_pair:
+      clipped = jnp.clip(probs, PROB_EPS, 1 - PROB_EPS)
+      scores = jnp.log(clipped) - jnp.log1p(-clipped)
+      extra = extra + self.lambda_pair * pairwise_ranking_total(scores, y)
+    return extra
 
   def predict_core(self, out: ModelOutput) -> jax.Array:
     """Core predictions on the original scale, ``[B]``."""

@@ -122,6 +122,11 @@ TRAINER_CASES = {
     'shared_bottom-metabalance-dense': ('shared_bottom', 'metabalance', (6, 5, 4)),
     'mmoe-htl-dense': ('mmoe', 'htl', (6, 5, 4)),
     'mmoe-pcgrad-by_id': ('mmoe', 'pcgrad', (60, 50, 40)),
+    'ple-metabalance-by_id': ('ple', 'metabalance', (60, 50, 40)),
+    'adatt-htl-dense': ('adatt', 'htl', (6, 5, 4)),
+    # The pairwise ranking loss reads every binary task's probability: the per-task terms
+    # are then tied through ``probs`` while their BCE terms read ``task_probs``.
+    'mmoe-pcgrad-pairwise-dense': ('mmoe', 'pcgrad', (6, 5, 4), {'lambda_pair': 0.5}),
 }
 
 
@@ -129,7 +134,8 @@ TRAINER_CASES = {
 def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   """The train step's gradient of theta_s = the gradient process on its dense Jacobian.
 
-  theta_s is the table, plus the shared bottom / experts of Shared-Bottom and MMoE; the
+  theta_s is the table, plus the shared bottom / experts of Shared-Bottom, MMoE, PLE and
+  AdaTT; the
   reference differentiates the task losses with respect to the dense table and the shared
   layers with ``jax.jacrev`` and applies the transformation to that. Batches repeat ids, the
   L2 term (on the looked-up rows, after the process) is on, and every other parameter gets
@@ -140,10 +146,11 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   from htl_jax.train import gradient_path
   from htl_jax.train.state import init_state, make_setup
 
-  model_name, grad_process, vocab = TRAINER_CASES[case]
+  model_name, grad_process, vocab, *overrides = TRAINER_CASES[case]
   spec = HybridSpec(SPEC.fields, vocab, SPEC.binary_tasks, SPEC.core_task)
   config = get_base_config()
   config.model, config.grad_process = model_name, grad_process
+  config.update(*overrides)
   config.hidden_dims, config.fusion_dim, config.label_embed_dim = (8, 4), 4, 3
   config.embed_dim, config.l2, config.gamma, config.clip = D, 0.05, 0.3, 2.0
   config.alpha, config.num_experts = 0.7, 2
@@ -183,3 +190,40 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
     expected = combined['shared'][name] if name in shared else summed_rest[name]
     for a, b in zip(jax.tree.leaves(got['model'][name]), jax.tree.leaves(expected)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_task_backward_pass_skips_the_other_towers():
+  """Each task's term transposed alone: the other towers and gates are left out.
+
+  MMoE keeps its tasks' probabilities apart (``ModelOutput.task_probs``), so task k's
+  backward pass reaches its own tower and gate and the shared experts only. Stacking the
+  terms first (one dense cotangent per task, as a ``vjp`` of the loss vector would take)
+  gives the same gradients with more matmuls: every tower and gate, for every task.
+  """
+  model = get_model('mmoe', SPEC, model_config(hidden_dims=(8, 4), num_experts=2))
+  rows = jax.random.normal(jax.random.PRNGKey(0), (B, 3, D))
+  params = model.init(jax.random.PRNGKey(1), (rows,) * K)['params']
+  y = (jnp.arange(B)[:, None] % (2 + jnp.arange(2))[None, :] == 0).astype(jnp.float32)
+
+  def terms(model_params, embs):
+    out = model.apply({'params': model_params}, embs)
+    return (*(-jnp.mean(y[:, t] * jnp.log(p) + (1 - y[:, t]) * jnp.log1p(-p))
+              for t, p in enumerate(out.task_probs)), jnp.mean(out.core[:, 0] ** 2))
+
+  def stacked(model_params, embs):
+    return jnp.stack(terms(model_params, embs))
+
+  def run(fn):
+    return per_task.row_grads_general(fn, params, rows, K, shared=model.shared)
+
+  def matmuls(fn):
+    jaxpr = jax.make_jaxpr(lambda: run(fn))()
+    return str(jaxpr).count('dot_general')
+
+  a, b = run(terms), run(stacked)
+  for got, want in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # Per task, the stacked version also runs the other K-1 tasks' parts backwards: the
+  # tower (2 dense layers, 2 matmuls each: input and kernel), the gate's mix of the expert
+  # outputs (2: gate weights and experts) and the gate (2).
+  assert matmuls(stacked) - matmuls(terms) == K * (K - 1) * (4 + 2 + 2)

@@ -94,5 +94,4 @@ class AdaTT(HybridModel):
     num_levels = len(self.cfg.shared_dims)
     for level, width in enumerate(self.cfg.shared_dims):
       inputs = self._fusion_level(level, width, inputs, last=level == num_levels - 1)
-    logits, core = self.towers(inputs[:self.spec.num_tasks], self.cfg.tower_dims)
-    return ModelOutput(jax.nn.sigmoid(logits), core)
+    return self.separate_towers(inputs[:self.spec.num_tasks], self.cfg.tower_dims)

@@ -32,5 +32,4 @@ class DNN(HybridModel):
 
   def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     own = [self._own_fields(embs, t) for t in range(self.spec.num_tasks)]
-    logits, core = self.towers(own, self.cfg.hidden_dims)
-    return ModelOutput(jax.nn.sigmoid(logits), core)
+    return self.separate_towers(own, self.cfg.hidden_dims)

@@ -35,10 +35,16 @@ class ModelOutput(NamedTuple):
     probs: ``[B, T]`` probabilities of the binary tasks in chain order.
     core: ``[B, C]`` raw core head output: ``C = 1`` (MSE head, transformed scale) or
       ``C = 3`` (ZILN logits ``[l, mu, s]``).
+    task_probs: the columns of ``probs`` as T arrays ``[B]``, set by models whose binary
+      task ``t`` is its own tower's sigmoid (:meth:`HybridModel.separate_towers`). The
+      loss reads them instead of slicing ``probs``, so task ``t``'s backward pass never
+      reaches the other towers (their cotangents stay symbolic zeros; see
+      :func:`htl_jax.optim.per_task.row_grads_general`). None: read ``probs``.
   """
 
   probs: jax.Array
   core: jax.Array
+  task_probs: tuple[jax.Array, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +153,27 @@ class HybridModel(nn.Module):
   def towers(self, inputs: Sequence[jax.Array], dims: Sequence[int]
              ) -> tuple[jax.Array, jax.Array]:
     """One tower per task on ``inputs[t]``: binary logits ``[B, T]`` and the core ``[B, C]``."""
+    logits, core = self._tower_logits(inputs, dims)
+    return jnp.concatenate(logits, axis=-1), core
+
+  def separate_towers(self, inputs: Sequence[jax.Array], dims: Sequence[int]
+                      ) -> ModelOutput:
+    """:meth:`towers` where binary task ``t``'s probability is ``sigmoid`` of its tower alone.
+
+    The output carries each task's probability as its own array too
+    (:attr:`ModelOutput.task_probs`), so a per-task loss does not depend on the other towers.
+    """
+    logits, core = self._tower_logits(inputs, dims)
+    task_probs = tuple(jax.nn.sigmoid(z[:, 0]) for z in logits)
+    return ModelOutput(jnp.stack(task_probs, axis=-1), core, task_probs)
+
+  def _tower_logits(self, inputs: Sequence[jax.Array], dims: Sequence[int]
+                    ) -> tuple[list[jax.Array], jax.Array]:
+    """Binary logits, T arrays ``[B, 1]``, and the core ``[B, C]`` of one tower per task."""
     num_binary = self.spec.num_binary
     logits = [Tower(dims, 1, name=f'tower_{t}')(inputs[t])[0] for t in range(num_binary)]
     core, _ = self.core_tower(inputs[num_binary], dims)
-    return jnp.concatenate(logits, axis=-1), core
+    return logits, core
 
   def core_tower(self, x: jax.Array | Sequence[jax.Array], dims: Sequence[int]
                  ) -> tuple[jax.Array, jax.Array]:

@@ -30,5 +30,4 @@ class MMoE(HybridModel):
                                 name='experts')(e)               # [B, n, D]
     mixed = [moe.mix(moe.SoftmaxGate(self.cfg.num_experts, name=f'gate_{t}')(e), expert_out)
              for t in range(self.spec.num_tasks)]
-    logits, core = self.towers(mixed, self.cfg.tower_dims)
-    return ModelOutput(jax.nn.sigmoid(logits), core)
+    return self.separate_towers(mixed, self.cfg.tower_dims)

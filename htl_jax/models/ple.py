@@ -69,5 +69,4 @@ class PLE(HybridModel):
     for level, width in enumerate(self.cfg.shared_dims):
       task_in, shared_in = self._extraction_level(level, width, task_in, shared_in,
                                                   last=level == num_levels - 1)
-    logits, core = self.towers(task_in, self.cfg.tower_dims)
-    return ModelOutput(jax.nn.sigmoid(logits), core)
+    return self.separate_towers(task_in, self.cfg.tower_dims)

@@ -24,5 +24,4 @@ class SharedBottom(HybridModel):
 
   def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     bottom = layers.MLP(self.cfg.shared_dims, name='bottom')(layers.flatten_fields(embs[0]))
-    logits, core = self.towers([bottom[-1]] * self.spec.num_tasks, self.cfg.tower_dims)
-    return ModelOutput(jax.nn.sigmoid(logits), core)
+    return self.separate_towers([bottom[-1]] * self.spec.num_tasks, self.cfg.tower_dims)

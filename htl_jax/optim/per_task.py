@@ -8,9 +8,9 @@ gradients of the embedding are taken with respect to the rows looked up in the b
 with the batch and not with the vocabulary; the shared dense layers are differentiated
 directly:
 
-- :func:`row_grads_general`: one ``jax.vjp`` of the task-loss vector, then ``jax.vmap`` over
-  the K one-hot cotangents (no K forward passes). Valid for every model, and the only path
-  that also gives per-task gradients of shared dense layers.
+- :func:`row_grads_general`: one forward pass, then K backward passes (``jax.vmap`` over the
+  one-hot cotangents of a ``jax.vjp``, or each task's term transposed on its own). Valid for
+  every model, and the only path that also gives per-task gradients of shared dense layers.
 - :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
@@ -29,8 +29,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-# ``(model_params, embs) -> losses [K]``, ``embs`` a tuple of K arrays ``[B, F, d]``.
-LossVectorFn = Callable[[Any, tuple[jax.Array, ...]], jax.Array]
+# ``(model_params, embs) -> the K task losses`` (a tuple of scalars, or a ``[K]`` array),
+# ``embs`` a tuple of K arrays ``[B, F, d]``.
+LossTermsFn = Callable[[Any, tuple[jax.Array, ...]], Sequence[jax.Array] | jax.Array]
 
 
 class IdGradients(NamedTuple):
@@ -78,22 +79,24 @@ class PerTaskGrads(NamedTuple):
   rest: Any
 
 
-def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+def row_grads_general(loss_terms: LossTermsFn, model_params: Any, rows: jax.Array,
                       num_tasks: int, shared: Sequence[str] = ()) -> PerTaskGrads:
-  """Per-task gradients of the rows and shared layers: K cotangents through one ``vjp``.
+  """Per-task gradients of the rows and shared layers from one forward pass.
 
-  One forward pass (``jax.vjp``), then the K one-hot cotangents of the loss vector: by
-  ``vmap`` when ``theta_s`` is the embedding alone, and one by one (unrolled) when it also
-  holds dense shared layers. There XLA:CPU lays the vmapped ReLU gradient ``[K, B, N]`` out
-  transposed for the weight gradients' matmuls, a copy that cost more than the matmuls;
-  unrolled, each task's backward pass is an ordinary one (measured in the README's
-  Benchmarks). Unrolled, the non-shared parameters' gradient is the sum of the per-task
-  ones (the cotangent is linear); by vmap it is one more pass, of the summed loss, which
-  was faster there.
+  When ``theta_s`` is the embedding alone: one ``jax.vjp`` of the stacked losses, then
+  ``vmap`` over the K one-hot cotangents, plus one pass of the summed loss for the other
+  parameters. When it also holds dense shared layers: one ``jax.linearize``, then each
+  task's term transposed on its own (``jax.linear_transpose``), unrolled. Transposing task
+  k's term alone leaves the other terms' cotangents symbolic zeros, so the backward pass
+  skips whatever feeds only them (other towers and gates, where the model keeps its tasks'
+  outputs apart, :attr:`ModelOutput.task_probs`); and vmapped, XLA:CPU lays the ReLU
+  gradient ``[K, B, N]`` out transposed for the weight gradients' matmuls, a copy that cost
+  more than the matmuls (measured in the README's Benchmarks). There the non-shared
+  parameters' gradient is the sum of the per-task ones (the transpose is linear).
 
   Args:
-    loss_vector: ``(model_params, embs) -> losses [K]`` where ``embs`` is a tuple of K
-      arrays ``[B, F, d]`` (task k reads ``embs[k]``).
+    loss_terms: ``(model_params, embs) -> K losses`` where ``embs`` is a tuple of K arrays
+      ``[B, F, d]`` (task k reads ``embs[k]``).
     model_params: the model's parameters (towers, experts, ...).
     rows: ``[B, F, d]`` looked-up embedding rows.
     num_tasks: K.
@@ -103,23 +106,29 @@ def row_grads_general(loss_vector: LossVectorFn, model_params: Any, rows: jax.Ar
     :class:`PerTaskGrads`; the non-shared parameters get the gradient of ``sum(losses)``.
   """
   shared_params, rest_params = split_shared(model_params, shared)
+  primals = (rows, shared_params, rest_params)
 
   def f(rows, shared_params, rest_params):
-    return loss_vector({**shared_params, **rest_params}, (rows,) * num_tasks)
+    return loss_terms({**shared_params, **rest_params}, (rows,) * num_tasks)
 
-  losses, vjp_fn = jax.vjp(f, rows, shared_params, rest_params)
-  eye = jnp.eye(num_tasks, dtype=losses.dtype)
   if not shared_params:
+    losses, vjp_fn = jax.vjp(lambda *p: jnp.stack(f(*p)), *primals)
+    eye = jnp.eye(num_tasks, dtype=losses.dtype)
     row_grads, shared_grads = jax.vmap(lambda ct: vjp_fn(ct)[:2])(eye)
     _, _, rest_grads = vjp_fn(jnp.ones_like(losses))
     return PerTaskGrads(losses, tuple(row_grads), shared_grads, rest_grads)
-  row_grads, shared_grads, rest_grads = zip(*(vjp_fn(eye[k]) for k in range(num_tasks)))
+  terms, f_jvp = jax.linearize(f, *primals)
+  losses = jnp.stack(terms)
+  one = jnp.ones((), losses.dtype)
+  row_grads, shared_grads, rest_grads = zip(*(
+      jax.linear_transpose(lambda *t, k=k: f_jvp(*t)[k], *primals)(one)
+      for k in range(num_tasks)))
   return PerTaskGrads(losses, row_grads,
                       jax.tree.map(lambda *g: jnp.stack(g), *shared_grads),
                       jax.tree.map(lambda *g: sum(g), *rest_grads))
 
 
-def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+def row_grads_isolated(loss_terms: LossTermsFn, model_params: Any, rows: jax.Array,
                        num_tasks: int) -> PerTaskGrads:
   """Per-task row gradients in one backward pass (each tower reads its own copy).
 
@@ -127,7 +136,7 @@ def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.A
   alone; only valid for models with isolated towers.
   """
   def f(copies, model_params):
-    losses = loss_vector(model_params, copies)
+    losses = jnp.stack(loss_terms(model_params, copies))
     return jnp.sum(losses), losses
 
   # K separate arguments (not slices of one stacked array): each copy's gradient is its own
@@ -139,7 +148,7 @@ def row_grads_isolated(loss_vector: LossVectorFn, model_params: Any, rows: jax.A
   return PerTaskGrads(losses, tuple(copy_grads), {}, model_grads)
 
 
-def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Array,
+def row_grads_summed(loss_terms: LossTermsFn, model_params: Any, rows: jax.Array,
                      num_tasks: int) -> tuple[jax.Array, jax.Array, Any]:
   """Only the gradient of the summed loss (no gradient process).
 
@@ -147,7 +156,7 @@ def row_grads_summed(loss_vector: LossVectorFn, model_params: Any, rows: jax.Arr
     ``(losses [K], row gradients [B, F, d], model gradients)``.
   """
   def f(rows, model_params):
-    losses = loss_vector(model_params, (rows,) * num_tasks)
+    losses = jnp.stack(loss_terms(model_params, (rows,) * num_tasks))
     return jnp.sum(losses), losses
 
   (row_grads, model_grads), losses = jax.grad(

@@ -8,7 +8,7 @@ function below:
 2. **Per-task gradients** of ``theta_s`` (:func:`_task_gradients`): the rows (K arrays
    ``[B, F, d]``) and the model's shared layers (leading task axis K), by
    :mod:`htl_jax.optim.per_task`: one backward pass when the towers are isolated, else
-   ``vmap`` over the cotangents of one ``vjp``. Every other parameter gets the gradient of
+   one forward pass and K backward passes. Every other parameter gets the gradient of
    the summed loss. Without a gradient process only the summed gradient is taken
    (:func:`_summed_gradients`, one "task").
 3. **Across devices** (:func:`_gather_rows`, ``parallel.mean``): row gradients and rows are gathered, dense
@@ -37,7 +37,7 @@ its split, so 1 and N devices draw the same noise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,17 +120,17 @@ def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax
   return ids, params['embedding']['table'][ids]
 
 
-def loss_vector_fn(setup: TrainSetup, state: TrainState, batch: Batch
-                   ) -> Callable[[Any, tuple[jax.Array, ...]], jax.Array]:
-  """``(model_params, embs) -> [K]`` task losses of the batch (Eq. 18's terms), training mode."""
+def loss_terms_fn(setup: TrainSetup, state: TrainState, batch: Batch
+                  ) -> per_task.LossTermsFn:
+  """``(model_params, embs) -> K`` task losses of the batch (Eq. 18's terms), training mode."""
   key = jax.random.fold_in(state.rng, state.step)
 
-  def loss_vector(model_params, embs):
+  def loss_terms(model_params, embs):
     out = setup.model.apply({'params': model_params}, embs, train=True, tau=state.tau,
                             example_index=batch['index'], rngs={'gumbel': key})
-    return setup.objective.loss_vector(out, batch)
+    return setup.objective.loss_terms(out, batch)
 
-  return loss_vector
+  return loss_terms
 
 
 def _first_occurrences(setup: TrainSetup, state: TrainState, ids: jax.Array
@@ -144,11 +144,11 @@ def _first_occurrences(setup: TrainSetup, state: TrainState, ids: jax.Array
 def _task_gradients(setup: TrainSetup, state: TrainState, batch: Batch, rows: jax.Array
                     ) -> per_task.PerTaskGrads:
   """Step 2: per-task gradients of ``theta_s``, the summed gradient of the rest."""
-  loss_vector = loss_vector_fn(setup, state, batch)
+  loss_terms = loss_terms_fn(setup, state, batch)
   num_tasks = setup.spec.num_tasks
   if setup.grad_path == 'isolated':
-    return per_task.row_grads_isolated(loss_vector, state.params['model'], rows, num_tasks)
-  return per_task.row_grads_general(loss_vector, state.params['model'], rows, num_tasks,
+    return per_task.row_grads_isolated(loss_terms, state.params['model'], rows, num_tasks)
+  return per_task.row_grads_general(loss_terms, state.params['model'], rows, num_tasks,
                                     setup.shared)
 
 
@@ -156,7 +156,7 @@ def _summed_gradients(setup: TrainSetup, state: TrainState, batch: Batch, rows: 
                       ) -> per_task.PerTaskGrads:
   """Step 2 without a gradient process: the summed loss's gradient, as one "task"."""
   losses, row_grads, model_grads = per_task.row_grads_summed(
-      loss_vector_fn(setup, state, batch), state.params['model'], rows,
+      loss_terms_fn(setup, state, batch), state.params['model'], rows,
       setup.spec.num_tasks)
   return per_task.PerTaskGrads(losses, (row_grads,), {}, model_grads)
 
