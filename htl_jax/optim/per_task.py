@@ -83,16 +83,16 @@ def row_grads_general(loss_terms: LossTermsFn, model_params: Any, rows: jax.Arra
                       num_tasks: int, shared: Sequence[str] = ()) -> PerTaskGrads:
   """Per-task gradients of the rows and shared layers from one forward pass.
 
-  When ``theta_s`` is the embedding alone: one ``jax.vjp`` of the stacked losses, then
-  ``vmap`` over the K one-hot cotangents, plus one pass of the summed loss for the other
-  parameters. When it also holds dense shared layers: one ``jax.linearize``, then each
-  task's term transposed on its own (``jax.linear_transpose``), unrolled. Transposing task
-  k's term alone leaves the other terms' cotangents symbolic zeros, so the backward pass
-  skips whatever feeds only them (other towers and gates, where the model keeps its tasks'
-  outputs apart, :attr:`ModelOutput.task_probs`); and vmapped, XLA:CPU lays the ReLU
-  gradient ``[K, B, N]`` out transposed for the weight gradients' matmuls, a copy that cost
-  more than the matmuls (measured in the README's Benchmarks). There the non-shared
-  parameters' gradient is the sum of the per-task ones (the transpose is linear).
+  - ``theta_s`` is the embedding alone: one ``jax.vjp`` of the stacked losses, ``vmap`` over
+    the K one-hot cotangents, and one pass of the summed loss for the other parameters.
+  - ``theta_s`` also holds dense shared layers: one ``jax.linearize``, then each task's
+    term transposed on its own (``jax.linear_transpose``), one after the other. The other
+    terms' cotangents stay symbolic zeros, so task k's backward pass skips what feeds only
+    them (the other towers and gates, where the model keeps its tasks' outputs apart:
+    ``ModelOutput.task_probs``). Not by ``vmap``: XLA:CPU then lays the ReLU gradient
+    ``[K, B, N]`` out transposed for the weight matmuls, a copy that cost more than the
+    matmuls (the README's Benchmarks). The non-shared parameters' gradient is the sum of
+    the per-task ones (the transpose is linear).
 
   Args:
     loss_terms: ``(model_params, embs) -> K losses`` where ``embs`` is a tuple of K arrays
