@@ -1,20 +1,39 @@
-"""htl-jax: multi-task learning with hybrid targets (HTLNet, RecSys 2024) in JAX/Flax."""
+"""htl-jax: multi-task learning with hybrid targets (HTLNet, RecSys 2024) in JAX/Flax.
+
+Installs ONE top-level package, ``htl_jax`` (its configs and the embedded KuaiRand-format
+sample ship inside it), and the console commands ``htl-train``, ``htl-reproduce``,
+``htl-tune``, ``htl-predict``, ``htl-export`` and ``htl-check-data``.
+"""
+
+import pathlib
+import re
 
 import setuptools
 
+HERE = pathlib.Path(__file__).parent
+# The version lives in htl_jax/__init__.py only.
+VERSION = re.search(r"^__version__ = '([^']+)'", (HERE / 'htl_jax' / '__init__.py').read_text(),
+                    re.MULTILINE).group(1)
+
 setuptools.setup(
     name='htl-jax',
-    version='0.1.0',
+    version=VERSION,
     description=('HTLNet ("Touch the Core", RecSys 2024) and its baselines for multi-task '
                  'learning with hybrid targets, in JAX/Flax'),
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=(HERE / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=setuptools.find_packages(include=['htl_jax', 'htl_jax.*', 'configs',
-                                               'experiments']),
+    packages=setuptools.find_packages(include=['htl_jax', 'htl_jax.*']),
     package_data={'htl_jax': ['data/sample/kuairand/*.csv']},
     include_package_data=True,
+    entry_points={'console_scripts': [
+        'htl-train = htl_jax.cli.train:run',
+        'htl-reproduce = htl_jax.cli.reproduce:run',
+        'htl-tune = htl_jax.cli.tune:run',
+        'htl-predict = htl_jax.cli.predict:run',
+        'htl-export = htl_jax.cli.export:run',
+    ]},
     install_requires=[
         'jax>=0.5.0,<0.13',
         'flax>=0.10.0,<0.14',

@@ -1,34 +1,7 @@
-"""KuaiRand-Pure: click -> long view -> watch time (the paper's main dataset).
+"""The checkout's path to a built-in config: :mod:`htl_jax.configs.kuairand`.
 
-Runs on the embedded KuaiRand-format sample by default (a few minutes on 2 CPU cores)::
-
-  python -m experiments.main --config=configs/kuairand.py --workdir=runs/kuairand
-
-and on the real data with ``--config.data_dir=/path/to/KuaiRand-Pure/data``. Variants go
-after a colon, e.g. ``--config=configs/kuairand.py:model=mmoe,smoke=True``; any field of
-``configs/base.py`` can also be set with ``--config.NAME=VALUE``.
+``--config=configs/kuairand.py`` and ``--config=kuairand`` load the same config;
+edit that module, not this file.
 """
 
-from __future__ import annotations
-
-from typing import Optional
-
-import ml_collections
-
-from configs import common
-from configs.base import get_base_config
-
-
-def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  config = get_base_config()
-  config.dataset = 'kuairand'
-  config.data_dir = ''          # '' = the embedded sample shipped with the package
-  config.data.passthrough = 'user_id,video_id'  # id columns written next to predictions
-  # The sample has ~32k training rows: a smaller batch gives enough steps per epoch.
-  config.batch_size = 512
-  config.num_epochs = 4
-  config.eval_every = 50
-  config.checkpoint_every = 50
-  config.tau_decay_steps = 100
-  config.log_every = 50
-  return common.apply_args(config, arg)
+from htl_jax.configs.kuairand import get_config  # noqa: F401

@@ -23,7 +23,7 @@ the weighted mean; a batch whose weights are all zero gives 0.
 The core head (DESIGN section 3): :class:`CoreTransform` (``none`` | ``standardize`` |
 ``log1p``, fitted on train) with :func:`core_loss` (MSE on the transformed target, or ZILN on
 raw values) and :func:`core_prediction` (back on the original scale, so metrics are always
-on it). :class:`Objective` turns a model's output into the per-task losses (K terms, core
+on it). :class:`TrainingObjective` turns a model's output into the per-task losses (K terms, core
 last), which the per-task gradients differentiate.
 """
 
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from htl_jax.models.interface import ModelOutput
+from htl_jax.models.interface import HybridModel, ModelOutput
 
 Array = jax.Array
 
@@ -327,28 +327,28 @@ def core_prediction(head: str, core_out: jax.Array, transform: CoreTransform) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
+class TrainingObjective:
   """Static loss settings (hashable, bound into the jitted step)."""
 
-  model: str
   head: str
   core_transform: CoreTransform
   aitm_alpha: float = 0.0
   tafe_dtl_weight: float = 0.0
   lambda_pair: float = 0.0
-  binary_losses: bool = True    # False: a single-task core model (MODELS' class fact)
+  binary_losses: bool = True    # False: a single-task core model (its class fact)
 
   @classmethod
   def from_config(cls, config, core_transform: CoreTransform,
-                  trains_binary_tasks: bool = True) -> 'Objective':
-    """The objective of ``config.model`` (``trains_binary_tasks``: the model's class fact)."""
-    model = config['model']
-    return cls(model=model, head=config['head'], core_transform=core_transform,
-               aitm_alpha=float(config['aitm_alpha']) if model == 'aitm' else 0.0,
+                  model: type[HybridModel]) -> 'TrainingObjective':
+    """The objective of ``config`` for a model of class ``model`` (its class facts say
+    which auxiliary loss it trains and whether it trains the binary tasks)."""
+    return cls(head=config['head'], core_transform=core_transform,
+               aitm_alpha=(float(config['aitm_alpha'])
+                           if model.auxiliary_loss == 'aitm_calibrator' else 0.0),
                tafe_dtl_weight=(float(config['tafe_dtl_weight'])
-                                if model == 'tafe' else 0.0),
+                                if model.auxiliary_loss == 'tafe_dtl' else 0.0),
                lambda_pair=float(config['lambda_pair']),
-               binary_losses=trains_binary_tasks)
+               binary_losses=model.trains_binary_tasks)
 
   def loss_vector(self, out: ModelOutput, batch: dict[str, jax.Array]) -> jax.Array:
     """Per-task losses ``[K]`` of one batch: :meth:`loss_terms` stacked."""

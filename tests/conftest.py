@@ -10,11 +10,14 @@ import os
 
 import pytest
 
-from configs import kuairand
-from configs.base import get_base_config
+from htl_jax.configs import kuairand
+from htl_jax.configs.base import get_base_config
 from htl_jax.models import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Real data beside the clone (tests that need it skip without it; users never see this path).
+SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+HILLSTROM = os.path.join(SHARED_DATA, 'hillstrom.csv')
 
 # A seconds-long HTLNet run on the embedded KuaiRand sample. The same overrides are given
 # on the command line by the subprocess tests, so their runs match the in-process ones.

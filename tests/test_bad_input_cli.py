@@ -161,7 +161,7 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
 def test_degenerate_split_writes_null_and_skips_it(tmp_path, caplog):
   """One class in every split (buy) and a constant core (amount): valid JSON with nulls."""
   import json
-  from configs import tabular as tabular_config
+  from htl_jax.configs import tabular as tabular_config
   from htl_jax.train import loop as loop_lib
 
   rng = __import__('numpy').random.default_rng(0)

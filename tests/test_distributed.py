@@ -29,6 +29,7 @@ import pytest
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import Split
+from htl_jax.errors import ConfigError
 from htl_jax.losses import CoreTransform
 from htl_jax.train import distributed
 from htl_jax.train import loop as loop_lib
@@ -258,11 +259,11 @@ def test_initialize_decisions(no_cluster):
   assert distributed.initialize() is False            # a plain single-process run
   assert distributed.initialize(num_processes=1) is False
   assert not distributed.is_multiprocess()
-  with pytest.raises(loop_lib.ConfigError, match='--num_processes, --process_id'):
+  with pytest.raises(ConfigError, match='--num_processes, --process_id'):
     distributed.initialize(coordinator_address='127.0.0.1:1234')
-  with pytest.raises(loop_lib.ConfigError, match=r'in \[0, 2\)'):
+  with pytest.raises(ConfigError, match=r'in \[0, 2\)'):
     distributed.initialize('127.0.0.1:1234', 2, 2)
-  with pytest.raises(loop_lib.ConfigError, match='--num_processes=1'):
+  with pytest.raises(ConfigError, match='--num_processes=1'):
     distributed.initialize(num_processes=1, process_id=1)
 
 

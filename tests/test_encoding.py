@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from configs import kaggle_revenue as kaggle_config
-from configs import kuairand as kuairand_config
-from configs import tabular as tabular_config
+from htl_jax.configs import kaggle_revenue as kaggle_config
+from htl_jax.configs import kuairand as kuairand_config
+from htl_jax.configs import tabular as tabular_config
 from htl_jax.data import encoding, kaggle_revenue, kuairand, read_features, tabular
-from htl_jax.data.schema import DataError
+from htl_jax.errors import DataError
 
 
 def _round_trip(encoder: encoding.Encoder) -> encoding.Encoder:

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from configs import kaggle_revenue as kaggle_config
+from htl_jax.configs import kaggle_revenue as kaggle_config
 from htl_jax.data import kaggle_revenue, pipeline
-from htl_jax.data.schema import DataError
+from htl_jax.errors import DataError
 
 _HEADER = ('id,chain,dept,category,company,brand,date,productsize,productmeasure,'
            'purchasequantity,purchaseamount')

@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from configs.base import get_base_config
+from htl_jax.configs.base import get_base_config
 from htl_jax.data import kuairand, load_dataset, pipeline
-from htl_jax.data.schema import DataError
+from htl_jax.errors import DataError
 from tools import make_kuairand_sample
 
 

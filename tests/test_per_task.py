@@ -1,8 +1,8 @@
 """Per-task gradients of the shared embedding (htl_jax.optim.per_task).
 
-The sparse, by-id path must give exactly what Algorithm 1 gives on the dense table
-gradients, including batches that repeat ids; the one-backward-pass (isolated towers) and
-the vmap-over-cotangents paths must agree.
+The sparse, by-id path (per-task row gradients summed by ``htl_jax.embedding``) must give
+exactly what Algorithm 1 gives on the dense table gradients, including batches that repeat
+ids; the one-backward-pass (isolated towers) and the vmap-over-cotangents paths must agree.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from htl_jax import optim
+from htl_jax import embedding, optim
 from htl_jax.spec import HybridSpec
 from conftest import model_config
 from htl_jax.models import get_model
@@ -36,7 +36,7 @@ def _setup(stop_gradient=True):
   params = model.init({'params': jax.random.PRNGKey(1), 'gumbel': jax.random.PRNGKey(2)},
                       (jnp.zeros((B, 3, D)),) * K, train=True, tau=2.0,
                       example_index=batch['index'])['params']
-  ids = per_task.table_ids(x, jnp.asarray(SPEC.field_offsets))
+  ids, _ = embedding.lookup(table, embedding.TableLayout(SPEC.vocab_sizes), x)
 
   def loss_vector(model_params, embs):
     out = model.apply({'params': model_params}, embs, train=True, tau=2.0,
@@ -64,10 +64,10 @@ def test_row_grads_summed_by_id_equal_dense(path, dense):
   _, params, table, ids, loss_vector = _setup()
   fn = per_task.row_grads_general if path == 'general' else per_task.row_grads_isolated
   losses, row_grads, _, _ = fn(loss_vector, params, table[ids], K)
-  id_grads = per_task.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=dense)
+  id_grads = embedding.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=dense)
   dense = _dense_task_grads(params, table, ids, loss_vector)
-  rebuilt = jax.vmap(lambda g: per_task.scatter_to_table(
-      table, per_task.IdGradients(id_grads.ids, g)))(id_grads.grads)
+  rebuilt = jax.vmap(lambda g: embedding.scatter_to_table(
+      table, id_grads._replace(grads=g)))(id_grads.grads)
   np.testing.assert_allclose(rebuilt, dense, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(losses, loss_vector(params, (table[ids],) * K), rtol=1e-6)
 
@@ -103,11 +103,10 @@ def test_sparse_process_equals_process_on_dense_table(transform):
           'metabalance': lambda: optim.metabalance(K)}[transform]
   tx = make()
   row_grads = per_task.row_grads_isolated(loss_vector, params, table[ids], K).rows
-  id_grads = per_task.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=False)
+  id_grads = embedding.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=False)
   assert id_grads.ids is not None
   sparse, _ = tx.update({'e': id_grads.grads}, tx.init({'e': table}))
-  sparse_table = per_task.scatter_to_table(table, per_task.IdGradients(id_grads.ids,
-                                                                       sparse['e']))
+  sparse_table = embedding.scatter_to_table(table, id_grads._replace(grads=sparse['e']))
   dense = _dense_task_grads(params, table, ids, loss_vector)
   dense_out, _ = tx.update({'e': dense}, tx.init({'e': table}))
   np.testing.assert_allclose(sparse_table, dense_out['e'], rtol=1e-5, atol=1e-7)
@@ -140,7 +139,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   L2 term (on the looked-up rows, after the process) is on, and every other parameter gets
   the gradient of the summed loss.
   """
-  from configs.base import get_base_config
+  from htl_jax.configs.base import get_base_config
   from htl_jax.losses import CoreTransform
   from htl_jax.train import gradient_path
   from htl_jax.train.state import init_state, make_setup
@@ -167,7 +166,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
       *jax.tree.map(lambda v: v[None], (state, batch)))
   got = jax.tree.map(lambda v: v[0], got)
 
-  ids = per_task.table_ids(x, jnp.asarray(spec.field_offsets))
+  ids, _ = embedding.lookup(table, setup.layout, x)
   key = jax.random.fold_in(state.rng, state.step)
   shared, rest = per_task.split_shared(state.params['model'], setup.shared)
   assert bool(shared) == (model_name != 'htlnet')

@@ -9,9 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from configs.base import get_base_config
+from htl_jax.configs.base import get_base_config
 from htl_jax.data import load_dataset, pipeline
-from htl_jax.data.schema import DataError, RawTable
+from htl_jax.data.schema import RawTable
+from htl_jax.errors import DataError
 
 
 def _config(**data):

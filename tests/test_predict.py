@@ -18,13 +18,14 @@ import polars as pl
 import pytest
 
 from conftest import REPO, tiny_config
-from configs import tabular as tabular_config
+from htl_jax.configs import tabular as tabular_config
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import kuairand, load_dataset, pipeline
-from htl_jax.data.schema import DataError
-from htl_jax.serve import preprocessing
+from htl_jax.errors import DataError
+from htl_jax.train import run_files
 from htl_jax.serve.predict import predict_file
-from htl_jax.serve.run import RunError, load_run
+from htl_jax.errors import RunError
+from htl_jax.serve.run import load_run
 from htl_jax.train.loop import train_and_evaluate
 
 TINY_LOG_ROWS = 2000          # conftest.TINY_ARG's data.max_rows
@@ -77,7 +78,7 @@ def _kuairand_labels(log: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_run_stores_the_preprocessing_it_fitted(trained_run, cache_dir):
-  stored = preprocessing.load(trained_run)
+  stored = run_files.load_preprocessing(trained_run)
   config = tiny_config(cache_dir)
   data = load_dataset(config, cache_dir)
   assert stored.dataset == 'kuairand'

@@ -22,11 +22,11 @@ import optuna
 import pytest
 from scipy import stats
 
-from configs import kuairand
-from configs.base import get_base_config
+from htl_jax.configs import kuairand
+from htl_jax.configs.base import get_base_config
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import figures, report, runner
-from postgres_server import postgres_url  # noqa: F401  (pytest fixture)
+from postgres_server import postgres_url  # noqa: F401,F811  (pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -102,7 +102,7 @@ def test_figures_are_pngs(tmp_path):
 _WORKER = textwrap.dedent('''
     import json, os, sys, time
     sys.path.insert(0, {repo!r})
-    from configs import kuairand
+    from htl_jax.configs import kuairand
     from htl_jax.repro import runner
 
     def fake_cell(config, run_dir):
@@ -200,7 +200,7 @@ def test_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatc
   from htl_jax.repro import storage as storage_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(storage_lib.HEARTBEAT_ENV, '1')
   storage = storage_lib.open_storage(storage_lib.storage_url(str(tmp_path)))
-  study = runner.open_study('orphan', storage, ['HTLNet|seed0'])
+  study = runner.open_cell_study('orphan', storage, ['HTLNet|seed0'])
   with pytest.warns(UserWarning, match='Heartbeat'):
     orphan = study.ask()               # RUNNING, and no heartbeat thread ever starts
   states = lambda: [t.state.name for t in study.get_trials()]  # noqa: E731

@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs.base import get_base_config
+from htl_jax.configs.base import get_base_config
 from htl_jax.spec import HybridSpec
 from htl_jax.losses import CoreTransform
-from htl_jax.train import loop as loop_lib
+from htl_jax.errors import ConfigError
+from htl_jax.train.checks import check_config
 from htl_jax.train import gradient_path
 from htl_jax.train import step as step_lib
 from htl_jax.train.state import init_state, make_setup, resolve_grad_process
@@ -106,7 +107,7 @@ def test_dnn_has_one_table_per_task_and_shares_nothing():
   config = _config(model='dnn')
   setup, state, grads = _gradients(config)
   vocab = SPEC.total_vocab
-  assert setup.table_copies == SPEC.num_tasks
+  assert setup.layout.copies == SPEC.num_tasks
   assert state.params['embedding']['table'].shape == (SPEC.num_tasks * vocab, 3)
   # Task t's loss reaches only rows [t * vocab, (t + 1) * vocab) of the table.
   batch = _batch()
@@ -135,8 +136,8 @@ def test_dnn_has_one_table_per_task_and_shares_nothing():
     ({'alpha': 1.5}, 'projection relax factor'),
 ])
 def test_impossible_model_settings_are_config_errors(bad, match):
-  with pytest.raises(loop_lib.ConfigError, match=match):
-    loop_lib.check_config(_config(**bad))
+  with pytest.raises(ConfigError, match=match):
+    check_config(_config(**bad))
 
 
 @pytest.mark.parametrize('model', ['htlnet', 'shared_bottom', 'dnn', 'aitm', 'mmoe'])

@@ -8,10 +8,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from configs import hillstrom
-from configs import tabular as tabular_config
+from conftest import HILLSTROM
+from htl_jax.configs import hillstrom
+from htl_jax.configs import tabular as tabular_config
 from htl_jax.data import pipeline, tabular
-from htl_jax.data.schema import DataError
+from htl_jax.errors import DataError
 
 _ROWS = 30
 
@@ -124,7 +125,7 @@ def test_missing_feature_cells_become_null(tmp_path):
 
 
 def test_hillstrom_config_and_rates():
-  config = hillstrom.get_config()
+  config = hillstrom.get_config(f'data.path={HILLSTROM}')
   if not os.path.isfile(config.data.path):
     pytest.skip(f'{config.data.path} is absent (the shared data folder is not beside '
                 'this clone)')

@@ -24,10 +24,11 @@ import optuna
 import pytest
 
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
-from configs import hillstrom
+from htl_jax.configs import hillstrom
 from htl_jax.repro import tuning
-from htl_jax.train.loop import ConfigError
-from postgres_server import postgres_url  # noqa: F401  (pytest fixture)
+from htl_jax import metrics as metrics_lib
+from htl_jax.errors import ConfigError
+from postgres_server import postgres_url  # noqa: F401,F811  (pytest fixture)
 
 _BASE = ('embed_dim', 'batch_size', 'learning_rate', 'l2')
 _LEU = ('label_embed_dim', 'tau_decay_steps')
@@ -79,10 +80,12 @@ def test_readme_prints_table6():
 
 
 def test_objective_metric_and_direction():
-  assert tuning.core_metric(_config()) == 'nrmse'
-  assert tuning.core_metric(_config(head='ziln')) == 'gini'
-  assert tuning.core_metric(_config(best_metric='nmae', head='ziln')) == 'nmae'
-  assert tuning.direction('nrmse') == 'minimize' and tuning.direction('gini') == 'maximize'
+  selection = metrics_lib.selection_metric
+  assert selection(_config()).name == 'nrmse'
+  assert selection(_config(head='ziln')).name == 'gini'
+  assert selection(_config(best_metric='nmae', head='ziln')).name == 'nmae'
+  assert selection(_config()).direction == 'minimize'
+  assert selection(_config(head='ziln')).direction == 'maximize'
 
 
 def test_trial_plan_keeps_examples_per_evaluation():

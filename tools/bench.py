@@ -52,13 +52,13 @@ sys.path.insert(0, REPO)
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from configs.base import get_base_config
+from htl_jax.configs.base import get_base_config
 from htl_jax import metrics as metrics_lib
 from htl_jax.spec import HybridSpec
 from htl_jax.models import MODELS, model_class
 from htl_jax.losses import CoreTransform
 from htl_jax.train import malloc, parallel
-from htl_jax.train.loop import compiled_steps
+from htl_jax.train.step import compiled_steps
 from htl_jax.train.state import init_state, make_setup
 
 NUM_FIELDS = 45
@@ -201,7 +201,7 @@ def bench_steps(quick: bool, batch_size: int) -> dict:
 _PREP_CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from configs.kuairand import get_config
+from htl_jax.configs.kuairand import get_config
 from htl_jax.data import load_dataset
 config = get_config()
 config.data_dir = {data_dir!r}
@@ -232,7 +232,7 @@ def bench_prep(log_dir: str) -> dict:
 
 
 def _log_config(log_dir: str, cache_dir: str, batch_size: int, **overrides):
-  from configs.kuairand import get_config  # pylint: disable=g-import-not-at-top
+  from htl_jax.configs.kuairand import get_config  # pylint: disable=g-import-not-at-top
   config = get_config()
   config.data_dir, config.cache_dir, config.batch_size = log_dir, cache_dir, batch_size
   for key, value in overrides.items():

@@ -186,7 +186,7 @@ def jax_forward_matmul_gflop(runner: bench.Runner) -> float:
   """FLOPs of the ``dot_general``s in our model's forward pass, in GFLOP."""
   setup, state = runner.setup, jax.tree.map(lambda v: v[0], runner.state)
   batch = jax.tree.map(lambda v: v[0], runner.batch)
-  ids = batch['x'] + np.asarray(setup.offsets)[None, :]
+  ids = batch["x"] + np.asarray(setup.layout.offsets)[None, :]
   embs = state.params['embedding']['table'][ids]
 
   def forward(params, embs):

@@ -17,11 +17,11 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 from htl_jax.data import pipeline
-from htl_jax.data.schema import (DataError, FeatureChunk, HybridData, HybridSpec, RawTable,
-                                 Split)
+from htl_jax.data.schema import FeatureChunk, HybridData, HybridSpec, RawTable, Split
+from htl_jax.errors import DataError
 
-__all__ = ['DATASETS', 'DataError', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable',
-           'Split', 'load_dataset', 'read_features']
+__all__ = ['DATASETS', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split',
+           'default_cache_dir', 'load_dataset', 'read_features']
 
 # config.dataset -> loader module (imported lazily, on first use).
 DATASETS = {
@@ -30,6 +30,11 @@ DATASETS = {
     'tabular': 'htl_jax.data.tabular',
     'synthetic': 'htl_jax.data.synthetic',
 }
+
+
+def default_cache_dir() -> str:
+  """Where prepared arrays are cached unless ``config.cache_dir`` says otherwise."""
+  return os.path.join(os.path.expanduser('~'), '.cache', 'htl_jax')
 
 
 def _loader(name: str):

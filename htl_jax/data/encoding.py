@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import DataError
+from htl_jax.errors import DataError
 
 ENCODINGS = ('quantile', 'standardize')
 STANDARDIZE_CLIP = 3.0

@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import DataError, FeatureChunk, RawTable
+from htl_jax.data.schema import FeatureChunk, RawTable
+from htl_jax.errors import DataError
 
 # The 20 companies of the ZILN paper's Kaggle experiment.
 COMPANIES = (10000, 101200010, 101410010, 101600010, 102100020, 102700020, 102840020,

@@ -42,7 +42,8 @@ import numpy as np
 import polars as pl
 
 from htl_jax.data.pipeline import data_option
-from htl_jax.data.schema import DataError, FeatureChunk, RawTable
+from htl_jax.data.schema import FeatureChunk, RawTable
+from htl_jax.errors import DataError
 
 LOG_FILE = 'log_random_4_22_to_5_08_pure.csv'
 USER_FILE = 'user_features_pure.csv'
@@ -91,18 +92,23 @@ def input_files(config: Any) -> list[str]:
   return [os.path.join(root, name) for name in (LOG_FILE, USER_FILE, VIDEO_FILE)]
 
 
-def _read(path: str, schema: dict[str, pl.DataType], n_rows: int | None = None
-          ) -> pl.DataFrame:
-  """Reads the columns of ``schema`` from a CSV; missing file / column -> DataError."""
+def _check_header(path: str, needed) -> None:
+  """DataError unless ``path`` is a CSV file whose header has every column of ``needed``."""
   if not os.path.isfile(path):
     raise DataError(f'{path}: file not found')
   try:
     header = pl.read_csv(path, n_rows=0).columns
   except (pl.exceptions.PolarsError, OSError) as e:
     raise DataError(f'{path}: cannot read the CSV header: {e}') from e
-  missing = [c for c in schema if c not in header]
+  missing = [c for c in needed if c not in header]
   if missing:
     raise DataError(f'{path}: missing column(s) {missing}')
+
+
+def _read(path: str, schema: dict[str, pl.DataType], n_rows: int | None = None
+          ) -> pl.DataFrame:
+  """Reads the columns of ``schema`` from a CSV; missing file / column -> DataError."""
+  _check_header(path, schema)
   try:
     return pl.read_csv(path, columns=list(schema), schema_overrides=schema, n_rows=n_rows)
   except (pl.exceptions.PolarsError, OSError) as e:
@@ -219,13 +225,7 @@ def read_features(config: Any, passthrough: tuple[str, ...], chunk_rows: int
   log_path, user_path, video_path = _checked_paths(config)
   users, videos, codes = _side_tables(user_path, video_path)
   needed = tuple(dict.fromkeys(_FEATURE_SOURCE_COLUMNS + tuple(passthrough)))
-  try:
-    header = pl.read_csv(log_path, n_rows=0).columns
-  except (pl.exceptions.PolarsError, OSError) as e:
-    raise DataError(f'{log_path}: cannot read the CSV header: {e}') from e
-  missing = [c for c in needed if c not in header]
-  if missing:
-    raise DataError(f'{log_path}: missing column(s) {missing}')
+  _check_header(log_path, needed)
   schema = {c: _LOG_SCHEMA.get(c, pl.String) for c in needed}
   scan = pl.scan_csv(log_path, schema_overrides=schema).select(needed)
   try:

@@ -37,7 +37,8 @@ from absl import logging
 import numpy as np
 
 from htl_jax.data import encoding as encoding_lib
-from htl_jax.data.schema import DataError, HybridData, HybridSpec, RawTable, Split
+from htl_jax.data.schema import HybridData, HybridSpec, RawTable, Split
+from htl_jax.errors import DataError
 
 # Bump when the preprocessing changes so that old caches are not reused.
 CACHE_VERSION = 2

@@ -18,15 +18,7 @@ import polars as pl
 
 from htl_jax.spec import HybridSpec
 
-__all__ = ['DataError', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
-
-
-class DataError(ValueError):
-  """Bad input data or data config. The message names the file, column and row count.
-
-  ``experiments.main`` prints it as one line and exits non-zero, before any training and
-  without touching an existing workdir.
-  """
+__all__ = ['FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
 
 
 @dataclasses.dataclass

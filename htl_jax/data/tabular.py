@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import DataError, FeatureChunk, RawTable
+from htl_jax.data.schema import FeatureChunk, RawTable
+from htl_jax.errors import DataError
 
 _CSV_SEPARATORS = {'.csv': ',', '.tsv': '\t'}
 _PARQUET_SUFFIXES = ('.parquet', '.pq')

@@ -35,6 +35,8 @@ from htl_jax.models.interface import HybridModel, ModelOutput
 class AITM(HybridModel):
   """Towers, Info transfer ``t-1 -> t`` and one shared AIT attention."""
 
+  auxiliary_loss = 'aitm_calibrator'
+
   def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     e = layers.flatten_fields(embs[0])
     k = self.cfg.hidden_dims[-1]

@@ -63,12 +63,8 @@ class HTLNet(HybridModel):
     if train and self.cfg.gumbel_noise and self.cfg.use_label_embedding:
       noise = layers.gumbel_noise(self.make_rng('gumbel'), (num_binary, 2), example_index)
     reps, label_embs, probs = [], [], []
-    for t in range(num_binary + 1):
-      e = layers.flatten_fields(embs[t])
-      x = self._task_input(t, e, reps, label_embs)
-      if t == num_binary:
-        core, _ = self.core_tower(x, self.cfg.hidden_dims)
-        return ModelOutput(jnp.stack(probs, axis=-1), core)
+    for t in range(num_binary):
+      x = self._task_input(t, layers.flatten_fields(embs[t]), reps, label_embs)
       out, rep = layers.Tower(self.cfg.hidden_dims, 1, name=f'tower_{t}')(x)
       prob = jax.nn.sigmoid(out[:, 0])
       probs.append(prob)
@@ -77,4 +73,7 @@ class HTLNet(HybridModel):
         leu = layers.LabelEmbedding(self.cfg.label_embed_dim, name=f'leu_{t}')
         label_embs.append(leu(self._detach(prob), tau,
                               None if noise is None else noise[:, t]))
-    raise AssertionError('unreachable')
+    x = self._task_input(num_binary, layers.flatten_fields(embs[num_binary]), reps,
+                         label_embs)
+    core, _ = self.core_tower(x, self.cfg.hidden_dims)
+    return ModelOutput(jnp.stack(probs, axis=-1), core)

@@ -127,6 +127,10 @@ class HybridModel(nn.Module):
       probabilities are derived, their losses are not trained).
     splits_hidden_dims: the model has a shared part on :attr:`ModelConfig.shared_dims`
       under towers on :attr:`ModelConfig.tower_dims` (so needs two hidden layers or more).
+    required_head: the only core head the model can have ('' = any).
+    auxiliary_loss: the model's own extra loss on its binary chain, '' for none:
+      ``'aitm_calibrator'`` (AITM, weight ``aitm_alpha``) or ``'tafe_dtl'`` (TAFE, weight
+      ``tafe_dtl_weight``); see :class:`htl_jax.losses.TrainingObjective`.
   """
 
   spec: HybridSpec
@@ -138,6 +142,8 @@ class HybridModel(nn.Module):
   independent_tasks: ClassVar[bool] = False
   trains_binary_tasks: ClassVar[bool] = True
   splits_hidden_dims: ClassVar[bool] = False
+  required_head: ClassVar[str] = ''
+  auxiliary_loss: ClassVar[str] = ''
 
   @nn.compact
   def __call__(self, embs: Sequence[jax.Array], *, train: bool = False,

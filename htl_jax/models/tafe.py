@@ -48,6 +48,7 @@ class TAFE(HybridModel):
   """Reconstructed TAFE: per-task field gates and experts, ``p_t = p_{t-1} sigmoid(z_t)``."""
 
   splits_hidden_dims = True
+  auxiliary_loss = 'tafe_dtl'
 
   def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
     extracted = [TaskAwareExtractor(self.cfg.shared_dims, name=f'extractor_{t}')(embs[0])

@@ -24,10 +24,9 @@ class ZILN(HybridModel):
   """``[l, mu, s] = Tower(e)``; binary probabilities ``sigmoid(l)`` for every step."""
 
   trains_binary_tasks = False
+  required_head = 'ziln'
 
   def forward(self, embs: Sequence[jax.Array], **context) -> ModelOutput:
-    if self.cfg.head != 'ziln':
-      raise ValueError(f"model 'ziln' needs head='ziln', got head={self.cfg.head!r}")
     core, _ = self.core_tower(layers.flatten_fields(embs[0]), self.cfg.hidden_dims)
     positive = jax.nn.sigmoid(core[:, :1])
     return ModelOutput(jnp.repeat(positive, self.spec.num_binary, axis=-1), core)

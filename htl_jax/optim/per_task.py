@@ -1,12 +1,9 @@
-"""Per-task gradients of the shared parameters ``theta_s``, sparse by id (DESIGN section 4).
+"""Per-task gradients of the shared parameters ``theta_s`` (DESIGN section 4): autodiff only.
 
-``theta_s`` is the one embedding table ``E in R^{M x d}`` (fields at offsets into it), plus,
-in models with a shared part, the model parameters whose top-level names match the model's
-``shared`` patterns (:func:`split_shared`; e.g. Shared-Bottom's ``bottom``). Per-task
-gradients of the embedding are taken with respect to the rows looked up in the batch
-(``[B, F, d]``), never the dense table, and then summed by embedding id, so their cost grows
-with the batch and not with the vocabulary; the shared dense layers are differentiated
-directly:
+``theta_s`` is the shared embedding (its looked-up rows ``[B, F, d]``, never the dense
+table) plus, in models with a shared part, the model parameters whose top-level names match
+the model's ``shared`` patterns (:func:`split_shared`; e.g. Shared-Bottom's ``bottom``).
+Everything else gets the gradient of the summed loss. Three ways to take them:
 
 - :func:`row_grads_general`: one forward pass, then K backward passes (``jax.vmap`` over the
   one-hot cotangents of a ``jax.vjp``, or each task's term transposed on its own). Valid for
@@ -14,11 +11,10 @@ directly:
 - :func:`row_grads_isolated`: each task tower reads its own copy of the rows, so ONE backward
   pass of the summed loss gives every task's gradient. Valid when the model's
   ``isolated_towers`` is True (HTLNet with Eq. 15's stop-gradient, DNN).
-- :func:`sum_rows_by_id`: K row gradients ``[N, d]`` -> per task, one slot per distinct id
-  holding the sum of its rows (other slots zero), ``[K, slots, d]``. Dot products and norms
-  of these equal those of the dense ``[K, M, d]`` table gradients, so Algorithm 1 on them
-  equals Algorithm 1 on the dense gradients; :func:`scatter_to_table` maps the combined
-  result back.
+- :func:`row_grads_summed`: the summed loss's gradient only (no gradient process).
+
+Summing the row gradients by embedding id and mapping them back to the table is the table's
+business (:mod:`htl_jax.embedding`).
 """
 
 from __future__ import annotations
@@ -32,24 +28,6 @@ import jax.numpy as jnp
 # ``(model_params, embs) -> the K task losses`` (a tuple of scalars, or a ``[K]`` array),
 # ``embs`` a tuple of K arrays ``[B, F, d]``.
 LossTermsFn = Callable[[Any, tuple[jax.Array, ...]], Sequence[jax.Array] | jax.Array]
-
-
-class IdGradients(NamedTuple):
-  """Gradients of the distinct ids of a batch.
-
-  Attributes:
-    ids: ``[N]`` int32 table rows; an id's summed gradient sits at its first occurrence,
-      its other occurrences hold zeros. None: ``grads`` is the dense table gradient.
-    grads: ``[..., N, d]`` gradient of each slot (a leading task axis when per-task).
-  """
-
-  ids: jax.Array | None
-  grads: jax.Array
-
-
-def table_ids(x: jax.Array, offsets: jax.Array) -> jax.Array:
-  """Field ids ``[B, F]`` -> rows of the one shared table ``[B, F]``."""
-  return x + offsets[None, :]
 
 
 def split_shared(model_params: dict[str, Any], patterns: Sequence[str]
@@ -162,99 +140,3 @@ def row_grads_summed(loss_terms: LossTermsFn, model_params: Any, rows: jax.Array
   (row_grads, model_grads), losses = jax.grad(
       f, argnums=(0, 1), has_aux=True)(rows, model_params)
   return losses, row_grads, model_grads
-
-
-def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
-  """For each position, the first position in ``flat_ids`` holding the same id, ``[N]``.
-
-  A scatter-min into an int32 scratch of ``num_ids`` slots then a gather: O(N) work plus an
-  int32 fill of ``num_ids`` (a tenth of a d=10 float table, far less than dense Adam's pass
-  over the table). No sort: XLA:CPU sorts 92k ids in ~27 ms, which this avoids. Without
-  the fill, see :func:`first_occurrence_in`.
-  """
-  return first_occurrence_in(flat_ids, new_id_scratch(num_ids))[0]
-
-
-# An id scratch slot that no position has written (larger than any position).
-_NO_POSITION = jnp.iinfo(jnp.int32).max
-
-
-def new_id_scratch(num_ids: int) -> jax.Array:
-  """The ``[num_ids]`` int32 scratch of :func:`first_occurrence_in`, every slot unwritten."""
-  return jnp.full((num_ids,), _NO_POSITION, jnp.int32)
-
-
-def first_occurrence_in(flat_ids: jax.Array, scratch: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
-  """:func:`first_occurrence` in a persistent scratch: O(N) work, no O(num_ids) fill.
-
-  The scratch (from :func:`new_id_scratch`, kept in the train state) is unwritten
-  everywhere on entry; the positions are scatter-min'ed into the slots of ``flat_ids``,
-  gathered, and those slots reset, so it is unwritten everywhere again on return. Pass the
-  scratch in a donated buffer and use only the returned one: XLA then updates it in place.
-
-  Returns:
-    ``(first [N], scratch)``.
-  """
-  positions = jnp.arange(flat_ids.shape[0], dtype=jnp.int32)
-  written = scratch.at[flat_ids].min(positions, mode='promise_in_bounds')
-  first = written[flat_ids]
-  # The reset values are computed from ``first`` (max(first, _NO_POSITION) is
-  # _NO_POSITION): a reset that does not depend on the gather makes XLA copy the whole
-  # scratch twice, to keep the gather's input alive past the in-place scatters.
-  unwritten = jnp.maximum(first, _NO_POSITION)
-  return first, written.at[flat_ids].set(unwritten, mode='promise_in_bounds')
-
-
-def occurrences(first: jax.Array) -> jax.Array:
-  """``[N]`` float32: at an id's first position, how often the id occurs; 0 elsewhere."""
-  return jnp.zeros(first.shape, jnp.float32).at[first].add(1.0, mode='promise_in_bounds')
-
-
-def sum_rows_by_id(ids: jax.Array, row_grads: jax.Array | Sequence[jax.Array], num_ids: int,
-                   dense: bool | None = None, first: jax.Array | None = None
-                   ) -> IdGradients:
-  """Sum row gradients that hit the same table id, per task.
-
-  Args:
-    ids: ``[B, F]`` (or any shape with N elements) table ids of the looked-up rows, all in
-      ``[0, num_ids)`` (not checked: the loaders map every value into its vocabulary).
-    row_grads: K per-task gradients of those rows: a sequence of K arrays
-      ``[*ids.shape, d]`` (or one stacked ``[K, *ids.shape, d]`` array).
-    num_ids: rows of the table.
-    dense: True: sum into a ``[K, num_ids, d]`` table gradient; False: N slots, one per
-      looked-up row. None (default) picks the smaller, so the cost is bounded by
-      ``min(num_ids, N)`` and never grows with the vocabulary beyond the batch.
-    first: the slots' :func:`first_occurrence` positions when already known (then the
-      slots are sparse and nothing of size ``num_ids`` is touched).
-
-  Returns:
-    :class:`IdGradients` with ``grads`` of shape ``[K, slots, d]``. Dense: ``ids`` is None
-    and ``grads`` is the table gradient.
-    Sparse: the slot of an id's first occurrence holds the sum of all its rows' gradients,
-    every other slot holds zeros, and ``ids`` are the flat ids.
-  """
-  flat = ids.reshape(-1)
-  n = flat.shape[0]
-  sets = list(row_grads)
-  dim = sets[0].shape[-1]
-  is_dense = first is None and (dense if dense is not None else num_ids <= n)
-  if is_dense:
-    num_slots, slots = num_ids, flat
-  else:
-    num_slots = n
-    slots = first if first is not None else first_occurrence(flat, num_ids)
-  # Task k's slots are rows [k * num_slots, (k + 1) * num_slots) of ONE buffer that every
-  # scatter updates in place: no per-task buffers to stack afterwards.
-  summed = jnp.zeros((len(sets) * num_slots, dim), sets[0].dtype)
-  for k, grads in enumerate(sets):
-    summed = summed.at[slots + k * num_slots].add(grads.reshape(n, dim),
-                                                  mode='promise_in_bounds')
-  return IdGradients(None if is_dense else flat, summed.reshape(len(sets), num_slots, dim))
-
-
-def scatter_to_table(table: jax.Array, id_grads: IdGradients) -> jax.Array:
-  """Dense gradient of ``table`` from the (combined, task-free) gradients of its ids."""
-  if id_grads.ids is None:
-    return id_grads.grads
-  return jnp.zeros_like(table).at[id_grads.ids].add(id_grads.grads)

@@ -30,12 +30,13 @@ from absl import logging
 import optuna
 from optuna.trial import TrialState
 
-from configs import common
 from htl_jax import metrics as metrics_lib
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
-from htl_jax.train import loop as loop_lib
+from htl_jax.train import run_files
+from htl_jax.train.checks import check_config
+from htl_jax.train.loop import train_and_evaluate
 
 RunCell = Callable[[Any, str], dict]          # (config, run_dir) -> metrics.json's dict
 _CELL = 'cell'
@@ -92,21 +93,13 @@ def cell_config(base, overrides: dict[str, Any], seed: int, tuned_dir: str = '')
   for key, value in {**tuned_overrides(tuned_dir, model), **overrides}.items():
     _assign(config, key, value)
   config.seed = seed
-  loop_lib.check_config(config)
+  check_config(config)
   return config
 
 
 def train_cell(config, directory: str) -> dict:
   """The default cell: train and evaluate (resumes from the run dir's checkpoint)."""
-  return loop_lib.train_and_evaluate(config, directory)
-
-
-def read_result(directory: str) -> Optional[dict]:
-  path = os.path.join(directory, 'metrics.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return train_and_evaluate(config, directory)
 
 
 def dataset_tag(config) -> str:
@@ -115,8 +108,8 @@ def dataset_tag(config) -> str:
   return f'{config.dataset}:{os.path.basename(os.path.normpath(source))}'
 
 
-class _Objective:
-  """Runs the cell a waiting trial carries; returns its validation core metric."""
+class CellObjective:
+  """Runs the cell a waiting trial carries; returns its validation selection metric."""
 
   def __init__(self, base, cells: dict[str, dict[str, Any]], workdir: str, tuned_dir: str,
                run_cell: RunCell):
@@ -132,11 +125,13 @@ class _Objective:
       trial.set_user_attr('note', f'{cell} is running in another process')
       raise optuna.TrialPruned()
     variant, seed = parse_cell(cell)
-    result = read_result(run_dir(self.workdir, variant, seed))
+    result = run_files.read_metrics(run_dir(self.workdir, variant, seed))
     if result is None:
       lockstep.announce({'cell': cell})
       result = self.train(cell)
-    return _objective_value(result)
+    # A cell's value only informs the study's dashboard: the report reads the run dirs.
+    value = metrics_lib.selection_metric(self.base).value(result['valid'])
+    return float(value) if value is not None else 0.0
 
   def train(self, cell: str) -> dict:
     """Trains one cell in its run dir (every process of a multi-process worker)."""
@@ -152,21 +147,14 @@ class _Objective:
     return any(t.user_attrs.get(_CELL) == cell and t.number < trial.number for t in others)
 
 
-def _objective_value(result: dict) -> float:
-  """The validation value of the core task's NRMSE (or its first defined metric)."""
-  core = list(result['valid'])[-1]
-  values = [v for v in result['valid'][core].values() if v is not None]
-  value = result['valid'][core].get('nrmse')
-  return float(value if value is not None else (values[0] if values else 0.0))
-
-
-def open_study(name: str, storage, cells: list[str]) -> optuna.Study:
+def open_cell_study(name: str, storage, cells: list[str], direction: str = 'minimize'
+                    ) -> optuna.Study:
   """The study called ``name``; its creator enqueues one waiting trial per cell.
 
   A later command with more cells (more seeds, another variant) adds the missing ones.
   """
   try:
-    study = optuna.create_study(study_name=name, storage=storage, direction='minimize')
+    study = optuna.create_study(study_name=name, storage=storage, direction=direction)
     created = True
   except optuna.exceptions.DuplicatedStudyError:
     study = optuna.load_study(study_name=name, storage=storage)
@@ -230,38 +218,20 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
            for s in range(seeds)}
   for cell, overrides in cells.items():          # every cell's config is valid before any run
     cell_config(base, overrides, parse_cell(cell)[1], tuned_dir)
-  objective = _Objective(base, cells, workdir, tuned_dir, run_cell)
+  objective = CellObjective(base, cells, workdir, tuned_dir, run_cell)
   if lockstep.is_follower():        # the primary process of this worker takes the cells
     lockstep.follow(lambda announced: objective.train(announced['cell']))
     return {}
   os.makedirs(workdir, exist_ok=True)
   study_storage = storage_lib.open_storage(storage_lib.storage_url(workdir, storage))
   name = f'reproduce:{experiment_name}:{dataset_tag(base)}'
-  study = open_study(name, study_storage, list(cells))
+  study = open_cell_study(name, study_storage, list(cells),
+                          metrics_lib.selection_metric(base).direction)
   work(study, objective)
   results = {}
   for cell in cells:
     variant, seed = parse_cell(cell)
-    result = read_result(run_dir(workdir, variant, seed))
+    result = run_files.read_metrics(run_dir(workdir, variant, seed))
     if result is not None:
       results[cell] = result
   return results
-
-
-def core_metric_names(results: dict[str, dict]) -> list[str]:
-  """Core metrics present in the results, in ``metrics.CORE_METRICS`` order."""
-  names = set()
-  for result in results.values():
-    names |= set(list(result['test'].values())[-1])
-  return [m for m in metrics_lib.CORE_METRICS if m in names]
-
-
-def load_base_config(path: str, sets: list[str]):
-  """``configs/x.py[:arg]`` plus ``--set key=value`` overrides -> a config (unlocked)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = path.partition(':')
-  spec = importlib.util.spec_from_file_location('reproduce_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  return common.apply_args(config, ','.join(sets) if sets else None)

@@ -8,9 +8,9 @@ shares the work). Each trial:
    paper's grids) with a seeded TPE sampler (:class:`TrialSeededTPESampler`);
 2. trains with ``train_and_evaluate`` in its own run dir ``<workdir>/trials/<number>``, every
    evaluation reported to the study and judged by a median pruner;
-3. returns the validation value of the core task's model-selection metric
-   (``config.best_metric``; '' = ``nrmse`` for the MSE head, ``gini`` for the ZILN head) at
-   the best checkpoint; the direction is that metric's (``metrics.LOWER_IS_BETTER``).
+3. returns the validation value of the run's model-selection metric
+   (:func:`htl_jax.metrics.selection_metric`: ``config.best_metric``, else NRMSE for the MSE
+   head and Gini for the ZILN head) at the best checkpoint, in that metric's direction.
 
 A trial killed with its process (SIGKILL, a lost machine) is marked failed once its heartbeat
 is stale and retried with the same hyperparameters by the storage's retry callback; the retry
@@ -26,7 +26,6 @@ trial with it, in lockstep (:mod:`htl_jax.repro.lockstep`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,8 +33,7 @@ import os
 import shutil
 import socket
 import time
-import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import ml_collections
@@ -44,10 +42,12 @@ import optuna
 from optuna.trial import TrialState
 
 from htl_jax import metrics as metrics_lib
+from htl_jax.errors import ConfigError, NonFiniteError
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
-from htl_jax.train import loop as loop_lib
+from htl_jax.train.checks import check_config
+from htl_jax.train.loop import train_and_evaluate
 from htl_jax.train.state import resolve_grad_process
 
 # ----------------------------------------------------------------------------- search space
@@ -92,7 +92,7 @@ def search_space(config, params: Sequence[str] = ()) -> dict[str, tuple]:
     ``{config field: grid}`` in :data:`TABLE6`'s order.
 
   Raises:
-    loop_lib.ConfigError: a name in ``params`` that the model does not have.
+    ConfigError: a name in ``params`` that the model does not have.
   """
   names = list(COMMON)
   if config.model in LABEL_EMBEDDING_MODELS and config.use_label_embedding:
@@ -102,19 +102,10 @@ def search_space(config, params: Sequence[str] = ()) -> dict[str, tuple]:
     names += MAGNITUDE if config.grad_magnitude else ()
   unknown = [name for name in params if name not in names]
   if unknown:
-    raise loop_lib.ConfigError(f'cannot search {", ".join(unknown)}: model {config.model!r} with this '
-                     f'config has only {", ".join(names)}')
+    raise ConfigError(f'cannot search {", ".join(unknown)}: model {config.model!r} with '
+                      f'this config has only {", ".join(names)}')
   chosen = set(params or names)
   return {name: grid for name, grid in TABLE6.items() if name in chosen}
-
-
-def core_metric(config) -> str:
-  """The core task's model-selection metric: ``best_metric``, else nrmse (MSE) / gini (ZILN)."""
-  return config.best_metric or ('gini' if config.head == 'ziln' else 'nrmse')
-
-
-def direction(metric: str) -> str:
-  return 'minimize' if metric in metrics_lib.LOWER_IS_BETTER else 'maximize'
 
 
 def dataset_name(config) -> str:
@@ -152,8 +143,9 @@ def trial_plan(base, params: dict[str, Any]) -> TrialPlan:
   A trial whose batch size ``b`` differs from the config's ``B`` evaluates (and checkpoints,
   logs, stops at ``max_steps``) every ``round(n * B / b)`` steps instead of ``n``, so every
   trial is evaluated after the same numbers of training examples and the pruner compares
-  like with like. ``best_metric`` is set to :func:`core_metric` so the run keeps the
-  checkpoint that the objective scores.
+  like with like. ``best_metric`` is set to the selection metric
+  (:func:`htl_jax.metrics.selection_metric`) so the run keeps the checkpoint that the
+  objective scores.
   """
   config = base.copy_and_resolve_references()
   for name, value in params.items():
@@ -163,7 +155,7 @@ def trial_plan(base, params: dict[str, Any]) -> TrialPlan:
     config[key] = _scaled(int(base[key]), base_batch, batch)
   if base.max_steps:
     config.max_steps = _scaled(int(base.max_steps), base_batch, batch)
-  config.best_metric = core_metric(base)
+  config.best_metric = metrics_lib.selection_metric(base).name
   return TrialPlan(config, int(config.eval_every))
 
 
@@ -175,28 +167,20 @@ class SurplusTrial(Exception):
   """A trial started by a process racing another for the study's last open slot."""
 
 
-@contextlib.contextmanager
-def _quiet_experimental() -> Iterator[None]:
-  """Optuna marks its heartbeat/retry helpers experimental; we rely on them on purpose."""
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-    yield
-
-
 def retry_origin(frozen: optuna.trial.FrozenTrial) -> Optional[int]:
   """The number of the killed trial that ``frozen`` retries (None for a fresh trial)."""
-  with _quiet_experimental():
+  with storage_lib.quiet_experimental():
     return _RETRY.retried_trial_number(frozen)
 
 
-class Objective:
-  """``Objective(study, base, workdir, space, n_trials)(trial) -> validation value``."""
+class TrialObjective:
+  """``TrialObjective(study, base, workdir, space, n_trials)(trial) -> validation value``."""
 
   def __init__(self, study: optuna.Study, base, workdir: str, space: dict[str, tuple],
                n_trials: int):
     self.study, self.base, self.workdir = study, base, workdir
     self.space, self.n_trials = space, n_trials
-    self.metric = core_metric(base)
+    self.metric = metrics_lib.selection_metric(base)
 
   def __call__(self, trial: optuna.Trial) -> float:
     self._check_slot(trial)
@@ -219,8 +203,8 @@ class Objective:
       _stop_if_pruned(lockstep.share(self._report(trial, plan, reported, step, valid)))
 
     try:
-      result = loop_lib.train_and_evaluate(plan.config, run_dir, on_eval=on_eval)
-    except (loop_lib.NonFiniteError, loop_lib.ConfigError) as error:
+      result = train_and_evaluate(plan.config, run_dir, on_eval=on_eval)
+    except (NonFiniteError, ConfigError) as error:
       # A diverging run, or hyperparameters this data cannot take (a batch larger than the
       # training split): a bad point of the space, counted as pruned so that TPE avoids it
       # (the base config itself was checked before the first trial).
@@ -229,16 +213,16 @@ class Objective:
       raise optuna.TrialPruned(str(error)) from None
     for key in ('steps', 'epochs', 'best_step', 'train_seconds'):
       trial.set_user_attr(key, result[key])
-    value = result['valid'][_core_task(result['valid'])][self.metric]
+    value = self.metric.value(result['valid'])
     if value is None or not math.isfinite(value):
-      trial.set_user_attr('stopped', f'validation {self.metric} undefined')
-      raise optuna.TrialPruned(f'validation {self.metric} is undefined')
+      trial.set_user_attr('stopped', f'validation {self.metric.name} undefined')
+      raise optuna.TrialPruned(f'validation {self.metric.name} is undefined')
     return float(value)
 
   def _report(self, trial: optuna.Trial, plan: TrialPlan, reported: set[int], step: int,
               valid: dict) -> str:
     """Reports an evaluation to the pruner; why the trial is pruned, or '' to go on."""
-    value = valid[_core_task(valid)][self.metric]
+    value = self.metric.value(valid)
     index = plan.report_step(step)
     if value is None or index in reported:
       return ''
@@ -246,7 +230,7 @@ class Objective:
     reported.add(index)
     if not trial.should_prune():
       return ''
-    return (f'{self.metric} {value:.6g} after evaluation {index} (step {step}) is worse '
+    return (f'{self.metric.name} {value:.6g} after evaluation {index} (step {step}) is worse '
             'than the median of finished trials')
 
   def _check_slot(self, trial: optuna.Trial) -> None:
@@ -263,7 +247,7 @@ class Objective:
                        ) -> set[int]:
     """Re-report a retried trial's earlier evaluations (its run resumes after them)."""
     reported = set(frozen.intermediate_values)
-    with _quiet_experimental():
+    with storage_lib.quiet_experimental():
       history = _RETRY.retry_history(frozen)
     if history:
       killed = self.study.get_trials(deepcopy=False)[history[-1]]
@@ -292,15 +276,11 @@ def follow_trials(base) -> None:
       _stop_if_pruned(lockstep.share(None))
 
     try:
-      loop_lib.train_and_evaluate(plan.config, announced['run_dir'], on_eval=on_eval)
-    except (optuna.TrialPruned, loop_lib.NonFiniteError, loop_lib.ConfigError):
+      train_and_evaluate(plan.config, announced['run_dir'], on_eval=on_eval)
+    except (optuna.TrialPruned, NonFiniteError, ConfigError):
       pass                        # the primary records why
 
   lockstep.follow(train)
-
-
-def _core_task(valid: dict) -> str:
-  return list(valid)[-1]      # tasks in chain order, the core task last
 
 
 def _prepare_run_dir(run_dir: str, config, resume: bool) -> None:
@@ -385,11 +365,11 @@ def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
   have completed and the trial is past its first ``pruner_warmup_evals`` evaluations.
 
   Raises:
-    loop_lib.ConfigError: the stored study's config or search space differs from ``base``'s.
+    ConfigError: the stored study's config or search space differs from ``base``'s.
   """
   study = optuna.create_study(
       storage=storage, study_name=study_name, load_if_exists=True,
-      direction=direction(core_metric(base)),
+      direction=metrics_lib.selection_metric(base).direction,
       sampler=TrialSeededTPESampler(base.seed),
       pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                          n_warmup_steps=pruner_warmup_evals + 1))
@@ -399,7 +379,7 @@ def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
     study.set_user_attr('fingerprint', expected)
   elif stored != expected:
     diff = _first_difference(json.loads(stored), json.loads(expected))
-    raise loop_lib.ConfigError(
+    raise ConfigError(
         f'study {study_name!r} in this storage was made for another config or search space '
         f'({diff}); use another --workdir, --storage or --study_name')
   return study
@@ -454,8 +434,8 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
     'wall_seconds': this call's wall time}``.
   """
   if n_trials < 1:
-    raise loop_lib.ConfigError(f'--trials must be >= 1, got {n_trials}')
-  loop_lib.check_config(base)
+    raise ConfigError(f'--trials must be >= 1, got {n_trials}')
+  check_config(base)
   space = search_space(base, params)
   study_name = study_name or f'{dataset_name(base)}-{base.model}'
   if lockstep.is_follower():       # the primary process of this worker takes the trials
@@ -467,11 +447,11 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
                      pruner_startup_trials=pruner_startup_trials,
                      pruner_warmup_evals=pruner_warmup_evals)
   os.makedirs(workdir, exist_ok=True)
-  objective = Objective(study, base, workdir, space, n_trials)
-  metric = core_metric(base)
+  objective = TrialObjective(study, base, workdir, space, n_trials)
+  metric = metrics_lib.selection_metric(base)
 
   def write(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    tuning_outputs.write_outputs(study, workdir, base.model, metric)
+    tuning_outputs.write_outputs(study, workdir, base.model, metric.name)
 
   start, waiting_logged = time.perf_counter(), False
   while True:
@@ -494,6 +474,26 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
     study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[write],
                    gc_after_trial=False)
   lockstep.finish()
-  best = tuning_outputs.write_outputs(study, workdir, base.model, metric)
+  best = tuning_outputs.write_outputs(study, workdir, base.model, metric.name)
   return {'study': study_name, 'counts': trial_counts(study), 'best': best,
           'wall_seconds': time.perf_counter() - start}
+
+
+def tune(base, workdir: str, *, storage: str = '', n_trials: int, study_name: str = '',
+         params: Sequence[str] = (), pruner_startup_trials: int = 5,
+         pruner_warmup_evals: int = 1) -> dict[str, Any]:
+  """``htl-tune``: opens the study's storage (``<workdir>/optuna.db`` unless ``storage``
+  names a database) and runs :func:`run_study`.
+
+  Raises:
+    ConfigError: ``workdir`` is a file, or :func:`run_study`'s reasons.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
+  opened = None
+  if not lockstep.is_follower():          # only the primary process talks to Optuna
+    os.makedirs(workdir, exist_ok=True)     # the SQLite file goes there
+    opened = storage_lib.open_storage(storage_lib.storage_url(workdir, storage))
+  return run_study(base, workdir, opened, n_trials=n_trials, study_name=study_name,
+                   params=params, pruner_startup_trials=pruner_startup_trials,
+                   pruner_warmup_evals=pruner_warmup_evals)

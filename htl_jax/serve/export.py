@@ -10,7 +10,7 @@
   predictions on the original scale.
 * ``serving.json``: the contract: the input signature (field order, vocabulary sizes), the
   outputs, the platforms, the jax version, and the preprocessing that turns raw rows into
-  ``ids`` (the run's ``preprocessing.json``, :mod:`htl_jax.serve.preprocessing`):
+  ``ids`` (the run's ``preprocessing.json``, :class:`htl_jax.train.run_files.Preprocessing`):
   ``ids[:, j]`` is field ``fields[j]``'s id, ``0 <= ids[:, j] < vocab_sizes[j]`` (0 = null /
   unseen in training).
 

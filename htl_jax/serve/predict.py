@@ -2,7 +2,8 @@
 
 :func:`predict_file` reads the input with the run's own loader (KuaiRand directory,
 Kaggle transactions, tabular CSV / Parquet) ``chunk_rows`` rows at a time, encodes each
-chunk with the preprocessing fitted at training time (:mod:`htl_jax.serve.preprocessing`),
+chunk with the preprocessing fitted at training time
+(:class:`htl_jax.train.run_files.Preprocessing`),
 runs the trainer's eval step (:func:`htl_jax.train.step.eval_step`, compiled data-parallel
 as in training) on batches of ``config.eval_batch_size`` rows and appends, per input row and
 in input order:
@@ -38,10 +39,11 @@ import polars as pl
 from htl_jax import data as data_lib
 from htl_jax.data import kaggle_revenue, tabular
 from htl_jax.data.encoding import Encoder
-from htl_jax.data.schema import DataError, FeatureChunk
-from htl_jax.serve import run as run_lib
-from htl_jax.serve.run import TrainedRun
-from htl_jax.train import parallel, step as step_lib
+from htl_jax.data.schema import FeatureChunk
+from htl_jax.errors import DataError
+from htl_jax.serve.run import TrainedRun, load_run
+from htl_jax.train import parallel, run_files
+from htl_jax.train import step as step_lib
 
 PROB_PREFIX = 'prob_'
 CORE_PREFIX = 'pred_'
@@ -279,8 +281,8 @@ def predict_file(workdir: str, data: str, out: str, *,
   """
   start = time.perf_counter()
   if run is None:                     # the cheap parts first: bad input fails in seconds
-    run_lib.finished_metrics(workdir)
-    config, prep = run_lib.load_config(workdir), run_lib.load_preprocessing(workdir)
+    run_files.finished_metrics(workdir)
+    config, prep = run_files.load_config(workdir), run_files.load_preprocessing(workdir)
   else:
     config, prep = run.config, run.preprocessing
   spec = prep.spec
@@ -292,7 +294,7 @@ def predict_file(workdir: str, data: str, out: str, *,
   first = next(pieces, None)          # bad input fails here, before any output exists
   if first is None:
     raise DataError(f'{data}: no rows to score')
-  run = run or run_lib.load_run(workdir)
+  run = run or load_run(workdir)
   rows = _score_into(out, BatchScorer(run), spec, itertools.chain([first], pieces))
   summary = PredictionSummary(rows=rows, seconds=time.perf_counter() - start, unseen=unseen,
                               out=out)

@@ -10,6 +10,9 @@ Two ``CheckpointManager``s under ``<workdir>/checkpoints``:
 
 Saves happen only after the loop has checked that every step since the last save was
 finite, so a non-finite loss never overwrites a good checkpoint.
+
+:func:`restore_serving` reads only the parameters and the temperature of ``best/`` (orbax's
+partial restore), for prediction and export.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
+
+from htl_jax.train import run_files
 
 
 class Checkpoints:
   """The ``latest`` and ``best`` checkpoint managers of one workdir."""
 
   def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2):
-    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
     self.latest = ocp.CheckpointManager(
         os.path.join(root, 'latest'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
@@ -69,3 +75,30 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
+  """The best checkpoint's parameters and temperature, and its step; None without one.
+
+  Args:
+    workdir: a training run's workdir.
+    like: the abstract :class:`htl_jax.train.state.ServingState` (shapes and dtypes), a
+      subset of the saved train state: only its arrays are read.
+  """
+  directory = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS, 'best'))
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          like)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return restored['state'], int(step)
+  finally:
+    manager.close()

@@ -1,12 +1,11 @@
 """Many hosts: ``jax.distributed`` start-up and failure handling for the entry points.
 
-An entry point (``experiments/main.py``, the reproduction and tuning scripts) imports this
-module, which defines the absl flags ``--coordinator_address``, ``--num_processes``,
-``--process_id``, ``--heartbeat_timeout`` and ``--initialization_timeout``, and calls
-:func:`maybe_initialize` before anything touches a device, then runs its work inside
-:func:`stop_all_on_failure`::
+A command that trains (``htl-train``, ``htl-reproduce``, ``htl-tune``; :mod:`htl_jax.cli`)
+takes the flags ``--coordinator_address``, ``--num_processes``, ``--process_id``,
+``--heartbeat_timeout`` and ``--initialization_timeout``, calls :func:`initialize` with them
+before anything touches a device, then runs its work inside :func:`stop_all_on_failure`::
 
-  distributed.maybe_initialize()
+  distributed.initialize(address, num_processes, process_id)
   with distributed.stop_all_on_failure():
     train_and_evaluate(config, workdir)
 
@@ -39,39 +38,17 @@ import sys
 import traceback
 from typing import Iterator, NoReturn, Optional
 
-from absl import flags
 from absl import logging
 import jax
 
-from htl_jax.train.loop import ConfigError
-
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
-    'host:port of process 0 for jax.distributed (e.g. 10.0.0.1:1234). Leave unset on one '
-    'machine, or under SLURM / Open MPI / Kubernetes to let JAX detect it.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes of a multi-process run; 1 forces a single '
-    'plain process even on a cluster.', lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'This process\'s id, 0 .. num_processes - 1 (0 is the primary).',
-    lower_bound=0)
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    'heartbeat_timeout', 100, 'Seconds without heartbeats after which a process counts as '
-    'dead and every other process stops.', lower_bound=1)
-_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
-    'initialization_timeout', 300, 'Seconds to wait for every process to join.',
-    lower_bound=1)
+from htl_jax.errors import ConfigError, PeerLostError, StartError
 
 # Exit code of a process that stopped because another process of the run is gone.
-PEER_FAILURE_EXIT_CODE = 4
+PEER_FAILURE_EXIT_CODE = PeerLostError.exit_code
 # Lower-cased pieces of the runtime errors raised when a collective's peer is gone.
 _PEER_FAILURE_MARKS = ('gloo', 'connection closed', 'connection reset', 'broken pipe',
                        'heartbeat', 'unavailable', 'deadline_exceeded', 'coordination service',
                        'barrier', 'nccl')
-
-
-class StartError(RuntimeError):
-  """``jax.distributed`` did not start (a process did not join in time, a bad address)."""
 
 
 def _env_int(name: str) -> int:
@@ -152,13 +129,6 @@ def initialize(coordinator_address: Optional[str] = None,
                jax.process_index(), jax.process_count(), cluster or 'flags',
                coordinator_address or 'auto-detected')
   return True
-
-
-def maybe_initialize() -> bool:
-  """:func:`initialize` from this module's flags; call it first in an entry point's main."""
-  return initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                    heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
-                    initialization_timeout=_INITIALIZATION_TIMEOUT.value)
 
 
 def is_multiprocess() -> bool:

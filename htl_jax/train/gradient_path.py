@@ -3,8 +3,9 @@
 :func:`compute` is steps 1-6 of the train step (:mod:`htl_jax.train.step`), each a short
 function below:
 
-1. **Lookup** (:func:`lookup`): the embedding rows of the batch, ``[B, F, d]``; a model with
-   independent tasks (DNN) looks every field up once per task's table, ``[B, K*F, d]``.
+1. **Lookup** (:func:`htl_jax.embedding.lookup`): the embedding rows of the batch,
+   ``[B, F, d]``; a model with independent tasks (DNN) looks every field up once per task's
+   table, ``[B, K*F, d]``.
 2. **Per-task gradients** of ``theta_s`` (:func:`_task_gradients`): the rows (K arrays
    ``[B, F, d]``) and the model's shared layers (leading task axis K), by
    :mod:`htl_jax.optim.per_task`: one backward pass when the towers are isolated, else
@@ -15,15 +16,15 @@ function below:
    gradients averaged, so what follows sees the GLOBAL batch (1 and N devices give the same
    update).
 4. **Sum by id** (:func:`_sum_by_id`): per task, the row gradients of each distinct id
-   summed into one slot, ``[K, slots, d]`` (:func:`per_task.sum_rows_by_id`).
+   summed into one slot, ``[K, slots, d]`` (:func:`htl_jax.embedding.sum_rows_by_id`).
 5. **Gradient process**: Algorithm 1 (Eq. 16-17), PCGrad or MetaBalance combines the
    per-task gradients of ``theta_s`` (rows and shared layers jointly) into one.
-6. **Back to the table, plus L2** (:func:`_table_gradient`): the L2 term of the looked-up
-   rows (not a task, so after the process) is added, and the result becomes the table's
-   gradient: a dense ``[M, d]`` array for dense Adam, or :class:`lazy_adam.RowGradients`
-   (one slot per looked-up row, never O(vocab)) for ``lazy_adam``, whose ids' first
-   occurrences come from a persistent scratch in the state
-   (:func:`per_task.first_occurrence_in`).
+6. **Back to the table, plus L2** (:func:`htl_jax.embedding.table_gradient`): the L2 term
+   of the looked-up rows (not a task, so after the process) is added, and the result
+   becomes the table's gradient: a dense ``[M, d]`` array for dense Adam, or
+   :class:`htl_jax.embedding.RowGradients` (one slot per looked-up row, never O(vocab)) for
+   ``lazy_adam``, whose ids' first occurrences come from a persistent scratch in the state
+   (:func:`htl_jax.embedding.first_occurrence_in`).
 
 The diagnostics are the data of the paper's Fig. 5: per task, the norm of its gradient on
 ``theta_s`` before and after the process and its cosine with the core gradient. With a
@@ -42,7 +43,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from htl_jax.optim import lazy_adam, per_task, task_norms_and_cosines
+from htl_jax import embedding
+from htl_jax.optim import per_task, task_norms_and_cosines
 from htl_jax.train import parallel
 from htl_jax.train.state import TrainSetup, TrainState
 
@@ -55,7 +57,7 @@ class StepGradients(NamedTuple):
 
   Attributes:
     grads: shaped like ``state.params`` (``theta_s`` combined by the gradient process, L2
-      included); with ``lazy_adam`` the table's is a :class:`lazy_adam.RowGradients`.
+      included); with ``lazy_adam`` the table's is :class:`embedding.RowGradients`.
     losses: ``[K]`` per-task losses (mean over devices).
     balance_state: the gradient process's new state.
     diagnostics: the Fig. 5 diagnostics.
@@ -104,20 +106,16 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
     combined, balance_state = setup.balance.update(stacked, state.opt_state['balance'])
     diagnostics = _diagnostics(stacked, balance_state.processed_norms)
   # 6. Back to the table, plus L2.
-  table_grad = _table_gradient(
-      setup, per_task.IdGradients(slots.ids, combined['embedding']), ids, global_rows,
-      first, state.params['embedding']['table'])
+  table_grad = embedding.table_gradient(
+      slots._replace(grads=combined['embedding']), ids, global_rows,
+      state.params['embedding']['table'], setup.l2, setup.sparse_table)
   grads = {'embedding': {'table': table_grad}, 'model': {**rest, **combined['shared']}}
   return StepGradients(grads, losses, balance_state, diagnostics, scratch)
 
 
 def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Step 1: table rows ``[B, F']`` and looked-up embeddings ``[B, F', d]`` (F' = copies F)."""
-  x = batch['x']
-  if setup.table_copies > 1:
-    x = jnp.tile(x, (1, setup.table_copies))
-  ids = per_task.table_ids(x, jnp.asarray(setup.offsets, jnp.int32))
-  return ids, params['embedding']['table'][ids]
+  return embedding.lookup(params['embedding']['table'], setup.layout, batch['x'])
 
 
 def loss_terms_fn(setup: TrainSetup, state: TrainState, batch: Batch
@@ -136,9 +134,9 @@ def loss_terms_fn(setup: TrainSetup, state: TrainState, batch: Batch
 def _first_occurrences(setup: TrainSetup, state: TrainState, ids: jax.Array
                        ) -> tuple[jax.Array | None, jax.Array | None]:
   """``lazy_adam`` only: each id's first position in the batch, and the reset id scratch."""
-  if setup.row_adam is None:
+  if not setup.sparse_table:
     return None, None
-  return per_task.first_occurrence_in(ids.reshape(-1), state.opt_state['id_scratch'])
+  return embedding.first_occurrence_in(ids.reshape(-1), state.id_scratch)
 
 
 def _task_gradients(setup: TrainSetup, state: TrainState, batch: Batch, rows: jax.Array
@@ -170,7 +168,7 @@ def _gather_rows(row_grads: tuple[jax.Array, ...], rows: jax.Array
 
 
 def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ...],
-               first: jax.Array | None, by_id: bool) -> per_task.IdGradients:
+               first: jax.Array | None, by_id: bool) -> embedding.RowGradients:
   """Step 4: ``[K, slots, d]`` per-task gradients of the batch's distinct ids.
 
   ``by_id=False`` (the summed gradient into a dense table: nothing reads per-id sums) keeps
@@ -178,46 +176,9 @@ def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ..
   """
   if not by_id:
     flat = ids.reshape(-1)
-    return per_task.IdGradients(flat, jnp.stack(row_grads).reshape(len(row_grads),
-                                                                    flat.shape[0], -1))
-  return per_task.sum_rows_by_id(ids, row_grads, setup.table_rows, first=first)
-
-
-def _table_gradient(setup: TrainSetup, combined: per_task.IdGradients, ids: jax.Array,
-                    rows: jax.Array, first: jax.Array | None, table: jax.Array):
-  """Step 6: the table's gradient from the combined slots, plus the L2 term's.
-
-  The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows: each occurrence
-  adds ``(2 l2 / B) e``, so an id's sum is its count in the batch times that.
-
-  Args:
-    combined: ``[slots, d]`` after the process; ``ids`` None when it is the dense table
-      gradient already.
-    ids, rows: the global batch's ``[B, F]`` table ids and ``[B, F, d]`` rows.
-    first: ``lazy_adam``'s first occurrences (the slots then hold each id's sum at its
-      first occurrence), else None.
-
-  Returns:
-    ``lazy_adam``: a :class:`lazy_adam.RowGradients`; dense Adam: the ``[M, d]`` gradient.
-  """
-  flat = ids.reshape(-1)
-  coef = 2.0 * setup.l2 / ids.shape[0]
-  flat_rows = rows.reshape(flat.shape[0], -1)
-  grads = combined.grads
-  if first is not None:
-    if setup.l2:
-      grads = grads + coef * per_task.occurrences(first)[:, None] * flat_rows
-    unique = first == jnp.arange(flat.shape[0], dtype=first.dtype)
-    return lazy_adam.RowGradients(flat, grads, unique)
-  if combined.ids is None:
-    if not setup.l2:
-      return grads
-    counts = jnp.zeros(table.shape[:1], table.dtype).at[flat].add(
-        1.0, mode='promise_in_bounds')
-    return grads + coef * counts[:, None] * table
-  if setup.l2:
-    grads = grads + coef * flat_rows
-  return per_task.scatter_to_table(table, per_task.IdGradients(combined.ids, grads))
+    return embedding.RowGradients(
+        flat, jnp.stack(row_grads).reshape(len(row_grads), flat.shape[0], -1))
+  return embedding.sum_rows_by_id(ids, row_grads, setup.layout.rows, first=first)
 
 
 def _diagnostics(stacked: Any, processed_norms: jax.Array) -> Diagnostics:

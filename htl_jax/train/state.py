@@ -1,14 +1,19 @@
-"""The train state pytree and how it is built from a config.
+"""The train state pytree, and the static setup of the steps, built from a config.
 
 ``TrainState`` holds everything that changes during training: ``step``, ``params``
-(``{'embedding': {'table': E}, 'model': towers...}``), ``opt_state``
-(``{'balance': gradient-process state over theta_s, 'optimizer': Adam state}``; with
-``embedding_optimizer='lazy_adam'`` the Adam state is ``{'model': dense Adam state, 'table':
-row-wise Adam state}`` and ``opt_state['id_scratch']`` is the ``[vocab]`` int32 scratch of
-:func:`htl_jax.optim.per_task.first_occurrence_in`), the Gumbel-softmax
-temperature ``tau`` (Appendix A: ``tau_0`` decayed by ``tau_decay`` every ``tau_decay_steps``
-steps, floored at ``tau_min``) and the base PRNG key ``rng``. Static things (the model, the
-optimizer, the gradient process) live in :class:`TrainSetup`, bound into the steps.
+(``{'embedding': {'table': E}, 'model': towers...}``), ``opt_state`` (``{'balance': the
+gradient process's state over theta_s, 'optimizer': the optimizer's}``), the Gumbel-softmax
+temperature ``tau`` (Appendix A: ``tau_0`` decayed by ``tau_decay`` every
+``tau_decay_steps`` steps, floored at ``tau_min``), the base PRNG key ``rng`` and, with
+``embedding_optimizer='lazy_adam'``, the table's id scratch
+(:func:`htl_jax.embedding.first_occurrence_in`). Static things (the model, the objective, the
+optimizer, the gradient process, the table's layout) live in :class:`TrainSetup`, bound into
+the compiled steps.
+
+The optimizer is built here and only here (:func:`make_optimizer`): Adam with ONE learning
+rate for every parameter (the paper tunes one lr, Table 6); with ``lazy_adam`` the table's
+part is the row-wise Adam of :mod:`htl_jax.embedding`, joined to the dense Adam of the
+model's parameters by ``optax.partition``.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from htl_jax import optim
-from htl_jax.losses import CoreTransform, Objective
+from htl_jax import embedding, optim
+from htl_jax.errors import ConfigError
+from htl_jax.losses import CoreTransform, TrainingObjective
 from htl_jax.models import ModelConfig, get_model, model_class
-from htl_jax.optim import lazy_adam, per_task
+from htl_jax.optim import per_task
 from htl_jax.spec import HybridSpec
 
 GRAD_PROCESSES = ('auto', 'htl', 'pcgrad', 'metabalance', 'none')
@@ -39,6 +45,14 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   tau: jax.Array
   rng: jax.Array
+  id_scratch: Optional[jax.Array] = None
+
+
+class ServingState(flax.struct.PyTreeNode):
+  """What inference reads of a train state: the parameters and the temperature."""
+
+  params: Any
+  tau: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,30 +74,23 @@ class TrainSetup:
   """Everything static that the pure step functions need.
 
   ``shared`` are the ``fnmatch`` patterns of the model parameters that join the embedding in
-  ``theta_s`` (the model's class fact); ``table_copies`` is the number of embedding tables
-  (``num_tasks`` for a model with independent tasks, else 1), stacked as blocks of rows of
-  one table, and ``offsets`` has one entry per looked-up field of every copy. ``row_adam``
-  is the table's row-wise Adam (``embedding_optimizer='lazy_adam'``; ``tx`` then updates
-  ``params['model']`` only), None when ``tx`` (dense Adam) updates every parameter.
+  ``theta_s`` (the model's class fact); ``layout`` places every field's ids in the one
+  table; ``sparse_table`` is True with the row-wise Adam (the table's gradient is then
+  :class:`htl_jax.embedding.RowGradients`, never a dense ``[M, d]`` array).
   """
 
   spec: HybridSpec
   model: nn.Module
-  objective: Objective
+  objective: TrainingObjective
   tx: optax.GradientTransformation
   balance: Optional[optax.GradientTransformation]
   grad_process: str         # resolved: 'htl' | 'pcgrad' | 'metabalance' | 'none'
   grad_path: str            # 'isolated' | 'general'
   tau: TauSchedule
   l2: float
-  offsets: tuple[int, ...]
+  layout: embedding.TableLayout
   shared: tuple[str, ...]
-  table_copies: int
-  row_adam: Optional[lazy_adam.RowAdam] = None
-
-  @property
-  def table_rows(self) -> int:
-    return self.table_copies * self.spec.total_vocab
+  sparse_table: bool = False
 
 
 def resolve_grad_process(config) -> str:
@@ -113,25 +120,34 @@ def make_balance(config, num_tasks: int) -> Optional[optax.GradientTransformatio
                              relax=config['metabalance_relax'], target_index=-1)
   if name == 'none':
     return None
-  raise ValueError(f'grad_process must be one of {GRAD_PROCESSES}, got {name!r}')
+  raise ConfigError(f'config.grad_process={name!r} is not one of {list(GRAD_PROCESSES)}')
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam with ONE learning rate for every parameter (the paper tunes one lr, Table 6)."""
-  return optax.adam(config['learning_rate'])
+  """The optimizer of every parameter: Adam with one learning rate (Table 6's lr).
 
-
-def make_row_adam(config) -> Optional[lazy_adam.RowAdam]:
-  """The table's row-wise Adam for ``embedding_optimizer='lazy_adam'``, else None.
-
-  It has the same learning rate and moments' decays as the dense Adam of the model.
+  ``embedding_optimizer='adam'``: ``optax.adam`` on everything. ``'lazy_adam'``: the table
+  gets :func:`htl_jax.embedding.row_adam` (only the batch's rows), the model's parameters
+  ``optax.adam``, with the same learning rate, partitioned by ``optax.partition``.
   """
   name = config['embedding_optimizer']
+  learning_rate = config['learning_rate']
   if name == 'adam':
-    return None
+    return optax.adam(learning_rate)
   if name == 'lazy_adam':
-    return lazy_adam.RowAdam(config['learning_rate'])
-  raise ValueError(f'embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {name!r}')
+    return optax.partition(
+        {'rows': embedding.row_adam(learning_rate), 'dense': optax.adam(learning_rate)},
+        {'embedding': 'rows', 'model': 'dense'})
+  raise ConfigError(f'config.embedding_optimizer={name!r} is not one of '
+                    f'{list(EMBEDDING_OPTIMIZERS)}')
+
+
+def row_adam_state(state: TrainState) -> Optional[embedding.RowAdamState]:
+  """The table's row-wise Adam state in ``state`` (None with dense Adam)."""
+  optimizer = state.opt_state['optimizer']
+  if not isinstance(optimizer, optax.PartitionState):
+    return None
+  return optimizer.inner_states['rows'].inner_state['embedding']['table']
 
 
 # Config fields that do NOT shape the compiled steps (data, schedule, loop and output). Every
@@ -163,65 +179,49 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
   config = dict(fields)
   model = get_model(config['model'], spec, model_cfg)
   copies = spec.num_tasks if model.independent_tasks else 1
-  offsets = tuple(o + c * spec.total_vocab for c in range(copies) for o in spec.field_offsets)
   return TrainSetup(
       spec=spec, model=model,
-      objective=Objective.from_config(config, core_transform, model.trains_binary_tasks),
+      objective=TrainingObjective.from_config(config, core_transform, type(model)),
       tx=make_optimizer(config), balance=make_balance(config, spec.num_tasks),
       grad_process=resolve_grad_process(config),
       grad_path='isolated' if model.isolated_towers else 'general',
       tau=TauSchedule(config['tau0'], config['tau_decay'], config['tau_decay_steps'],
                       config['tau_min']),
-      l2=float(config['l2']), offsets=offsets, shared=tuple(model.shared),
-      table_copies=copies, row_adam=make_row_adam(config))
+      l2=float(config['l2']), layout=embedding.TableLayout(spec.vocab_sizes, copies),
+      shared=tuple(model.shared), sparse_table=config['embedding_optimizer'] == 'lazy_adam')
 
 
-# Tables with more entries are drawn in blocks of rows (see _init_table).
-_ONE_DRAW_MAX = 1 << 24
-_BLOCK_ROWS = 1 << 20
+def init_params(setup: TrainSetup, config, keys: tuple[jax.Array, ...]) -> Any:
+  """Fresh parameters: N(0, 0.01^2) embedding table, Xavier towers (``model.init``).
 
-
-def _init_table(key: jax.Array, rows: int, dim: int) -> jax.Array:
-  """``0.01 * N(0, 1)`` entries of a ``[rows, dim]`` table.
-
-  Up to ``_ONE_DRAW_MAX`` entries: one draw. Larger tables (1e7 rows and up, where the
-  one draw's scratch is 3x the table: 12 GB more at 1e8 rows of d = 10) are written block
-  by block into one buffer, each block drawn from ``fold_in(key, block)`` (the last block
-  is placed to end at the last row), so the scratch is one block.
+  Args:
+    keys: the model's init key, the table's, and the Gumbel key of the init pass.
   """
-  if rows * dim <= _ONE_DRAW_MAX:
-    return 0.01 * jax.random.normal(key, (rows, dim))
-  block = min(_BLOCK_ROWS, rows)
-
-  def write_block(i, table):
-    values = 0.01 * jax.random.normal(jax.random.fold_in(key, i), (block, dim))
-    start = jnp.minimum(i * block, rows - block)
-    return jax.lax.dynamic_update_slice(table, values, (start, 0))
-
-  return jax.lax.fori_loop(0, -(-rows // block), write_block, jnp.zeros((rows, dim)))
+  init_key, embed_key, gumbel_key = keys
+  table = embedding.init_table(embed_key, setup.layout.rows, config.embed_dim)
+  dummy = jnp.zeros((2, len(setup.layout.offsets), config.embed_dim))
+  variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
+                               (dummy,) * setup.spec.num_tasks, train=True, tau=config.tau0,
+                               example_index=jnp.arange(2))
+  return {'embedding': {'table': table}, 'model': variables['params']}
 
 
 def init_state(setup: TrainSetup, config) -> TrainState:
-  """Fresh parameters (Xavier towers, N(0, 0.01^2) embedding) and optimizer states."""
-  spec = setup.spec
-  rng = jax.random.PRNGKey(config.seed)
-  init_key, embed_key, gumbel_key, rng = jax.random.split(rng, 4)
-  # Small normal init of the shared table, as is usual for CTR embeddings.
-  table = _init_table(embed_key, setup.table_rows, config.embed_dim)
-  dummy = jnp.zeros((2, len(setup.offsets), config.embed_dim))
-  variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
-                               (dummy,) * spec.num_tasks, train=True, tau=config.tau0,
-                               example_index=jnp.arange(2))
-  params = {'embedding': {'table': table}, 'model': variables['params']}
-  theta_s = {'embedding': table,
+  """Fresh parameters and optimizer states; the run's PRNG key from ``config.seed``."""
+  *keys, rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+  params = init_params(setup, config, tuple(keys))
+  theta_s = {'embedding': params['embedding']['table'],
              'shared': per_task.split_shared(params['model'], setup.shared)[0]}
   balance_state = (setup.balance.init(theta_s)
                    if setup.balance is not None else optax.EmptyState())
-  if setup.row_adam is None:
-    opt_state = {'balance': balance_state, 'optimizer': setup.tx.init(params)}
-  else:
-    opt_state = {'balance': balance_state,
-                 'optimizer': lazy_adam.init_state(setup.tx, setup.row_adam, params),
-                 'id_scratch': per_task.new_id_scratch(setup.table_rows)}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng)
+  scratch = embedding.new_id_scratch(setup.layout.rows) if setup.sparse_table else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state={'balance': balance_state, 'optimizer': setup.tx.init(params)},
+                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng, id_scratch=scratch)
+
+
+def abstract_serving_state(setup: TrainSetup, config) -> ServingState:
+  """The shapes and dtypes of a :class:`ServingState` (nothing is computed or allocated)."""
+  return jax.eval_shape(lambda: ServingState(
+      params=init_params(setup, config, tuple(jax.random.split(jax.random.PRNGKey(0), 3))),
+      tau=jnp.asarray(config.tau0, jnp.float32)))

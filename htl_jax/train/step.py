@@ -5,9 +5,10 @@
 1.-6. the gradient of every parameter (:func:`gradient_path.compute`): lookup, per-task
    gradients of ``theta_s``, across devices, sum by id, the gradient process (Algorithm 1,
    PCGrad or MetaBalance), back to the table plus L2;
-7. Adam with one learning rate: dense ``optax.adam`` on every parameter, or, with
-   ``embedding_optimizer='lazy_adam'``, on the model's parameters and only the batch's rows
-   of the table (:mod:`htl_jax.optim.lazy_adam`), so no part of the step costs O(vocab);
+7. Adam with one learning rate (:func:`htl_jax.train.state.make_optimizer`): dense
+   ``optax.adam`` on every parameter, or, with ``embedding_optimizer='lazy_adam'``, on the
+   model's parameters and only the batch's rows of the table
+   (:func:`htl_jax.embedding.row_adam`), so no part of the step costs O(vocab);
 8. the temperature decay (Appendix A), kept in the train state.
 
 The metrics carry the losses, the gradient norm and the data of the paper's Fig. 5 (see
@@ -16,20 +17,22 @@ The metrics carry the losses, the gradient norm and the data of the paper's Fig.
 ``train_step_on_rows`` is the same step on a split kept on the device
 (``config.feed='device'``): the host puts each epoch's row numbers on the devices once, and
 every step gathers its own batch there, so nothing travels per step.
+
+:func:`compiled_steps` compiles the data-parallel variants of one setup once
+(:class:`Steps`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from htl_jax.optim import lazy_adam
-from htl_jax.train import gradient_path
-from htl_jax.train.state import TrainSetup, TrainState
+from htl_jax import embedding
+from htl_jax.train import gradient_path, parallel
+from htl_jax.train.state import ServingState, TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 
@@ -42,35 +45,21 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
   grads, losses, balance_state, diag, scratch = gradient_path.compute(
       setup, state, batch, with_diagnostics)
   # 7. Adam.
-  params, optimizer_state = _apply_adam(setup, state, grads)
-  opt_state = {'balance': balance_state, 'optimizer': optimizer_state}
-  if scratch is not None:
-    opt_state['id_scratch'] = scratch
+  updates, optimizer_state = setup.tx.update(grads, state.opt_state['optimizer'],
+                                             state.params)
+  params = embedding.apply_updates(state.params, updates)
   loss = jnp.sum(losses)
-  grad_norm = jnp.sqrt(lazy_adam.squared_norm(grads))
+  grad_norm = jnp.sqrt(embedding.squared_norm(grads))
   # 8. The temperature decay.
   new_step = state.step + 1
   new_state = state.replace(
       step=new_step, params=params, tau=setup.tau.next(state.tau, new_step),
-      opt_state=opt_state)
+      opt_state={'balance': balance_state, 'optimizer': optimizer_state},
+      id_scratch=scratch)
   metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
              'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau,
              **diag}
   return new_state, metrics
-
-
-def _apply_adam(setup: TrainSetup, state: TrainState, grads: Any) -> tuple[Any, Any]:
-  """Step 7: ``(params, optimizer state)`` after dense Adam or lazy Adam on the table."""
-  if setup.row_adam is None:
-    updates, opt_state = setup.tx.update(grads, state.opt_state['optimizer'], state.params)
-    return optax.apply_updates(state.params, updates), opt_state
-  return lazy_adam.apply_gradients(setup.tx, setup.row_adam, state.params,
-                                   state.opt_state['optimizer'], grads)
-
-
-def resident_split(split) -> dict[str, np.ndarray]:
-  """The arrays of a training split that ``feed='device'`` keeps on every device."""
-  return {'x': split.x, 'y': split.y, 'core': split.core}
 
 
 def gather_batch(resident: dict[str, jax.Array], index: jax.Array) -> Batch:
@@ -92,16 +81,57 @@ def train_step_on_rows(setup: TrainSetup, state: TrainState, epoch_rows: jax.Arr
     epoch_rows: ``[steps per epoch, B]`` this device's rows of every batch of the epoch;
       the step takes row ``state.step % steps per epoch``, so the host sends nothing per
       step.
-    resident: the split's arrays (:func:`resident_split`) on this device.
+    resident: the split's arrays (:func:`htl_jax.train.feed.resident_split`) on this
+      device.
   """
   index = epoch_rows[state.step % epoch_rows.shape[0]]
   return train_step(setup, state, gather_batch(resident, index), with_diagnostics)
 
 
-def eval_step(setup: TrainSetup, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-  """Predictions of one batch: binary probabilities and the core on the original scale."""
-  _, rows = gradient_path.lookup(setup, state.params, batch)
+def eval_step(setup: TrainSetup, state: TrainState | ServingState, batch: Batch
+              ) -> dict[str, jax.Array]:
+  """Predictions of one batch: binary probabilities and the core on the original scale.
+
+  Reads only ``state.params`` and ``state.tau``: a :class:`ServingState` will do.
+  """
+  _, rows = embedding.lookup(state.params['embedding']['table'], setup.layout, batch['x'])
   out = setup.model.apply({'params': state.params['model']}, (rows,) * setup.spec.num_tasks,
                           train=False, tau=state.tau, example_index=batch['index'])
   return {'probs': out.probs, 'core': setup.objective.predict_core(out),
           'weight': batch['weight']}
+
+
+class Steps(NamedTuple):
+  """The compiled, data-parallel steps of one setup (see :func:`compiled_steps`).
+
+  ``train(state, batch)`` and ``train_on_rows(state, epoch_rows, resident)`` leave out
+  Fig. 5's per-task diagnostics, which a run without a gradient process takes only at
+  evaluations, through the ``diagnosed`` variants: a second program rather than a
+  ``lax.cond`` in one, because XLA:CPU pays for an untaken branch (MMoE: 29 ms a step with
+  the cond, 22 ms without). With a gradient process the diagnostics come free, and each
+  ``diagnosed`` variant is the same program as its plain one.
+  """
+
+  train: Callable[..., Any]
+  train_diagnosed: Callable[..., Any]
+  train_on_rows: Callable[..., Any]
+  train_on_rows_diagnosed: Callable[..., Any]
+  evaluate: Callable[..., Any]
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(setup: TrainSetup) -> Steps:
+  """The data-parallel steps of ``setup``, each compiled once, at its first call."""
+  def pmapped(step_fn, with_diagnostics: bool):
+    return parallel.pmap_step(functools.partial(step_fn, setup,
+                                                with_diagnostics=with_diagnostics))
+
+  train = pmapped(train_step, False)
+  on_rows = pmapped(train_step_on_rows, False)
+  free = setup.balance is not None        # diagnostics come with the gradient process
+  return Steps(train=train,
+               train_diagnosed=train if free else pmapped(train_step, True),
+               train_on_rows=on_rows,
+               train_on_rows_diagnosed=(on_rows if free else
+                                        pmapped(train_step_on_rows, True)),
+               evaluate=parallel.pmap_gathered(functools.partial(eval_step, setup)))

@@ -1,6 +1,8 @@
-"""Row-wise (lazy) Adam on the embedding table (``embedding_optimizer='lazy_adam'``).
+"""The shared embedding table (``htl_jax.embedding``): lookup, sums by id, row-wise Adam.
 
-Against float64 numpy references over several steps with repeated ids: the optimizer alone,
+Row-wise (lazy) Adam (``embedding_optimizer='lazy_adam'``) is checked
+
+against float64 numpy references over several steps with repeated ids: the optimizer alone,
 and the whole train step (per-task gradients by autodiff of the dense table, Algorithm 1 on
 the rows of the batch, L2, then Adam on those rows only). Rows not in a batch keep their
 values, moments and counts bit for bit. The step's XLA scratch memory does not grow with
@@ -17,14 +19,15 @@ import numpy as np
 import optax
 import pytest
 
-from configs.base import get_base_config
+from htl_jax import embedding
+from htl_jax.configs.base import get_base_config
+from htl_jax.errors import ConfigError
 from htl_jax.spec import HybridSpec
 from htl_jax.losses import CoreTransform
-from htl_jax.optim import lazy_adam, per_task
-from htl_jax.train import loop as loop_lib
 from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
-from htl_jax.train.state import init_state, make_setup
+from htl_jax.train.checks import check_config
+from htl_jax.train.state import init_state, make_setup, row_adam_state
 from test_transforms import ref_algorithm1
 
 LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8
@@ -66,18 +69,23 @@ def test_row_adam_matches_float64_reference_over_steps():
   """Ids repeat within a step and across steps; rows outside a step are not touched."""
   rng = np.random.default_rng(0)
   vocab, dim, n = 50, 3, 24
-  row_adam = lazy_adam.RowAdam(LR)
+  row_adam = embedding.row_adam(LR)
   table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
   state = row_adam.init(table)
-  scratch = per_task.new_id_scratch(vocab)
-  update = jax.jit(row_adam.update)
+  scratch = embedding.new_id_scratch(vocab)
+
+  @jax.jit
+  def update(table, state, grads):
+    updates, state = row_adam.update(grads, state)
+    return embedding.apply_updates(table, updates), state
+
   for step in range(5):
     ids = rng.integers(0, 12 if step < 3 else vocab, n).astype(np.int32)
     row_grads = rng.normal(size=(n, dim)).astype(np.float32)
-    first, scratch = per_task.first_occurrence_in(jnp.asarray(ids), scratch)
-    summed = per_task.sum_rows_by_id(jnp.asarray(ids), (jnp.asarray(row_grads),), vocab,
-                                     first=first).grads[0]
-    grads = lazy_adam.RowGradients(jnp.asarray(ids), summed, first == jnp.arange(n))
+    first, scratch = embedding.first_occurrence_in(jnp.asarray(ids), scratch)
+    summed = embedding.sum_rows_by_id(jnp.asarray(ids), (jnp.asarray(row_grads),), vocab,
+                                      first=first).grads[0]
+    grads = embedding.RowGradients(jnp.asarray(ids), summed, first)
     new_table, new_state = update(table, state, grads)
     by_id = _sum_by_id(ids, row_grads)
     assert len(by_id) < n                                    # ids repeat
@@ -85,18 +93,19 @@ def test_row_adam_matches_float64_reference_over_steps():
     for actual, ref, before in zip((new_table, *new_state), expected, (table, *state)):
       _assert_rows(actual, ref, by_id, before)
     table, state = new_table, new_state
-  np.testing.assert_array_equal(scratch, per_task.new_id_scratch(vocab))
+  np.testing.assert_array_equal(scratch, embedding.new_id_scratch(vocab))
 
 
 def test_first_step_count_gives_a_step_of_lr_for_a_late_row():
   """Per-row bias correction: a row first seen late moves by ``lr`` per coordinate."""
-  row_adam = lazy_adam.RowAdam(LR)
+  row_adam = embedding.row_adam(LR)
   table = jnp.zeros((4, 2))
   state = row_adam.init(table)._replace(count=jnp.array([0, 9999, 0, 0], jnp.int32))
-  grads = lazy_adam.RowGradients(jnp.array([2, 2], jnp.int32), jnp.array([[3.0, -0.5],
-                                                                           [0.0, 0.0]]),
-                                 jnp.array([True, False]))
-  table, state = row_adam.update(table, state, grads)
+  grads = embedding.RowGradients(jnp.array([2, 2], jnp.int32), jnp.array([[3.0, -0.5],
+                                                                          [0.0, 0.0]]),
+                                 jnp.array([0, 0], jnp.int32))
+  updates, state = row_adam.update(grads, state)
+  table = embedding.apply_updates(table, updates)
   np.testing.assert_allclose(table[2], [-LR, LR], rtol=1e-5)
   np.testing.assert_array_equal(state.count, [0, 9999, 1, 0])
   np.testing.assert_array_equal(np.asarray(table)[[0, 1, 3]], 0.0)
@@ -128,11 +137,9 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
 
 def _task_table_grads_fn(setup):
   """Reference per-task gradients of the dense table ``[K, M, d]``, by autodiff (jitted)."""
-  offsets = jnp.asarray(setup.offsets, jnp.int32)
-
   @jax.jit
   def task_grads(state, batch):
-    ids = per_task.table_ids(batch['x'], offsets)
+    ids, _ = embedding.lookup(state.params['embedding']['table'], setup.layout, batch['x'])
     key = jax.random.fold_in(state.rng, state.step)
 
     def losses(table):
@@ -149,7 +156,7 @@ def _task_table_grads_fn(setup):
 
 def _reference_step(setup, config, task_grads_fn, state, batch):
   """Float64: per-id task gradients -> Algorithm 1 (or the sum) -> + L2 -> row Adam."""
-  ids = np.asarray(batch['x']) + np.asarray(setup.offsets)
+  ids = np.asarray(batch['x']) + np.asarray(setup.layout.offsets)
   touched = sorted(set(ids.reshape(-1).tolist()))
   task_grads = np.asarray(task_grads_fn(state, batch), np.float64)[:, touched]  # [K, R, d]
   k, r, d = task_grads.shape
@@ -161,7 +168,7 @@ def _reference_step(setup, config, task_grads_fn, state, batch):
   table = np.asarray(state.params['embedding']['table'], np.float64)
   counts = np.array([np.sum(ids == i) for i in touched])
   combined = combined + 2 * config.l2 / B * counts[:, None] * table[touched]
-  return touched, ref_row_adam(table, *state.opt_state['optimizer']['table'],
+  return touched, ref_row_adam(table, *row_adam_state(state),
                                dict(zip(touched, combined)))
 
 
@@ -180,12 +187,11 @@ def test_lazy_step_matches_float64_reference(model, grad_process):
     new, metrics = jax.tree.map(lambda v: v[0], step(
         jax.tree.map(lambda v: v[None], state), jax.tree.map(lambda v: v[None], batch),
         diagnostics))
-    before = (state.params['embedding']['table'], *state.opt_state['optimizer']['table'])
-    after = (new.params['embedding']['table'], *new.opt_state['optimizer']['table'])
+    before = (state.params['embedding']['table'], *row_adam_state(state))
+    after = (new.params['embedding']['table'], *row_adam_state(new))
     for actual, ref, prev in zip(after, expected, before):
       _assert_rows(actual, ref, touched, prev)
-    np.testing.assert_array_equal(new.opt_state['id_scratch'],
-                                  per_task.new_id_scratch(setup.table_rows))
+    np.testing.assert_array_equal(new.id_scratch, embedding.new_id_scratch(setup.layout.rows))
     assert np.isfinite(metrics['grad_norm']) and metrics['task_grad_norm'][-1] > 0
     state = new
 
@@ -216,16 +222,17 @@ def test_model_parameters_keep_dense_adam():
   config = _config('shared_bottom', 'none')
   setup = make_setup(config, SPEC, CoreTransform('none'))
   state = init_state(setup, config)
-  assert setup.row_adam == lazy_adam.RowAdam(LR)
-  model_state = state.opt_state['optimizer']['model']
+  assert setup.sparse_table
+  dense_state = state.opt_state['optimizer'].inner_states['dense'].inner_state
   expected = optax.adam(LR).init(state.params['model'])
-  assert jax.tree.structure(model_state) == jax.tree.structure(expected)
+  assert ([x.shape for x in jax.tree.leaves(dense_state)]
+          == [x.shape for x in jax.tree.leaves(expected)])
 
 
 def test_unknown_embedding_optimizer_is_rejected():
-  with pytest.raises(loop_lib.ConfigError, match="embedding_optimizer='sgd'"):
-    loop_lib.check_config(_config('htlnet', 'htl', 'sgd'))
-  with pytest.raises(ValueError, match='embedding_optimizer'):
+  with pytest.raises(ConfigError, match="embedding_optimizer='sgd'"):
+    check_config(_config('htlnet', 'htl', 'sgd'))
+  with pytest.raises(ConfigError, match='embedding_optimizer'):
     make_setup(_config('htlnet', 'htl', 'sgd'), SPEC, CoreTransform('none'))
 
 

@@ -1,6 +1,6 @@
 """Config-string arguments shared by every dataset config (``get_config(arg)``).
 
-``--config=configs/kuairand.py:model=mmoe,smoke=True`` passes ``'model=mmoe,smoke=True'`` to
+``--config=kuairand:model=mmoe,smoke=True`` passes ``'model=mmoe,smoke=True'`` to
 ``get_config``, which calls :func:`apply_args`. Keys are config fields (dotted for nested
 ones: ``data.max_rows=1000``); values are converted to the type of the field they replace
 (bool, int, float, str, or a tuple such as ``hidden_dims=(16,8)``). A comma-separated piece
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import ml_collections
+
+from htl_jax.errors import ConfigError
 
 # What smoke=True sets: a few tiny steps that still exercise eval and checkpointing.
 SMOKE = {
@@ -42,12 +44,12 @@ def parse_args(arg: Optional[str]) -> dict[str, str]:
       key, value = piece.split('=', 1)
       last = key.strip()
       if not last:
-        raise ValueError(f'config argument {piece!r} has no key; expected key=value')
+        raise ConfigError(f'config argument {piece!r} has no key; expected key=value')
       pairs[last] = value.strip()
     elif last is not None:
       pairs[last] += ',' + piece.strip()
     elif piece.strip():
-      raise ValueError(f'config argument {piece!r} is not key=value')
+      raise ConfigError(f'config argument {piece!r} is not key=value')
   return pairs
 
 
@@ -57,7 +59,7 @@ def convert(value: str, current: Any, key: str) -> Any:
     if isinstance(current, bool):
       lowered = value.lower()
       if lowered not in _TRUE + _FALSE:
-        raise ValueError(f'expected one of {_TRUE + _FALSE}')
+        raise ConfigError(f'expected one of {_TRUE + _FALSE}')
       return lowered in _TRUE
     if isinstance(current, int):
       return int(value)
@@ -69,7 +71,7 @@ def convert(value: str, current: Any, key: str) -> Any:
       return tuple(convert(item, element, key) for item in items)
     return value
   except ValueError as error:
-    raise ValueError(f'config argument {key}={value!r}: cannot convert to '
+    raise ConfigError(f'config argument {key}={value!r}: cannot convert to '
                      f'{type(current).__name__} ({error})') from None
 
 
@@ -103,7 +105,7 @@ def apply_args(config: ml_collections.ConfigDict,
   """Applies ``key=value,...`` overrides (and ``smoke``) to ``config`` in place.
 
   Args:
-    config: a dataset config built from ``configs.base.get_base_config``.
+    config: a dataset config built from ``htl_jax.configs.base.get_base_config``.
     arg: the string after ``:`` in ``--config=FILE:ARG``; None or '' changes nothing.
 
   Returns:
@@ -116,8 +118,8 @@ def apply_args(config: ml_collections.ConfigDict,
   smoke = convert(pairs.pop('smoke'), False, 'smoke') if 'smoke' in pairs else False
   unknown = [key for key in pairs if not _has_key(config, key)]
   if unknown:
-    raise ValueError(f'unknown config key(s) {", ".join(unknown)} in {arg!r}; keys are the '
-                     'fields of configs/base.py (dotted for nested ones) and smoke')
+    raise ConfigError(f'unknown config key(s) {", ".join(unknown)} in {arg!r}; keys are the '
+                     'fields of htl_jax/configs/base.py (dotted for nested ones) and smoke; `htl-train --config=NAME --print_config` lists them')
   if smoke:
     apply_smoke(config)
   for key, value in pairs.items():

@@ -1,0 +1,148 @@
+"""What every command does: its start, its config flags, and errors as one line.
+
+Each command module (``htl_jax/cli/<command>.py``) defines its own flags at import, calls
+:func:`define_config_flags` if it takes a config and :func:`define_distributed_flags` if it
+trains, and runs its ``main`` with :func:`run`, which
+
+- parses the flags, turning a built-in config name (``--config=kuairand:smoke=True``) into
+  its file, and a bad flag or config into one line (exit code 2);
+- prints the resolved config and exits for ``--print_config``;
+- maps every :class:`htl_jax.errors.HtlError` to ``error: <message>`` on stderr and the
+  error's exit code (the table in :mod:`htl_jax.errors`), in a multi-process run without
+  waiting for the other processes. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NoReturn
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from htl_jax import configs
+from htl_jax.errors import ConfigError, HtlError
+from htl_jax.train import distributed
+
+FLAGS = flags.FLAGS
+
+
+def define_config_flags() -> None:
+  """``--config`` (a built-in name or a file, ``:ARGS`` after it), ``--config.NAME=VALUE``
+  overrides, and ``--print_config``."""
+  config_flags.DEFINE_config_file(
+      'config', None,
+      f'A built-in config ({", ".join(configs.BUILTIN)}) or a config file, optionally '
+      'followed by :KEY=VALUE,... (e.g. kuairand:model=mmoe,smoke=True). Any field can be '
+      'set with --config.NAME=VALUE; --print_config lists them.', lock_config=True)
+  flags.DEFINE_bool('print_config', False,
+                    'Print the resolved config (every field and its value) and exit.')
+
+
+def define_distributed_flags() -> None:
+  """The flags of a multi-process run (:mod:`htl_jax.train.distributed`)."""
+  flags.DEFINE_string(
+      'coordinator_address', None,
+      'host:port of process 0 for jax.distributed (e.g. 10.0.0.1:1234). Leave unset on one '
+      'machine, or under SLURM / Open MPI / Kubernetes to let JAX detect it.')
+  flags.DEFINE_integer(
+      'num_processes', None, 'Number of processes of a multi-process run; 1 forces a '
+      'single plain process even on a cluster.', lower_bound=1)
+  flags.DEFINE_integer(
+      'process_id', None, "This process's id, 0 .. num_processes - 1 (0 is the primary).",
+      lower_bound=0)
+  flags.DEFINE_integer(
+      'heartbeat_timeout', 100, 'Seconds without heartbeats after which a process counts '
+      'as dead and every other process stops.', lower_bound=1)
+  flags.DEFINE_integer('initialization_timeout', 300,
+                       'Seconds to wait for every process to join.', lower_bound=1)
+
+
+def join_processes() -> None:
+  """Starts ``jax.distributed`` from the flags (before anything touches a device)."""
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         heartbeat_timeout=FLAGS.heartbeat_timeout,
+                         initialization_timeout=FLAGS.initialization_timeout)
+
+
+def _one_line(error: BaseException) -> str:
+  """The informative line of a flag / config error (config_flags embeds tracebacks)."""
+  while error.__cause__ is not None:        # the root cause names the file or key
+    error = error.__cause__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if isinstance(error, (KeyError, AttributeError)):
+    return (f'unknown config key {lines[-1]}; the keys are the fields of '
+            'htl_jax/configs/base.py (--print_config lists them)')
+  if any(line.startswith('Traceback') for line in lines):
+    return lines[-1]
+  return ' '.join(lines)
+
+
+def _resolve_config_names(argv: list[str]) -> list[str]:
+  """``--config=NAME[:ARGS]`` of a built-in config -> ``--config=PATH[:ARGS]``."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config='):
+      arg = '--config=' + configs.resolve(arg[len('--config='):])
+    out.append(arg)
+  return out
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a bad flag, config file or ``--config.X`` is one line, exit 2."""
+  try:
+    return FLAGS(_resolve_config_names(argv))
+  except ConfigError as error:
+    fail(str(error))
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError) as error:
+    fail(_one_line(error))
+
+
+def load_config() -> Any:
+  """``--config`` resolved; with ``--print_config`` printed, and the process ends."""
+  try:
+    config = FLAGS.config
+    config['model']            # config_flags defers a load failure to the first access
+  except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+    fail(f'cannot load --config: {_one_line(error)}')
+  if FLAGS.print_config:
+    print(config)
+    sys.exit(0)
+  return config
+
+
+def start(argv: list[str]) -> None:
+  """No stray arguments; INFO logging without orbax's line per checkpoint save."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
+
+
+def report(error: HtlError) -> NoReturn:
+  """One line on stderr and the error's exit code (multi-process: at once)."""
+  print(f'error: {error}', file=sys.stderr)
+  distributed.exit_now(error.exit_code)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """``app.run(main)`` with :func:`parse_flags`; every HtlError is one line and its code."""
+
+  def guarded(argv: list[str]) -> None:
+    start(argv)
+    with distributed.stop_all_on_failure():
+      try:
+        main(argv)
+      except HtlError as error:
+        report(error)
+
+  app.run(guarded, flags_parser=parse_flags)

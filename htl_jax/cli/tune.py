@@ -1,0 +1,72 @@
+"""``htl-tune``: tune one model over the paper's Table 6 with Optuna (``htl_jax.repro.tuning``).
+
+  htl-tune --config=kuairand --model=htlnet --trials=50 --workdir=runs/tune/htlnet \\
+      [--storage=postgresql://user@host/db]
+
+The study lives in ``<workdir>/optuna.db`` (SQLite) unless ``--storage`` names another
+database; start the same command on several machines with one PostgreSQL ``--storage`` and
+they share the trials. Rerunning a killed command continues the study. Writes
+``<workdir>/best.json`` (the best trial's config overrides and validation metrics, read by
+``htl-reproduce --tuned=DIR`` as ``DIR/<model>/best.json``), ``<workdir>/trials.csv`` and one
+run dir per trial, ``<workdir>/trials/<number>``. ``--config.NAME=VALUE`` changes the base
+config of every trial.
+
+On several hosts, one worker can be several processes (``--coordinator_address
+--num_processes --process_id``, or ``srun`` / ``mpirun`` with none of them): its primary
+process takes the trials and the others train each one with it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from absl import logging
+
+from htl_jax.cli import common
+from htl_jax.repro import lockstep, tuning
+
+flags.DEFINE_string('workdir', None, 'The study\'s directory (trial runs, best.json).')
+flags.DEFINE_string('model', '', 'Model to tune ("" = the config\'s model).')
+flags.DEFINE_integer('trials', 50, 'Finished (completed or pruned) trials the study reaches.')
+flags.DEFINE_string('storage', '', 'Optuna storage URL ("" = sqlite:///<workdir>/optuna.db).')
+flags.DEFINE_string('study_name', '', 'Study name ("" = <dataset>-<model>).')
+flags.DEFINE_list('params', [], 'Subset of the model\'s Table 6 hyperparameters to search '
+                  '(default: all; the others keep the config\'s values).')
+flags.DEFINE_integer('pruner_startup_trials', 5,
+                     'Completed trials before the median pruner starts pruning.')
+flags.DEFINE_integer('pruner_warmup_evals', 1,
+                     'Evaluations every trial runs before the pruner may stop it.')
+common.define_config_flags()
+common.define_distributed_flags()
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = common.load_config()
+  common.join_processes()
+  if FLAGS.model:
+    config.model = FLAGS.model
+  summary = tuning.tune(config, FLAGS.workdir, storage=FLAGS.storage, n_trials=FLAGS.trials,
+                        study_name=FLAGS.study_name, params=FLAGS.params,
+                        pruner_startup_trials=FLAGS.pruner_startup_trials,
+                        pruner_warmup_evals=FLAGS.pruner_warmup_evals)
+  if lockstep.is_follower():
+    return
+  logging.info('study %s: %s trials, %.0f s in this process', summary['study'],
+               json.dumps(summary['counts']), summary['wall_seconds'])
+  if summary['best'] is not None:
+    best = summary['best']
+    logging.info('best trial %d: valid %s = %.6g with %s', best['trial'], best['metric'],
+                 best['value'], json.dumps(best['overrides']))
+
+
+def run() -> None:
+  """The console script."""
+  common.run(main)
+
+
+if __name__ == '__main__':
+  run()
