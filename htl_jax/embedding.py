@@ -238,7 +238,8 @@ def scatter_to_table(table: jax.Array, grads: RowGradients) -> jax.Array:
 
 
 def table_gradient(combined: RowGradients, ids: jax.Array, rows: jax.Array,
-                   table: jax.Array, l2: float, sparse: bool) -> jax.Array | RowGradients:
+                   table: jax.Array, l2: float | jax.Array | None, sparse: bool
+                   ) -> jax.Array | RowGradients:
   """The table's gradient from the combined (task-free) slots, plus the L2 term's.
 
   The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows (DESIGN section
@@ -250,27 +251,27 @@ def table_gradient(combined: RowGradients, ids: jax.Array, rows: jax.Array,
       gradient already).
     ids, rows: the global batch's ``[B, F]`` table rows and ``[B, F, d]`` embeddings.
     table: the ``[M, d]`` table.
-    l2: the L2 weight lambda.
+    l2: the L2 weight lambda (a number or a scalar array); None leaves the term out.
     sparse: True for row-wise Adam (``combined`` is then summed by id).
 
   Returns:
     ``sparse``: :class:`RowGradients` (never O(vocab)); else the dense ``[M, d]`` gradient.
   """
   flat = ids.reshape(-1)
-  coef = 2.0 * l2 / ids.shape[0]
+  coef = 2.0 * l2 / ids.shape[0] if l2 is not None else None
   flat_rows = rows.reshape(flat.shape[0], -1)
   grads = combined.grads
   if sparse:
-    if l2:
+    if coef is not None:
       grads = grads + coef * occurrences(combined.first)[:, None] * flat_rows
     return combined._replace(grads=grads)
   if combined.ids is None:
-    if not l2:
+    if coef is None:
       return grads
     counts = jnp.zeros(table.shape[:1], table.dtype).at[flat].add(
         1.0, mode='promise_in_bounds')
     return grads + coef * counts[:, None] * table
-  if l2:            # per slot: the scatter adds every occurrence's term
+  if coef is not None:     # per slot: the scatter adds every occurrence's term
     grads = grads + coef * flat_rows
   return scatter_to_table(table, combined._replace(grads=grads))
 

@@ -160,7 +160,7 @@ def _reference_step(setup, config, task_grads_fn, state, batch):
   touched = sorted(set(ids.reshape(-1).tolist()))
   task_grads = np.asarray(task_grads_fn(state, batch), np.float64)[:, touched]  # [K, R, d]
   k, r, d = task_grads.shape
-  if setup.balance is None:
+  if setup.grad_process == 'none':
     combined = task_grads.sum(0)
   else:
     combined = ref_algorithm1(task_grads.reshape(k, r * d), k - 1, config.gamma,

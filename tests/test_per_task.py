@@ -178,8 +178,9 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
 
   jac_table, jac_shared = jax.jacrev(task_losses, argnums=(0, 1))(table, shared, rest)
   theta_s = {'embedding': table, 'shared': shared}
-  combined, _ = setup.balance.update({'embedding': jac_table, 'shared': jac_shared},
-                                     setup.balance.init(theta_s))
+  balance = setup.balance(state.hparams)
+  combined, _ = balance.update({'embedding': jac_table, 'shared': jac_shared},
+                               balance.init(theta_s))
   l2 = jax.grad(lambda t: config.l2 * jnp.mean(jnp.sum(t[ids] ** 2, axis=(1, 2))))(table)
   np.testing.assert_allclose(got['embedding']['table'], combined['embedding'] + l2,
                              rtol=1e-5, atol=1e-6)

@@ -62,13 +62,16 @@ def test_gradient_process_defaults_per_model(model, expected):
   assert config.grad_process == 'auto'
   assert resolve_grad_process(config) == expected
   setup = make_setup(config, SPEC, CoreTransform('none'))
-  assert setup.grad_process == expected and (setup.balance is None) == (expected == 'none')
+  state = init_state(setup, config)
+  assert setup.grad_process == expected
+  assert (setup.balance(state.hparams) is None) == (expected == 'none')
 
 
 def test_shared_bottom_trains_without_a_process_unless_asked():
   """The baseline's gradient is the plain summed gradient; 'htl' changes the shared part."""
   setup, state, plain = _gradients(_config(model='shared_bottom'))
-  assert setup.balance is None and state.opt_state['balance'] == optax.EmptyState()
+  assert setup.balance(state.hparams) is None
+  assert state.opt_state['balance'] == optax.EmptyState()
   _, _, balanced = _gradients(_config(model='shared_bottom', grad_process='htl'))
   # The towers are not in theta_s: same gradient; the bottom and the table are.
   np.testing.assert_allclose(plain['model']['tower_0']['out']['kernel'],
@@ -84,8 +87,10 @@ def test_alpha_is_never_a_learning_rate(model, process):
   config = _config(model=model, grad_process=process, learning_rate=0.01)
   setup = make_setup(config, SPEC, CoreTransform('none'))
   adam = optax.adam(0.01)
-  params = init_state(setup, config).params
-  assert jax.tree.structure(setup.tx.init(params)) == jax.tree.structure(adam.init(params))
+  state = init_state(setup, config)
+  params = state.params
+  assert (jax.tree.structure(setup.optimizer(state.hparams).init(params))
+          == jax.tree.structure(adam.init(params)))
   steps = {}
   for alpha in (1e-6, 1.0):
     config.alpha = alpha

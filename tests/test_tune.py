@@ -25,7 +25,7 @@ import pytest
 
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.configs import hillstrom
-from htl_jax.repro import tuning
+from htl_jax.repro import table6, tuning
 from htl_jax import metrics as metrics_lib
 from htl_jax.errors import ConfigError
 from postgres_server import postgres_url  # noqa: F401,F811  (pytest fixture)
@@ -56,26 +56,41 @@ def _config(**overrides):
     ({'model': 'htlnet', 'grad_conflict': False}, _BASE + _LEU + ('gamma', 'clip')),
 ], ids=lambda v: '-'.join(map(str, v.values())) if isinstance(v, dict) else None)
 def test_search_space_has_only_the_models_hyperparameters(overrides, expected):
-  space = tuning.search_space(_config(**overrides))
+  space = table6.search_space(_config(**overrides),
+                              train_rows=table6.KUAIRAND_PURE_TRAIN_ROWS)
   assert tuple(space) == expected
   for name, grid in space.items():
-    assert grid == tuning.TABLE6[name]
+    assert grid == table6.TABLE6[name]
     assert _config()[name] in grid or name == 'tau_decay_steps', name   # defaults included
+
+
+def test_tau_grid_scales_with_the_training_rows():
+  """Hillstrom's 51,200 training rows: tau_d's grid times 51,200 / 948,847 (DESIGN 10)."""
+  config = _config()
+  assert config.tau_grid_scale == 0
+  assert table6.search_space(config, ['tau_decay_steps'], train_rows=51_200) == {
+      'tau_decay_steps': (54, 270, 540, 809, 1079)}
+  config.tau_grid_scale = 0.5
+  assert table6.search_space(config, ['tau_decay_steps'])['tau_decay_steps'] == (
+      500, 2500, 5000, 7500, 10000)
+  config.tau_grid_scale = 0.0
+  with pytest.raises(ConfigError, match='tau_grid_scale'):
+    table6.search_space(config, ['tau_decay_steps'])
 
 
 def test_search_space_subset_and_unknown_names():
   config = _config(model='shared_bottom')
-  assert tuple(tuning.search_space(config, ['l2', 'learning_rate'])) == ('learning_rate', 'l2')
+  assert tuple(table6.search_space(config, ['l2', 'learning_rate'])) == ('learning_rate', 'l2')
   with pytest.raises(ConfigError, match='alpha'):
-    tuning.search_space(config, ['alpha'])
+    table6.search_space(config, ['alpha'])
 
 
 def test_readme_prints_table6():
   with open(os.path.join(REPO, 'README.md')) as f:
     readme = f.read()
   rows = dict(re.findall(r'^\| [^|]+ \| `(\w+)` \| ([^|]+) \|', readme, re.MULTILINE))
-  assert set(rows) == set(tuning.TABLE6)
-  for name, grid in tuning.TABLE6.items():
+  assert set(rows) == set(table6.TABLE6)
+  for name, grid in table6.TABLE6.items():
     assert [float(v) for v in rows[name].split(',')] == [float(v) for v in grid], name
 
 
@@ -122,7 +137,7 @@ def test_sampler_seeds_per_trial_number():
 def test_stored_study_of_another_config_is_refused(tmp_path):
   storage = optuna.storages.RDBStorage(f'sqlite:///{tmp_path}/optuna.db')
   base = _config(model='shared_bottom')
-  space = tuning.search_space(base)
+  space = table6.search_space(base)
   tuning.open_study(base, storage, study_name='s', space=space)
   tuning.open_study(_config(model='shared_bottom', cache_dir='/elsewhere'), storage,
                     study_name='s', space=space)          # machine-local paths may differ
@@ -136,11 +151,11 @@ def test_stored_study_of_another_config_is_refused(tmp_path):
 
 def test_hopeless_trial_is_pruned(cache_dir, tmp_path, monkeypatch):
   # Two good trials (learning rate 1e-2) complete; then one at 1e-5, all with 40 steps.
-  monkeypatch.setitem(tuning.TABLE6, 'learning_rate', (1e-5, 1e-2))
+  monkeypatch.setitem(table6.TABLE6, 'learning_rate', (1e-5, 1e-2))
   base = tiny_config(cache_dir, model='shared_bottom', max_steps=40, eval_every=10)
   storage = optuna.storages.RDBStorage(f'sqlite:///{tmp_path}/optuna.db')
   study = tuning.open_study(base, storage, study_name='prune',
-                            space=tuning.search_space(base, ['learning_rate']))
+                            space=table6.search_space(base, ['learning_rate']))
   for rate in (1e-2, 1e-2, 1e-5):
     study.enqueue_trial({'learning_rate': rate})
   summary = tuning.run_study(base, str(tmp_path), storage, n_trials=3, study_name='prune',

@@ -7,6 +7,8 @@ trains, and runs its ``main`` with :func:`run`, which
 - parses the flags, turning a built-in config name (``--config=kuairand:smoke=True``) into
   its file, and a bad flag or config into one line (exit code 2);
 - prints the resolved config and exits for ``--print_config``;
+- turns on JAX's persistent compilation cache (``--compilation_cache``,
+  :mod:`htl_jax.train.compilation_cache`) before anything compiles;
 - maps every :class:`htl_jax.errors.HtlError` to ``error: <message>`` on stderr and the
   error's exit code (the table in :mod:`htl_jax.errors`), in a multi-process run without
   waiting for the other processes. Anything else is a bug and keeps its traceback.
@@ -24,9 +26,14 @@ from ml_collections import config_flags
 
 from htl_jax import configs
 from htl_jax.errors import ConfigError, HtlError
-from htl_jax.train import distributed
+from htl_jax.train import compilation_cache, distributed
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    'compilation_cache', None,
+    'Directory of the persistent compilation cache (shared by processes and machines), '
+    f"'none' to turn it off; default ${compilation_cache.ENV} or "
+    '~/.cache/htl_jax/xla.')
 
 
 def define_config_flags() -> None:
@@ -139,6 +146,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv: list[str]) -> None:
     start(argv)
+    compilation_cache.enable(FLAGS.compilation_cache)
     with distributed.stop_all_on_failure():
       try:
         main(argv)

@@ -1,6 +1,14 @@
-"""``htl-reproduce``: a table or figure of the paper, with seeds, significance and figures.
+"""``htl-reproduce``: a table or figure of the paper by its protocol: tune, then seed.
 
-  htl-reproduce --experiment=table2 --config=kuairand --seeds=10 --workdir=runs/table2
+  htl-reproduce --experiment=table2 --config=kuairand --tune_trials=40 --seeds=10 \
+      --workdir=runs/table2
+
+With ``--tune_trials=N`` every model of the experiment is first tuned over the paper's
+Table 6 (one Optuna study per model, pruning, resumable; HTLNet's ablations start from
+HTLNet's tuned configuration), in ``<workdir>/tune``; then every variant runs ``--seeds``
+seeds from its tuned configuration. ``--tuned=DIR`` reads studies run separately (another
+experiment's ``<workdir>/tune``, or ``htl-tune`` workdirs); without either, every variant
+runs the config's defaults.
 
 Experiments: table1 (data statistics), table2, table3, table4, fig4, table5, table7, fig5,
 fig7, fig8 (``htl_jax/repro/experiments.py``). Each run trains in ``<workdir>/<variant>/
@@ -26,12 +34,16 @@ from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro.protocol import reproduce
 
 flags.DEFINE_string('experiment', None, f'One of {", ".join(experiments_lib.EXPERIMENTS)}.')
-flags.DEFINE_integer('seeds', 10, 'Seeds 0..N-1 for every variant (the paper: 10).')
+flags.DEFINE_integer('seeds', 10, 'Seeds 0..N-1 for every variant (the paper: 10); 0 with '
+                     '--tune_trials only tunes.', lower_bound=0)
 flags.DEFINE_string('workdir', None, 'Run dirs, the SQLite study and the report.')
 flags.DEFINE_string('storage', '', 'Optuna RDB URL shared by several machines '
                     '(default: sqlite file in --workdir).')
 flags.DEFINE_list('variants', [], 'Only these variants of the experiment.')
-flags.DEFINE_string('tuned', '', 'Directory of htl-tune workdirs, one per model.')
+flags.DEFINE_string('tuned', '', 'Directory of tuning studies: another experiment\'s '
+                    '<workdir>/tune, or htl-tune workdirs (one per model).')
+flags.DEFINE_integer('tune_trials', 0, 'Finished trials of every model\'s study over Table 6 '
+                     'before the seeds run (0: no tuning).', lower_bound=0)
 common.define_config_flags()
 common.define_distributed_flags()
 flags.mark_flags_as_required(['experiment', 'config', 'workdir'])
@@ -43,7 +55,7 @@ def main(argv: list[str]) -> None:
   config = common.load_config()
   common.join_processes()
   text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, FLAGS.storage,
-                   FLAGS.variants, FLAGS.tuned)
+                   FLAGS.variants, FLAGS.tuned, FLAGS.tune_trials)
   if text:
     print(text)
 

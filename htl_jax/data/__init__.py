@@ -60,7 +60,7 @@ def cache_key_parts(config: Any, files: list[str]) -> dict[str, Any]:
       'dataset': config.dataset,
       'data_dir': config.data_dir,
       'data': data,
-      'seed': int(config.seed),
+      'split_seed': int(config.split_seed),
       'max_rows': int(data.get('max_rows', 0) or 0),
       'files': [_file_stamp(f) for f in files],
   }
@@ -70,7 +70,7 @@ def load_dataset(config: Any, cache_dir: Optional[str] = None) -> HybridData:
   """Loads and prepares ``config.dataset``.
 
   Args:
-    config: experiment config (``dataset``, ``data_dir``, ``data`` block, ``seed``).
+    config: experiment config (``dataset``, ``data_dir``, ``data`` block, ``split_seed``).
     cache_dir: where to cache the prepared arrays; None = no cache.
 
   Returns:

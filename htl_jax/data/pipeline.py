@@ -9,8 +9,9 @@ Every loader returns a :class:`~htl_jax.data.schema.RawTable`; :func:`prepare` t
 2. Nesting. The sequential constraint ``y^1 >= y^2 >= ... >= y^T`` (paper Section 3) is
    enforced with ``y^t <- min(y^t, y^{t-1})``; the number of rows changed is logged.
 3. Split. With a timestamp, rows are sorted (stable) by time and cut 8:1:1 into train /
-   valid / test, each in time order; without one, a seeded random 8:1:1 split
-   (``config.seed``), each split in the table's row order.
+   valid / test, each in time order; without one, a random 8:1:1 split drawn once from
+   ``config.split_seed`` (never from the model's ``seed``: every seed of a reproduction sees
+   the same test rows), each split in the table's row order.
 4. Encoding, in two separate steps (:mod:`htl_jax.data.encoding`): :func:`encoding.fit`
    learns the vocabularies and numeric buckets on the train rows only (the config's
    ``data.numeric_buckets`` and ``data.numeric_encoding``), then
@@ -170,7 +171,7 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
 
   Args:
     raw: a loader's output.
-    config: the experiment config; reads ``seed``, ``data.numeric_buckets`` and
+    config: the experiment config; reads ``split_seed``, ``data.numeric_buckets`` and
       ``data.numeric_encoding``.
 
   Returns:
@@ -195,7 +196,7 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
 
   n = core.shape[0]
   time = None if raw.time is None else np.asarray(raw.time)
-  order, n_train, n_valid = split_order(n, time, int(getattr(config, 'seed', 0)))
+  order, n_train, n_valid = split_order(n, time, int(getattr(config, 'split_seed', 0)))
   sizes = {'train': n_train, 'valid': n_valid, 'test': n - n_train - n_valid}
   empty = [k for k, v in sizes.items() if v == 0]
   if empty:

@@ -1,6 +1,6 @@
 """A tiny in-memory hybrid-target dataset with real task dependence, for unit tests.
 
-Generative process (seeded by ``config.seed``; ``config.data.max_rows`` rows, default 4000):
+Generative process (seeded by ``config.split_seed``, the data's seed; ``config.data.max_rows`` rows, default 4000):
 
 * fields ``user`` (50 ids), ``item`` (40 ids), ``channel`` (5 ids, strings), ``hour``
   (24 ids) and one numeric field ``price`` (lognormal, ~3% nulls);
@@ -37,7 +37,7 @@ def input_files(config: Any) -> list[str]:
 def load_raw(config: Any) -> RawTable:
   """Generates the table described in the module docstring."""
   n = int(data_option(config, 'max_rows', 0)) or DEFAULT_ROWS
-  rng = np.random.default_rng(int(getattr(config, 'seed', 0)))
+  rng = np.random.default_rng(int(getattr(config, 'split_seed', 0)))
   user_bias = rng.normal(0.0, 0.8, _USERS)
   item_bias = rng.normal(0.0, 0.8, _ITEMS)
   affinity = rng.normal(0.0, 1.0, (_GROUPS, _GROUPS))

@@ -51,7 +51,8 @@ class HybridGradBalanceState(NamedTuple):
 
 
 def _balance_coefficients(
-    matrices: list[jax.Array], core: int, alpha: float, gamma: float, clip: float,
+    matrices: list[jax.Array], core: int, alpha: float | jax.Array,
+    gamma: float | jax.Array, clip: float | jax.Array,
     conflict: bool, magnitude: bool) -> tuple[jax.Array, jax.Array]:
   """Algorithm 1 on `matrices` (leaves viewed as ``[K, n]``), as coefficients.
 
@@ -91,9 +92,9 @@ def _balance_coefficients(
 
 
 def hybrid_grad_balance(
-    alpha: float = 1.0,
-    gamma: float = 0.1,
-    clip: float = 10.0,
+    alpha: float | jax.Array = 1.0,
+    gamma: float | jax.Array = 0.1,
+    clip: float | jax.Array = 10.0,
     core_index: int = -1,
     per_leaf: bool = False,
     conflict: bool = True,
@@ -136,6 +137,8 @@ def hybrid_grad_balance(
     alpha: Projection relax factor :math:`\alpha` of Eq. 16, in ``[0, 1]``.
     gamma: Weight :math:`\gamma` of the magnitude-aligned part in Eq. 17.
     clip: Clip bound :math:`C \ge 1` of the weight :math:`w_t` in Eq. 17.
+      ``alpha``, ``gamma`` and ``clip`` may be scalar arrays (traced values), so one
+      compiled program serves every value.
     core_index: Position of the core task on the task axis.
     per_leaf: Apply the algorithm leaf by leaf instead of jointly.
     conflict: Apply the conflict projection of Eq. 16.
@@ -175,9 +178,11 @@ def hybrid_grad_balance(
     Tang et al., `Touch the Core: Exploring Task Dependence Among Hybrid
     Targets for Recommendation <https://arxiv.org/abs/2403.17442>`_, RecSys 2024
   """
-  if clip < 1.0:
+  # Values given as arrays (e.g. read from a train state inside a compiled step) are the
+  # caller's to check; numbers are checked here.
+  if isinstance(clip, (int, float)) and clip < 1.0:
     raise ValueError(f'clip must be >= 1 so that [1/clip, clip] is valid; got {clip}.')
-  if not 0.0 <= alpha <= 1.0:
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f'alpha (the projection relax factor) must be in [0, 1]; got {alpha}.')
   if num_tasks is not None and num_tasks < 1:
     raise ValueError(f'num_tasks must be positive; got {num_tasks}.')

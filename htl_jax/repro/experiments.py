@@ -7,6 +7,12 @@ see ``experiments.reproduce --tuned``); the seed is set per run.
 
 ``ours`` names the variant whose difference from the best ``baselines`` variant is tested for
 significance (the ``*`` of Table 2); ``figure`` names the figure an experiment draws.
+
+The protocol is tune, then seed (DESIGN section 10): every variant starts from the best
+configuration of a tuning study over Table 6, named by the study's overrides
+(:meth:`Experiment.study`): a model's variant by its own, and HTLNet's ablations by
+HTLNet's (``tuned_as``: they start from HTLNet's tuned configuration with their switch
+applied).
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from typing import Any, Optional
 
 Overrides = dict[str, Any]
 
-# Fig. 8's axes: Table 6's alpha grid and a gamma grid around the default 0.1.
-FIG8_ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-FIG8_GAMMAS = (0.01, 0.05, 0.1, 0.5, 1.0)
+# Fig. 8's axes: alpha and gamma both over {1e-5, 1e-4, ..., 1} (6 x 6, DESIGN section 10).
+FIG8_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FIG8_GAMMAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +37,20 @@ class Experiment:
   baselines: tuple[str, ...] = ()
   figure: Optional[str] = None        # 'fig5' | 'fig7' | 'fig8'
   trains: bool = True                 # table1 only describes the data
+  tuned_as: dict[str, Overrides] = dataclasses.field(default_factory=dict)
+
+  def study(self, variant: str) -> Overrides:
+    """The overrides naming the tuning study whose best configuration ``variant`` starts
+    from: ``tuned_as[variant]``, else the variant's own."""
+    return dict(self.tuned_as.get(variant, self.variants[variant]))
 
 
 HTLNET = {'model': 'htlnet'}
+
+
+def _as_htlnet(variants: dict[str, Overrides]) -> dict[str, Overrides]:
+  """Every variant tuned as HTLNet: an ablation starts from HTLNet's tuned configuration."""
+  return {name: HTLNET for name in variants}
 
 TABLE2_BASELINES = {
     'DNN': {'model': 'dnn'},
@@ -46,6 +63,25 @@ TABLE2_BASELINES = {
     'MB': {'model': 'shared_bottom', 'grad_process': 'metabalance'},
 }
 
+TABLE3 = {'HTLNet': HTLNET,
+          'w/o Architecture': {'model': 'shared_bottom', 'grad_process': 'htl'},
+          'w/o Optimization': {'model': 'htlnet', 'grad_process': 'none'}}
+TABLE4 = {'HTLNet': HTLNET,
+          'w/o representation': {'model': 'htlnet', 'use_representation': False},
+          'w/o label embedding': {'model': 'htlnet', 'use_label_embedding': False}}
+FIG4 = {'attention': {'model': 'htlnet', 'fusion': 'attention'},
+        'concat': {'model': 'htlnet', 'fusion': 'concat'}}
+TABLE5 = {'HTLNet': HTLNET,
+          'w/o stop_gradient': {'model': 'htlnet', 'stop_gradient': False},
+          'w/o conflict': {'model': 'htlnet', 'grad_conflict': False},
+          'w/o magnitude': {'model': 'htlnet', 'grad_magnitude': False},
+          'HTLNet-Gradient-Surgery': {'model': 'htlnet', 'grad_process': 'pcgrad'},
+          'HTLNet-MetaBalance': {'model': 'htlnet', 'grad_process': 'metabalance'}}
+FIG5 = {'without gradient process': {'model': 'htlnet', 'grad_process': 'none'},
+        'with gradient process': HTLNET}
+FIG8 = {f'alpha={a:g},gamma={g:g}': {'model': 'htlnet', 'alpha': a, 'gamma': g}
+        for a in FIG8_ALPHAS for g in FIG8_GAMMAS}
+
 EXPERIMENTS: dict[str, Experiment] = {
     'table1': Experiment('Table 1: dataset statistics', {}, trains=False),
     'table2': Experiment(
@@ -54,53 +90,42 @@ EXPERIMENTS: dict[str, Experiment] = {
          # Our extra columns: TAFE (Tao et al. 2023) and the pairwise loss (Durmus et al. 2024).
          'TAFE': {'model': 'tafe'},
          'HTLNet+pairwise': {'model': 'htlnet', 'lambda_pair': 0.1}},
-        ours='HTLNet', baselines=tuple(TABLE2_BASELINES) + ('TAFE',), figure='fig7'),
+        ours='HTLNet', baselines=tuple(TABLE2_BASELINES) + ('TAFE',), figure='fig7',
+        tuned_as={'HTLNet+pairwise': HTLNET}),
     'table3': Experiment(
-        'Table 3: architecture and optimization',
-        {'HTLNet': HTLNET,
-         'w/o Architecture': {'model': 'shared_bottom', 'grad_process': 'htl'},
-         'w/o Optimization': {'model': 'htlnet', 'grad_process': 'none'}},
-        ours='HTLNet', baselines=('w/o Architecture', 'w/o Optimization')),
+        'Table 3: architecture and optimization', TABLE3, ours='HTLNet',
+        baselines=('w/o Architecture', 'w/o Optimization'), tuned_as=_as_htlnet(TABLE3)),
     'table4': Experiment(
-        'Table 4: transferred representation and label embedding',
-        {'HTLNet': HTLNET,
-         'w/o representation': {'model': 'htlnet', 'use_representation': False},
-         'w/o label embedding': {'model': 'htlnet', 'use_label_embedding': False}},
-        ours='HTLNet', baselines=('w/o representation', 'w/o label embedding')),
+        'Table 4: transferred representation and label embedding', TABLE4, ours='HTLNet',
+        baselines=('w/o representation', 'w/o label embedding'), tuned_as=_as_htlnet(TABLE4)),
     'fig4': Experiment(
-        'Fig. 4: attention fusion (IFU) against concatenation',
-        {'attention': {'model': 'htlnet', 'fusion': 'attention'},
-         'concat': {'model': 'htlnet', 'fusion': 'concat'}},
-        ours='attention', baselines=('concat',)),
+        'Fig. 4: attention fusion (IFU) against concatenation', FIG4, ours='attention',
+        baselines=('concat',), tuned_as=_as_htlnet(FIG4)),
     'table5': Experiment(
-        'Table 5: the gradient process',
-        {'HTLNet': HTLNET,
-         'w/o stop_gradient': {'model': 'htlnet', 'stop_gradient': False},
-         'w/o conflict': {'model': 'htlnet', 'grad_conflict': False},
-         'w/o magnitude': {'model': 'htlnet', 'grad_magnitude': False},
-         'HTLNet-Gradient-Surgery': {'model': 'htlnet', 'grad_process': 'pcgrad'},
-         'HTLNet-MetaBalance': {'model': 'htlnet', 'grad_process': 'metabalance'}},
-        ours='HTLNet', baselines=('w/o stop_gradient', 'w/o conflict', 'w/o magnitude',
-                                  'HTLNet-Gradient-Surgery', 'HTLNet-MetaBalance')),
+        'Table 5: the gradient process', TABLE5, ours='HTLNet',
+        baselines=tuple(v for v in TABLE5 if v != 'HTLNet'), tuned_as=_as_htlnet(TABLE5)),
     'table7': Experiment(
         'Table 7: single-task ZILN against HTLNet with a ZILN head',
         {'ZILN': {'model': 'ziln', 'head': 'ziln'},
          'HTLNet-ZILN': {'model': 'htlnet', 'head': 'ziln'}},
         ours='HTLNet-ZILN', baselines=('ZILN',)),
     'fig5': Experiment(
-        'Fig. 5: per-task gradient magnitude on the shared embedding',
-        {'without gradient process': {'model': 'htlnet', 'grad_process': 'none'},
-         'with gradient process': HTLNET},
-        figure='fig5'),
+        'Fig. 5: per-task gradient magnitude on the shared embedding', FIG5, figure='fig5',
+        tuned_as=_as_htlnet(FIG5)),
     'fig7': Experiment(
         'Fig. 7: training time per epoch',
         {**TABLE2_BASELINES, 'HTLNet': HTLNET}, figure='fig7'),
     'fig8': Experiment(
-        'Fig. 8: projection relax factor alpha x magnitude weight gamma',
-        {f'alpha={a:g},gamma={g:g}': {'model': 'htlnet', 'alpha': a, 'gamma': g}
-         for a in FIG8_ALPHAS for g in FIG8_GAMMAS},
-        figure='fig8'),
+        'Fig. 8: projection relax factor alpha x magnitude weight gamma', FIG8,
+        figure='fig8', tuned_as=_as_htlnet(FIG8)),
 }
+
+
+def study_slug(overrides: Overrides) -> str:
+  """A tuning study's name from its overrides: the model, then the other fields
+  (``htlnet``, ``shared_bottom.grad_process=metabalance``)."""
+  rest = [f'{k}={v}' for k, v in sorted(overrides.items()) if k != 'model']
+  return slug('.'.join([str(overrides.get('model', 'default')), *rest]))
 
 
 def get_experiment(name: str) -> Experiment:

@@ -130,25 +130,39 @@ def markdown(table: list[dict[str, Any]], experiment: experiments_lib.Experiment
         continue
       star = (variant == experiment.ours and test is not None and test[1]
               and test[0] <= SIGNIFICANCE)
-      cells[variant].append(_cell(float(np.mean(x)), float(np.std(x)), order.index(variant),
-                                  star))
+      std = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0    # the sample std
+      cells[variant].append(_cell(float(np.mean(x)), std, order.index(variant), star))
   for variant in variants:
     lines.append(f'| {variant} | ' + ' | '.join(cells[variant]) + ' |')
   seeds = sorted({row['seed'] for row in table})
-  lines += ['', f'Test split; mean ± std over {len(seeds)} seed(s); best **bold**, second '
-            '<u>underlined</u>.']
+  lines += ['', f'Test split; mean ± sample std (ddof = 1) over {len(seeds)} seed(s); best '
+            '**bold**, second <u>underlined</u>.']
   if experiment.ours:
     lines.append(f'`*`: {experiment.ours} is better than the best baseline with p <= '
                  f'{SIGNIFICANCE} (two-sample t-test). p-values: ' + '; '.join(notes))
   return '\n'.join(lines) + '\n'
 
 
+def tuned_section(tuned: dict[str, dict[str, Any]]) -> str:
+  """The overrides every variant started from (its tuning study's best configuration)."""
+  if not any(tuned.values()):
+    return ''
+  lines = ['', 'Tuned configurations (each variant\'s study over Table 6; the variant\'s own '
+           'overrides apply on top):', '']
+  for variant, overrides in tuned.items():
+    values = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}'
+                       for k, v in sorted(overrides.items()))
+    lines.append(f'- {variant}: {values or "the defaults of the config (no tuned study)"}')
+  return '\n'.join(lines) + '\n'
+
+
 def write_report(workdir: str, results: dict[str, dict],
-                 experiment: experiments_lib.Experiment, variants: list[str]) -> str:
+                 experiment: experiments_lib.Experiment, variants: list[str],
+                 tuned: Optional[dict[str, dict[str, Any]]] = None) -> str:
   """Writes ``results.csv`` and ``table.md`` into ``workdir``; returns the markdown."""
   table = rows(results)
   write_csv(os.path.join(workdir, 'results.csv'), table)
-  text = markdown(table, experiment, variants)
+  text = markdown(table, experiment, variants) + tuned_section(tuned or {})
   with open(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(text)
   return text

@@ -21,7 +21,6 @@ lockstep (:mod:`htl_jax.repro.lockstep`).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -55,25 +54,7 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, experiments_lib.slug(variant), f'seed{seed}')
 
 
-def tuned_overrides(tuned_dir: str, model: str) -> dict[str, Any]:
-  """A model's tuned hyperparameters from ``experiments.tune``'s ``best.json``.
-
-  ``tuned_dir`` holds one tuning workdir per model, named after it
-  (``<tuned_dir>/<model>/best.json``), or is itself the tuning workdir of this model.
-  """
-  if not tuned_dir:
-    return {}
-  for path in (os.path.join(tuned_dir, model, 'best.json'),
-               os.path.join(tuned_dir, 'best.json')):
-    if os.path.exists(path):
-      with open(path) as f:
-        best = json.load(f)
-      if best.get('model', model) == model:
-        return dict(best.get('overrides', {}))
-  return {}
-
-
-def _assign(config, key: str, value: Any) -> None:
+def assign(config, key: str, value: Any) -> None:
   """``config[key] = value``, converted to the field's type (ints given for floats, ...)."""
   current = config[key]
   if isinstance(current, bool) or not isinstance(current, (int, float, tuple)):
@@ -86,12 +67,12 @@ def _assign(config, key: str, value: Any) -> None:
     config[key] = tuple(value)
 
 
-def cell_config(base, overrides: dict[str, Any], seed: int, tuned_dir: str = ''):
-  """The config of one cell: base, the model's tuned values, the variant's, the seed."""
+def cell_config(base, overrides: dict[str, Any], seed: int,
+                tuned: Optional[dict[str, Any]] = None):
+  """The config of one cell: base, the variant's tuned values, its own overrides, the seed."""
   config = copy.deepcopy(base)
-  model = overrides.get('model', config.model)
-  for key, value in {**tuned_overrides(tuned_dir, model), **overrides}.items():
-    _assign(config, key, value)
+  for key, value in {**(tuned or {}), **overrides}.items():
+    assign(config, key, value)
   config.seed = seed
   check_config(config)
   return config
@@ -111,10 +92,10 @@ def dataset_tag(config) -> str:
 class CellObjective:
   """Runs the cell a waiting trial carries; returns its validation selection metric."""
 
-  def __init__(self, base, cells: dict[str, dict[str, Any]], workdir: str, tuned_dir: str,
-               run_cell: RunCell):
+  def __init__(self, base, cells: dict[str, dict[str, Any]], workdir: str,
+               tuned: dict[str, dict[str, Any]], run_cell: RunCell):
     self.base, self.cells, self.workdir = base, cells, workdir
-    self.tuned_dir, self.run_cell = tuned_dir, run_cell
+    self.tuned, self.run_cell = tuned, run_cell
 
   def __call__(self, trial: optuna.Trial) -> float:
     cell = trial.user_attrs.get(_CELL)
@@ -138,7 +119,7 @@ class CellObjective:
     variant, seed = parse_cell(cell)
     directory = run_dir(self.workdir, variant, seed)
     logging.info('reproduce: running %s in %s', cell, directory)
-    config = cell_config(self.base, self.cells[cell], seed, self.tuned_dir)
+    config = cell_config(self.base, self.cells[cell], seed, self.tuned.get(variant))
     return self.run_cell(config, directory)
 
   @staticmethod
@@ -196,7 +177,8 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> Non
 
 def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
                    storage: str = '', variants: Optional[list[str]] = None,
-                   tuned_dir: str = '', run_cell: RunCell = train_cell) -> dict[str, dict]:
+                   tuned: Optional[dict[str, dict[str, Any]]] = None,
+                   run_cell: RunCell = train_cell) -> dict[str, dict]:
   """Runs (or joins) every cell of an experiment; returns ``{cell: metrics.json dict}``
   (``{}`` in the non-primary processes of a multi-process worker).
 
@@ -207,7 +189,7 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
     workdir: run dirs, the SQLite storage by default, and the report.
     storage: an RDB URL shared by several machines ('' = ``<workdir>/optuna.db``).
     variants: a subset of the experiment's variants (all when empty).
-    tuned_dir: tuning workdirs (``experiments.tune``), one per model, applied per variant.
+    tuned: per variant, its tuned overrides (applied under the variant's own).
     run_cell: what a cell does (tests pass a cheap one).
   """
   experiment = experiments_lib.get_experiment(experiment_name)
@@ -216,9 +198,11 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
     raise ValueError(f'--seeds must be >= 1, got {seeds}')
   cells = {cell_name(v, s): overrides for v, overrides in chosen.items()
            for s in range(seeds)}
+  tuned = tuned or {}
   for cell, overrides in cells.items():          # every cell's config is valid before any run
-    cell_config(base, overrides, parse_cell(cell)[1], tuned_dir)
-  objective = CellObjective(base, cells, workdir, tuned_dir, run_cell)
+    variant, seed = parse_cell(cell)
+    cell_config(base, overrides, seed, tuned.get(variant))
+  objective = CellObjective(base, cells, workdir, tuned, run_cell)
   if lockstep.is_follower():        # the primary process of this worker takes the cells
     lockstep.follow(lambda announced: objective.train(announced['cell']))
     return {}

@@ -42,70 +42,15 @@ import optuna
 from optuna.trial import TrialState
 
 from htl_jax import metrics as metrics_lib
+from htl_jax.data import default_cache_dir, load_dataset
 from htl_jax.errors import ConfigError, NonFiniteError
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
+from htl_jax.repro.table6 import search_space
+from htl_jax.train import run_files
 from htl_jax.train.checks import check_config
 from htl_jax.train.loop import train_and_evaluate
-from htl_jax.train.state import resolve_grad_process
-
-# ----------------------------------------------------------------------------- search space
-
-# Table 6 of the paper (Appendix B.1), one grid per config field, searched as categoricals.
-# Provenance: the paper's PDF could not be read from this machine. The grids of
-# ``tau_decay_steps`` and ``alpha`` are the paper's as quoted in DESIGN.md (sections 3-4, also
-# Fig. 8's alpha axis); the other grids are ours, around the defaults of configs/base.py
-# (each contains the default) and the usual ranges of CTR/MTL work. Replace a grid here and
-# the README table (tests/test_tune.py checks they agree) if you have the paper's values.
-TABLE6: dict[str, tuple] = {
-    'embed_dim': (8, 10, 16, 32),                           # D, shared embedding size
-    'batch_size': (512, 1024, 2048, 4096),
-    'learning_rate': (1e-4, 5e-4, 1e-3, 5e-3, 1e-2),        # the one Adam learning rate
-    'l2': (0.0, 1e-7, 1e-6, 1e-5, 1e-4),                    # lambda on looked-up rows
-    'label_embed_dim': (8, 10, 16, 32),                     # L_d of the LEU tables
-    'tau_decay_steps': (1000, 5000, 10000, 15000, 20000),   # paper (DESIGN section 3)
-    'alpha': (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),     # paper (DESIGN section 4)
-    'gamma': (0.1, 0.3, 0.5, 0.7, 0.9),                     # Eq. 17 magnitude weight
-    'clip': (2.0, 5.0, 10.0, 20.0),                         # Eq. 17 ratio clip C
-}
-# Who has which hyperparameter: every model has these four.
-COMMON = ('embed_dim', 'batch_size', 'learning_rate', 'l2')
-# Models with a label embedding unit (LEU tables and their Gumbel-softmax temperature).
-LABEL_EMBEDDING_MODELS = ('htlnet',)
-LABEL_EMBEDDING = ('label_embed_dim', 'tau_decay_steps')
-# Runs of Algorithm 1 (grad_process resolves to 'htl'): alpha is Eq. 16's, gamma and clip
-# Eq. 17's, so each is searched only while its equation is switched on.
-CONFLICT = ('alpha',)
-MAGNITUDE = ('gamma', 'clip')
-
-
-def search_space(config, params: Sequence[str] = ()) -> dict[str, tuple]:
-  """The Table 6 grids of the hyperparameters that ``config``'s model has.
-
-  Args:
-    config: the experiment config (model, grad_process, use_label_embedding, ...).
-    params: a subset of those names to search (the others keep the config's values);
-      empty = all of them.
-
-  Returns:
-    ``{config field: grid}`` in :data:`TABLE6`'s order.
-
-  Raises:
-    ConfigError: a name in ``params`` that the model does not have.
-  """
-  names = list(COMMON)
-  if config.model in LABEL_EMBEDDING_MODELS and config.use_label_embedding:
-    names += LABEL_EMBEDDING
-  if resolve_grad_process(config) == 'htl':
-    names += CONFLICT if config.grad_conflict else ()
-    names += MAGNITUDE if config.grad_magnitude else ()
-  unknown = [name for name in params if name not in names]
-  if unknown:
-    raise ConfigError(f'cannot search {", ".join(unknown)}: model {config.model!r} with '
-                      f'this config has only {", ".join(names)}')
-  chosen = set(params or names)
-  return {name: grid for name, grid in TABLE6.items() if name in chosen}
 
 
 def dataset_name(config) -> str:
@@ -204,13 +149,18 @@ class TrialObjective:
 
     try:
       result = train_and_evaluate(plan.config, run_dir, on_eval=on_eval)
+    except optuna.TrialPruned:
+      _drop_checkpoints(run_dir)
+      raise
     except (NonFiniteError, ConfigError) as error:
       # A diverging run, or hyperparameters this data cannot take (a batch larger than the
       # training split): a bad point of the space, counted as pruned so that TPE avoids it
       # (the base config itself was checked before the first trial).
+      _drop_checkpoints(run_dir)
       trial.set_user_attr('stopped', str(error))
       logging.warning('trial %d stopped: %s', trial.number, error)
       raise optuna.TrialPruned(str(error)) from None
+    _drop_checkpoints(run_dir)
     for key in ('steps', 'epochs', 'best_step', 'train_seconds'):
       trial.set_user_attr(key, result[key])
     value = self.metric.value(result['valid'])
@@ -281,6 +231,12 @@ def follow_trials(base) -> None:
       pass                        # the primary records why
 
   lockstep.follow(train)
+
+
+def _drop_checkpoints(run_dir: str) -> None:
+  """A finished trial keeps its metrics, not its checkpoints (a study would fill the disk;
+  the protocol trains the best configuration again, seed by seed)."""
+  shutil.rmtree(os.path.join(run_dir, run_files.CHECKPOINTS), ignore_errors=True)
 
 
 def _prepare_run_dir(run_dir: str, config, resume: bool) -> None:
@@ -410,6 +366,13 @@ def _has_heartbeat(storage) -> bool:
   return interval is not None and interval() is not None
 
 
+def _train_rows(base) -> int:
+  """The training split's rows, when the tau_d grid scales with them (else 0, unread)."""
+  if float(base.tau_grid_scale) > 0:
+    return 0
+  return len(load_dataset(base, base.cache_dir or default_cache_dir()).train)
+
+
 def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '',
               params: Sequence[str] = (), pruner_startup_trials: int = 5,
               pruner_warmup_evals: int = 1, poll_seconds: float = 2.0) -> dict[str, Any]:
@@ -436,7 +399,7 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
   if n_trials < 1:
     raise ConfigError(f'--trials must be >= 1, got {n_trials}')
   check_config(base)
-  space = search_space(base, params)
+  space = search_space(base, params, train_rows=_train_rows(base))
   study_name = study_name or f'{dataset_name(base)}-{base.model}'
   if lockstep.is_follower():       # the primary process of this worker takes the trials
     start = time.perf_counter()

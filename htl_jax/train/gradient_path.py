@@ -85,7 +85,7 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   ids = parallel.gather(ids, 0)
   first, scratch = _first_occurrences(setup, state, ids)
   # 2. Per-task gradients of theta_s (one summed "task" without a process).
-  if setup.balance is None:
+  if setup.grad_process == 'none':
     grads = _summed_gradients(setup, state, batch, rows)
   else:
     grads = _task_gradients(setup, state, batch, rows)
@@ -93,22 +93,24 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   row_grads, global_rows = _gather_rows(grads.rows, rows)
   losses, rest, shared = parallel.mean((grads.losses, grads.rest, grads.shared))
   # 4. Sum by id.
-  by_id = setup.balance is not None or first is not None
+  by_id = setup.grad_process != 'none' or first is not None
   slots = _sum_by_id(setup, ids, row_grads, first, by_id)
   stacked = {'embedding': slots.grads, 'shared': shared}
   # 5. The gradient process.
-  if setup.balance is None:
+  if setup.grad_process == 'none':
     combined = jax.tree.map(lambda g: g[0], stacked)
     balance_state = state.opt_state['balance']
     diagnostics = _diagnostics_on_request(setup, state, batch, rows, ids, first,
                                           with_diagnostics)
   else:
-    combined, balance_state = setup.balance.update(stacked, state.opt_state['balance'])
+    combined, balance_state = setup.balance(state.hparams).update(
+        stacked, state.opt_state['balance'])
     diagnostics = _diagnostics(stacked, balance_state.processed_norms)
   # 6. Back to the table, plus L2.
   table_grad = embedding.table_gradient(
       slots._replace(grads=combined['embedding']), ids, global_rows,
-      state.params['embedding']['table'], setup.l2, setup.sparse_table)
+      state.params['embedding']['table'], state.hparams.l2 if setup.use_l2 else None,
+      setup.sparse_table)
   grads = {'embedding': {'table': table_grad}, 'model': {**rest, **combined['shared']}}
   return StepGradients(grads, losses, balance_state, diagnostics, scratch)
 

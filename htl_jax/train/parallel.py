@@ -108,10 +108,14 @@ def put_replicated(tree: Any) -> Any:
   return put_sharded(replicate(tree))
 
 
+# One compiled identity (per input shape) for every transfer, not a new program per call.
+_to_devices = jax.pmap(lambda x: x, axis_name=AXIS)
+
+
 def put_sharded(tree: Any) -> Any:
   """Host pytree with a leading local-device axis -> on the devices, as ``pmap`` lays out
   its outputs."""
-  return jax.pmap(lambda x: x, axis_name=AXIS)(tree)
+  return _to_devices(tree)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -45,6 +45,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   tau: jax.Array
   rng: jax.Array
+  hparams: Any             # Hyperparams (below)
   id_scratch: Optional[jax.Array] = None
 
 
@@ -55,18 +56,41 @@ class ServingState(flax.struct.PyTreeNode):
   tau: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class TauSchedule:
-  """Staircase decay of the LEU temperature, applied after every step."""
+class Hyperparams(flax.struct.PyTreeNode):
+  """The values a compiled step reads at run time, kept in the train state.
 
-  tau0: float
-  decay: float
-  decay_steps: int
-  tau_min: float
+  They are arguments of the step, not constants in its program, so runs that differ only
+  in them (seeds, Table 6's learning rates and L2 weights, Algorithm 1's alpha x gamma of
+  Fig. 8, tau_d) share one compiled program. Each field is the config field of its name.
+  """
 
-  def next(self, tau: jax.Array, new_step: jax.Array) -> jax.Array:
-    decayed = jnp.maximum(tau * self.decay, self.tau_min)
-    return jnp.where(new_step % self.decay_steps == 0, decayed, tau)
+  learning_rate: jax.Array     # the one Adam learning rate (Table 6's lr)
+  l2: jax.Array                # lambda on the looked-up rows
+  alpha: jax.Array             # Eq. 16's projection relax factor
+  gamma: jax.Array             # Eq. 17's magnitude weight
+  clip: jax.Array              # Eq. 17's clip C
+  tau_decay: jax.Array         # the temperature's staircase factor ...
+  tau_decay_steps: jax.Array   # ... every this many steps (Table 6's tau_d) ...
+  tau_min: jax.Array           # ... down to this floor
+
+  @classmethod
+  def from_config(cls, config) -> 'Hyperparams':
+    values = {f.name: jnp.asarray(config[f.name], jnp.float32)
+              for f in dataclasses.fields(cls)}
+    values['tau_decay_steps'] = jnp.asarray(config['tau_decay_steps'], jnp.int32)
+    return cls(**values)
+
+
+# The config fields that Hyperparams carries, and those read only by init_state: neither
+# shapes the compiled steps.
+HYPERPARAMS = tuple(f.name for f in dataclasses.fields(Hyperparams))
+INIT_FIELDS = ('seed', 'tau0')
+
+
+def decay_tau(tau: jax.Array, new_step: jax.Array, hparams: Hyperparams) -> jax.Array:
+  """The LEU temperature's staircase decay (Appendix A), applied after every step."""
+  decayed = jnp.maximum(tau * hparams.tau_decay, hparams.tau_min)
+  return jnp.where(new_step % hparams.tau_decay_steps == 0, decayed, tau)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,15 +106,25 @@ class TrainSetup:
   spec: HybridSpec
   model: nn.Module
   objective: TrainingObjective
-  tx: optax.GradientTransformation
-  balance: Optional[optax.GradientTransformation]
   grad_process: str         # resolved: 'htl' | 'pcgrad' | 'metabalance' | 'none'
   grad_path: str            # 'isolated' | 'general'
-  tau: TauSchedule
-  l2: float
   layout: embedding.TableLayout
   shared: tuple[str, ...]
+  options: Any              # the step-shaping config fields, as a dict
   sparse_table: bool = False
+  use_l2: bool = True       # l2 > 0: the step adds the L2 term (its weight is a Hyperparam)
+
+  def optimizer(self, hparams: Hyperparams) -> optax.GradientTransformation:
+    """:func:`make_optimizer` with ``hparams``' learning rate."""
+    return make_optimizer(self.options['embedding_optimizer'], hparams.learning_rate)
+
+  def balance(self, hparams: Hyperparams, seed: int = 0
+              ) -> Optional[optax.GradientTransformation]:
+    """The gradient process with ``hparams``' alpha, gamma and clip (None without one).
+
+    ``seed`` is PCGrad's, read by its ``init`` only (its state then carries the key).
+    """
+    return make_balance(self.options, self.spec.num_tasks, hparams, seed)
 
 
 def resolve_grad_process(config) -> str:
@@ -105,33 +139,34 @@ def resolve_grad_process(config) -> str:
   return name
 
 
-def make_balance(config, num_tasks: int) -> Optional[optax.GradientTransformation]:
-  """The gradient process on ``theta_s`` (``config.grad_process``, resolved)."""
-  name = resolve_grad_process(config)
+def make_balance(options, num_tasks: int, hparams: Hyperparams, seed: int = 0
+                 ) -> Optional[optax.GradientTransformation]:
+  """The gradient process on ``theta_s`` (``grad_process`` of ``options``, resolved)."""
+  name = resolve_grad_process(options)
   if name == 'htl':
     return optim.hybrid_grad_balance(
-        alpha=config['alpha'], gamma=config['gamma'], clip=config['clip'], core_index=-1,
-        per_leaf=config['per_leaf'], conflict=config['grad_conflict'],
-        magnitude=config['grad_magnitude'], num_tasks=num_tasks)
+        alpha=hparams.alpha, gamma=hparams.gamma, clip=hparams.clip, core_index=-1,
+        per_leaf=options['per_leaf'], conflict=options['grad_conflict'],
+        magnitude=options['grad_magnitude'], num_tasks=num_tasks)
   if name == 'pcgrad':
-    return optim.pcgrad(seed=config['seed'], num_tasks=num_tasks)
+    return optim.pcgrad(seed=seed, num_tasks=num_tasks)
   if name == 'metabalance':
-    return optim.metabalance(num_tasks, beta=config['metabalance_beta'],
-                             relax=config['metabalance_relax'], target_index=-1)
+    return optim.metabalance(num_tasks, beta=options['metabalance_beta'],
+                             relax=options['metabalance_relax'], target_index=-1)
   if name == 'none':
     return None
   raise ConfigError(f'config.grad_process={name!r} is not one of {list(GRAD_PROCESSES)}')
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(name: str, learning_rate: float | jax.Array
+                   ) -> optax.GradientTransformation:
   """The optimizer of every parameter: Adam with one learning rate (Table 6's lr).
 
-  ``embedding_optimizer='adam'``: ``optax.adam`` on everything. ``'lazy_adam'``: the table
-  gets :func:`htl_jax.embedding.row_adam` (only the batch's rows), the model's parameters
-  ``optax.adam``, with the same learning rate, partitioned by ``optax.partition``.
+  ``name`` is ``config.embedding_optimizer``: ``'adam'``, ``optax.adam`` on everything;
+  ``'lazy_adam'``, the table gets :func:`htl_jax.embedding.row_adam` (only the batch's
+  rows) and the model's parameters ``optax.adam``, with the same learning rate, partitioned
+  by ``optax.partition``.
   """
-  name = config['embedding_optimizer']
-  learning_rate = config['learning_rate']
   if name == 'adam':
     return optax.adam(learning_rate)
   if name == 'lazy_adam':
@@ -156,15 +191,21 @@ def row_adam_state(state: TrainState) -> Optional[embedding.RowAdamState]:
 # one process compile their steps once. A new field is step-shaping unless listed here, so
 # forgetting it costs a compile, never a wrong program.
 _NOT_STEP_FIELDS = frozenset({
-    'dataset', 'data_dir', 'cache_dir', 'data', 'batch_size', 'eval_batch_size',
-    'num_epochs', 'max_steps', 'eval_every', 'checkpoint_every', 'patience', 'best_metric',
-    'log_every', 'feed'})
+    'dataset', 'data_dir', 'cache_dir', 'data', 'split_seed', 'batch_size',
+    'eval_batch_size', 'num_epochs', 'max_steps', 'eval_every', 'checkpoint_every',
+    'patience', 'best_metric', 'log_every', 'feed', 'tau_grid_scale', *HYPERPARAMS,
+    *INIT_FIELDS})
 
 
 def make_setup(config, spec: HybridSpec, core_transform: CoreTransform) -> TrainSetup:
-  """The static half of training; cached so repeated runs reuse compiled steps."""
+  """The static half of training; cached so repeated runs reuse compiled steps.
+
+  Runs whose configs differ only in :data:`HYPERPARAMS`, the seed and the data's and loop's
+  fields get the same setup (hence the same compiled programs); whether ``l2`` is zero
+  shapes the program (the L2 term is left out), its value does not.
+  """
   fields = tuple((k, _hashable(config[k])) for k in sorted(config.keys())
-                 if k not in _NOT_STEP_FIELDS)
+                 if k not in _NOT_STEP_FIELDS) + (('use_l2', bool(config['l2'])),)
   model_cfg = ModelConfig.from_config(config, core_bias=core_transform.target_mean)
   return _cached_setup(fields, model_cfg, spec, core_transform)
 
@@ -182,13 +223,11 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
   return TrainSetup(
       spec=spec, model=model,
       objective=TrainingObjective.from_config(config, core_transform, type(model)),
-      tx=make_optimizer(config), balance=make_balance(config, spec.num_tasks),
       grad_process=resolve_grad_process(config),
       grad_path='isolated' if model.isolated_towers else 'general',
-      tau=TauSchedule(config['tau0'], config['tau_decay'], config['tau_decay_steps'],
-                      config['tau_min']),
-      l2=float(config['l2']), layout=embedding.TableLayout(spec.vocab_sizes, copies),
-      shared=tuple(model.shared), sparse_table=config['embedding_optimizer'] == 'lazy_adam')
+      layout=embedding.TableLayout(spec.vocab_sizes, copies), shared=tuple(model.shared),
+      options=config, sparse_table=config['embedding_optimizer'] == 'lazy_adam',
+      use_l2=config['use_l2'])
 
 
 def init_params(setup: TrainSetup, config, keys: tuple[jax.Array, ...]) -> Any:
@@ -210,14 +249,17 @@ def init_state(setup: TrainSetup, config) -> TrainState:
   """Fresh parameters and optimizer states; the run's PRNG key from ``config.seed``."""
   *keys, rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
   params = init_params(setup, config, tuple(keys))
+  hparams = Hyperparams.from_config(config)
   theta_s = {'embedding': params['embedding']['table'],
              'shared': per_task.split_shared(params['model'], setup.shared)[0]}
-  balance_state = (setup.balance.init(theta_s)
-                   if setup.balance is not None else optax.EmptyState())
+  balance = setup.balance(hparams, seed=config.seed)
+  balance_state = balance.init(theta_s) if balance is not None else optax.EmptyState()
   scratch = embedding.new_id_scratch(setup.layout.rows) if setup.sparse_table else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state={'balance': balance_state, 'optimizer': setup.tx.init(params)},
-                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng, id_scratch=scratch)
+  opt_state = {'balance': balance_state,
+               'optimizer': setup.optimizer(hparams).init(params)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng, hparams=hparams,
+                    id_scratch=scratch)
 
 
 def abstract_serving_state(setup: TrainSetup, config) -> ServingState:

@@ -24,6 +24,7 @@ every step gathers its own batch there, so nothing travels per step.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 
 from htl_jax import embedding
 from htl_jax.train import gradient_path, parallel
-from htl_jax.train.state import ServingState, TrainSetup, TrainState
+from htl_jax.train.state import ServingState, TrainSetup, TrainState, decay_tau
 
 Batch = dict[str, jax.Array]
 
@@ -45,15 +46,15 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
   grads, losses, balance_state, diag, scratch = gradient_path.compute(
       setup, state, batch, with_diagnostics)
   # 7. Adam.
-  updates, optimizer_state = setup.tx.update(grads, state.opt_state['optimizer'],
-                                             state.params)
+  updates, optimizer_state = setup.optimizer(state.hparams).update(
+      grads, state.opt_state['optimizer'], state.params)
   params = embedding.apply_updates(state.params, updates)
   loss = jnp.sum(losses)
   grad_norm = jnp.sqrt(embedding.squared_norm(grads))
   # 8. The temperature decay.
   new_step = state.step + 1
   new_state = state.replace(
-      step=new_step, params=params, tau=setup.tau.next(state.tau, new_step),
+      step=new_step, params=params, tau=decay_tau(state.tau, new_step, state.hparams),
       opt_state={'balance': balance_state, 'optimizer': optimizer_state},
       id_scratch=scratch)
   metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
@@ -119,16 +120,35 @@ class Steps(NamedTuple):
   evaluate: Callable[..., Any]
 
 
-@functools.lru_cache(maxsize=16)
+# The compiled steps this process keeps for later runs: runs of equal setups (every
+# step-shaping config field equal; seeds and Hyperparams may differ) reuse them. Past this
+# many setups the oldest is dropped and JAX's caches are cleared, so a process that runs
+# hundreds of configurations (a tuning study) holds a bounded number of compiled programs;
+# the ones still kept recompile from the persistent compilation cache when next called.
+MAX_KEPT_SETUPS = 8
+_KEPT: collections.OrderedDict[TrainSetup, Steps] = collections.OrderedDict()
+
+
 def compiled_steps(setup: TrainSetup) -> Steps:
   """The data-parallel steps of ``setup``, each compiled once, at its first call."""
+  steps = _KEPT.pop(setup, None)
+  if steps is None:
+    steps = _make_steps(setup)
+    if len(_KEPT) >= MAX_KEPT_SETUPS:
+      _KEPT.popitem(last=False)
+      jax.clear_caches()
+  _KEPT[setup] = steps
+  return steps
+
+
+def _make_steps(setup: TrainSetup) -> Steps:
   def pmapped(step_fn, with_diagnostics: bool):
     return parallel.pmap_step(functools.partial(step_fn, setup,
                                                 with_diagnostics=with_diagnostics))
 
   train = pmapped(train_step, False)
   on_rows = pmapped(train_step_on_rows, False)
-  free = setup.balance is not None        # diagnostics come with the gradient process
+  free = setup.grad_process != 'none'     # diagnostics come with the gradient process
   return Steps(train=train,
                train_diagnosed=train if free else pmapped(train_step, True),
                train_on_rows=on_rows,
