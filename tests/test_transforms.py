@@ -549,3 +549,18 @@ def test_docstring_examples_run(module):
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted >= 1
   assert result.failed == 0
+
+
+def test_state_records_where_eq16_fired_and_the_eq17_factor():
+  """Task 0 conflicts with the core (dot -3 < 0) and is projected to [0, 1]: Eq. 17 then
+  scales it by 0.1 * min(3 / 1, 10) + 0.9 = 1.2. Task 1 is orthogonal (dot 0): no
+  projection, factor 0.1 * 3 / 2 + 0.9 = 1.05. The core's factor is 1."""
+  stacked = {'w': jnp.array([[-1., 1.], [0., 2.], [3., 0.]])}
+  tx = hybrid_grad_balance(gamma=0.1, clip=10.0, num_tasks=3)
+  _, state = tx.update(stacked, tx.init({'w': jnp.zeros(2)}))
+  np.testing.assert_array_equal(state.projected, [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(state.magnitude_factor, [1.2, 1.05, 1.0], rtol=1e-6)
+  off = hybrid_grad_balance(conflict=False, magnitude=False, num_tasks=3)
+  _, state = off.update(stacked, off.init({'w': jnp.zeros(2)}))
+  np.testing.assert_array_equal(state.projected, 0.0)
+  np.testing.assert_array_equal(state.magnitude_factor, 1.0)

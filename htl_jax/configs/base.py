@@ -83,4 +83,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.feed = 'auto'               # training batches: device (the split stays on every device,
                                 # the host sends row numbers) | host (the host gathers each
                                 # batch and prefetches it) | auto (device up to 1 GiB)
+  c.steps_per_dispatch = 16     # steps run by one call of the compiled program (between log,
+                                # evaluation and checkpoint steps); any value, the same run
+  c.grad_diagnostics = 'eval'   # Fig. 5's per-task gradients without a gradient process:
+                                # eval (at evaluation steps) | every_step (slower); with a
+                                # process they come free at every step
   return c

@@ -44,16 +44,25 @@ class HybridGradBalanceState(NamedTuple):
     processed_norms: ``[K]`` norms of the per-task gradients after Eq. 16-17
       (the terms of Algorithm 1's final sum; the core's is its raw norm), or
       shape ``[0]``.
+    projected: ``[K]`` 1 where Eq. 16 projected the task's gradient (it
+      conflicted with the core's), else 0; with ``per_leaf`` the share of leaves.
+      Shape ``[0]`` without `num_tasks`.
+    magnitude_factor: ``[K]`` the factor Eq. 17 multiplied the task's gradient
+      by, ``gamma * w_t + 1 - gamma`` (1 for the core and with Eq. 17 off); with
+      ``per_leaf`` the mean over leaves. Shape ``[0]`` without `num_tasks`.
   """
   task_norms: jax.Array
   core_cosine: jax.Array
   processed_norms: jax.Array
+  projected: jax.Array
+  magnitude_factor: jax.Array
 
 
 def _balance_coefficients(
     matrices: list[jax.Array], core: int, alpha: float | jax.Array,
     gamma: float | jax.Array, clip: float | jax.Array,
-    conflict: bool, magnitude: bool) -> tuple[jax.Array, jax.Array]:
+    conflict: bool, magnitude: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Algorithm 1 on `matrices` (leaves viewed as ``[K, n]``), as coefficients.
 
   Eq. 16 writes the projected gradient as ``G_t - c_t G_core`` with
@@ -63,9 +72,10 @@ def _balance_coefficients(
   gradients. Dot products and norms run over all of `matrices` jointly.
 
   Returns:
-    ``(a, processed_sq)``: ``[K]`` coefficients with ``sum_k a_k G_k`` =
-    Algorithm 1's output, and ``[K]`` squared norms of each task's term of that
-    sum, ``||s_t (G_t - c_t G_core)||^2`` (the core's: ``||G_core||^2``).
+    ``(a, processed_sq, projected, scale)``: ``[K]`` coefficients with
+    ``sum_k a_k G_k`` = Algorithm 1's output; ``[K]`` squared norms of each
+    task's term of that sum, ``||s_t (G_t - c_t G_core)||^2`` (the core's:
+    ``||G_core||^2``); ``[K]`` 1 where Eq. 16 projected; and ``[K]`` ``s_t``.
   """
   is_core = jnp.arange(matrices[0].shape[0]) == core
   dots = stacked_lib.core_dots(matrices, core)
@@ -74,6 +84,7 @@ def _balance_coefficients(
     project = jnp.logical_and(dots < 0, ~is_core)
     proj = jnp.where(project, alpha * stacked_lib.safe_div(dots, core_sq, 0.0), 0.0)
   else:
+    project = jnp.zeros(dots.shape, bool)
     proj = jnp.zeros_like(dots)
   # Norm AFTER the projection, computed from the projected vectors themselves
   # (not from ||G_t||^2 - c_t^2 ||G_core||^2, which cancels badly).
@@ -88,7 +99,8 @@ def _balance_coefficients(
     scale = jnp.ones_like(dots)
   scale = jnp.where(is_core, 1.0, scale)
   core_coeff = 1.0 - jnp.sum(jnp.where(is_core, 0.0, scale * proj))
-  return jnp.where(is_core, core_coeff, scale), jnp.square(scale) * projected_sq
+  return (jnp.where(is_core, core_coeff, scale), jnp.square(scale) * projected_sq,
+          project.astype(dots.dtype), scale)
 
 
 def hybrid_grad_balance(
@@ -192,7 +204,8 @@ def hybrid_grad_balance(
     del params
     zeros = jnp.zeros((diag_size,), jnp.float32)
     return HybridGradBalanceState(task_norms=zeros, core_cosine=zeros,
-                                  processed_norms=zeros)
+                                  processed_norms=zeros, projected=zeros,
+                                  magnitude_factor=jnp.ones((diag_size,), jnp.float32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -204,17 +217,21 @@ def hybrid_grad_balance(
                                  gamma=gamma, clip=clip, conflict=conflict,
                                  magnitude=magnitude)
     groups = [[x] for x in leaves] if per_leaf else [leaves]
-    out, processed_sq = [], 0.0
+    out, processed_sq, projected, factor = [], 0.0, 0.0, 0.0
     for group in groups:
-      coeffs, group_sq = coeff_fn([stacked_lib.as_matrix(x) for x in group])
+      coeffs, group_sq, group_projected, group_factor = coeff_fn(
+          [stacked_lib.as_matrix(x) for x in group])
       out.extend(stacked_lib.combine(coeffs, x) for x in group)
       processed_sq = processed_sq + group_sq
+      projected, factor = projected + group_projected, factor + group_factor
     if num_tasks is not None:
       norms, cosines = stacked_lib.task_norms_and_cosines(updates, core)
       dtype = state.task_norms.dtype
       state = HybridGradBalanceState(
           task_norms=norms.astype(dtype), core_cosine=cosines.astype(dtype),
-          processed_norms=jnp.sqrt(processed_sq).astype(dtype))
+          processed_norms=jnp.sqrt(processed_sq).astype(dtype),
+          projected=(projected / len(groups)).astype(dtype),
+          magnitude_factor=(factor / len(groups)).astype(dtype))
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -5,8 +5,8 @@ Two ``CheckpointManager``s under ``<workdir>/checkpoints``:
 - ``latest/``: saved periodically; a restarted run resumes from its newest step and
   continues exactly as if it had never stopped (state, temperature, PRNG key, optimizer and
   gradient-process states, and the loop's early-stopping counters are all saved);
-- ``best/``: the state with the best validation value of the core task's metric, used for
-  the final test evaluation.
+- ``best/``: the states with the best two validation values of the model-selection metric;
+  the best one is used for the final test evaluation, prediction and export.
 
 Saves happen only after the loop has checked that every step since the last save was
 finite, so a non-finite loss never overwrites a good checkpoint.
@@ -20,32 +20,48 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from htl_jax.errors import RunError
 from htl_jax.train import run_files
 
 
 class Checkpoints:
-  """The ``latest`` and ``best`` checkpoint managers of one workdir."""
+  """The ``latest`` and ``best`` checkpoint managers of one workdir.
+
+  A checkpoint that does not read completely (a disk that filled, a partial copy of a
+  workdir) is moved to ``checkpoints/damaged/`` with one warning, never deleted, and the
+  newest readable one is used; one written by another config (other shapes) is an error.
+  A save that fails (no space left) is one :class:`htl_jax.errors.RunError`; orbax writes a
+  checkpoint under a temporary name, so the previous one stays readable.
+  """
 
   def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2):
-    root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
+    self.root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
     self.latest = ocp.CheckpointManager(
-        os.path.join(root, 'latest'),
+        os.path.join(self.root, 'latest'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
+    # Two best checkpoints: the second one stands in if the best is damaged.
     self.best = ocp.CheckpointManager(
-        os.path.join(root, 'best'),
+        os.path.join(self.root, 'best'),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m['value'], best_mode=best_mode))
+            max_to_keep=2, create=True, best_fn=lambda m: m['value'], best_mode=best_mode))
 
-  @staticmethod
-  def _save(manager: ocp.CheckpointManager, step: int, state: Any, loop: dict,
+  def _save(self, manager: ocp.CheckpointManager, step: int, state: Any, loop: dict,
             metrics: Optional[dict] = None) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               loop=ocp.args.JsonSave(loop)),
-                 metrics=metrics, force=True)
-    manager.wait_until_finished()
+    try:
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 loop=ocp.args.JsonSave(loop)),
+                   metrics=metrics, force=True)
+      manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as error:
+      previous = [s for s in manager.all_steps() if s != step]
+      raise RunError(
+          f'cannot save the checkpoint of step {step} in {manager.directory}: '
+          f'{_first_line(error)}; the previous one (step '
+          f'{max(previous) if previous else "none"}) is intact') from None
 
   def save_latest(self, step: int, state: Any, loop: dict) -> None:
     if self.latest.latest_step() != step:
@@ -55,19 +71,31 @@ class Checkpoints:
     if self.best.latest_step() != step:
       self._save(self.best, step, state, loop, {'value': float(value)})
 
-  @staticmethod
-  def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(like), loop=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['loop'])
-
   def restore_latest(self, like: Any) -> Optional[tuple[Any, dict]]:
-    step = self.latest.latest_step()
-    return None if step is None else self._restore(self.latest, step, like)
+    """The newest readable ``latest`` checkpoint (state, loop JSON), or None."""
+    return self._restore_newest(self.latest, sorted(self.latest.all_steps()), like)
 
   def restore_best(self, like: Any) -> Optional[tuple[Any, dict]]:
-    step = self.best.best_step()
-    return None if step is None else self._restore(self.best, step, like)
+    """The best readable ``best`` checkpoint (state, loop JSON), or None."""
+    best = self.best.best_step()
+    steps = sorted(self.best.all_steps(), key=lambda s: (s == best, s))   # the best last
+    return self._restore_newest(self.best, steps, like)
+
+  def _restore_newest(self, manager: ocp.CheckpointManager, steps: list[int], like: Any
+                      ) -> Optional[tuple[Any, dict]]:
+    """The last of ``steps`` that reads completely; damaged ones are set aside."""
+    for step in reversed(steps):
+      _check_shapes(manager, step, like)
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(like), loop=ocp.args.JsonRestore()))
+        return restored['state'], dict(restored['loop'])
+      except Exception as error:  # pylint: disable=broad-except
+        set_aside(manager, step, error)
+    if steps:
+      raise RunError(f'{manager.directory}: no checkpoint reads completely (the damaged ones '
+                     f'were moved to {os.path.join(self.root, "damaged")})')
+    return None
 
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
@@ -77,8 +105,51 @@ class Checkpoints:
     self.best.close()
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
+  """RunError when the checkpoint's arrays have other shapes than ``like``'s (another
+  config in the same workdir); unreadable metadata is left to the restore."""
+  try:
+    stored = manager.item_metadata(step)['state']
+    shapes = {jax.tree_util.keystr(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
+              if hasattr(leaf, 'shape')}
+  except Exception:  # pylint: disable=broad-except
+    return
+  for path, leaf in jax.tree_util.tree_leaves_with_path(like):
+    key = jax.tree_util.keystr(path)
+    if key in shapes and shapes[key] != tuple(leaf.shape):
+      raise RunError(
+          f'{manager.directory}: the checkpoint of step {step} was written by another '
+          f'config ({key} has shape {shapes[key]}, this config needs {tuple(leaf.shape)}); '
+          'resume with the config of that run, or give this one another --workdir')
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  """Moves a checkpoint that does not read to ``checkpoints/damaged/``; returns its path."""
+  directory = os.path.abspath(str(manager.directory))
+  target = os.path.join(os.path.dirname(directory), 'damaged',
+                        f'{os.path.basename(directory)}-{step}')
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  suffix = 0
+  while os.path.exists(target + (f'.{suffix}' if suffix else '')):
+    suffix += 1
+  target += f'.{suffix}' if suffix else ''
+  os.replace(os.path.join(directory, str(step)), target)
+  manager.reload()
+  logging.warning('checkpoint step %d in %s does not read (%s); moved to %s, using the '
+                  'newest readable one', step, directory, _first_line(error), target)
+  return target
+
+
 def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   """The best checkpoint's parameters and temperature, and its step; None without one.
+
+  A damaged best checkpoint is set aside and the one before it used (with a warning).
 
   Args:
     workdir: a training run's workdir.
@@ -90,15 +161,22 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
     return None
   manager = ocp.CheckpointManager(directory)
   try:
-    step = manager.latest_step()
-    if step is None:
+    steps = sorted(manager.all_steps())
+    if not steps:
       return None
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           like)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-    return restored['state'], int(step)
+        partial_restore=True))
+    for step in reversed(steps):       # each save there was a new best: the newest first
+      _check_shapes(manager, step, like)
+      try:
+        return manager.restore(step, args=args)['state'], int(step)
+      except Exception as error:  # pylint: disable=broad-except
+        set_aside(manager, step, error)
+    raise RunError(f'{directory}: no checkpoint reads completely (the damaged ones were '
+                   f'moved to {os.path.join(os.path.dirname(directory), "damaged")})')
   finally:
     manager.close()

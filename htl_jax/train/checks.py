@@ -22,12 +22,13 @@ def check_config(config) -> None:
   choices = {'model': tuple(MODELS), 'grad_process': GRAD_PROCESSES,
              'head': ('mse', 'ziln'), 'core_transform': CORE_TRANSFORMS,
              'fusion': ('attention', 'concat'), 'embedding_optimizer': EMBEDDING_OPTIMIZERS,
-             'feed': FEEDS}
+             'feed': FEEDS, 'grad_diagnostics': ('eval', 'every_step')}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ConfigError(f'config.{key}={config[key]!r} is not one of {list(allowed)}')
   for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'eval_every',
-              'checkpoint_every', 'tau_decay_steps', 'log_every', 'patience', 'embed_dim'):
+              'checkpoint_every', 'tau_decay_steps', 'log_every', 'patience', 'embed_dim',
+              'steps_per_dispatch'):
     if int(config[key]) < 1:
       raise ConfigError(f'config.{key} must be >= 1, got {config[key]}')
   n = parallel.device_count()

@@ -12,12 +12,15 @@ feeds its part of each, split over its local devices. Two ways, the same run (te
   devices two steps ahead.
 
 ``feed='auto'`` picks ``device`` up to :data:`RESIDENT_SPLIT_LIMIT` bytes of training arrays.
-:class:`Feeder` hides the choice from the loop: ``feeder(state, step, diagnosed)`` runs one
-training step.
+Every step runs in :func:`htl_jax.train.step.train_steps`, several to a dispatch
+(:func:`schedule`: as many as fit between two boundaries, up to ``steps_per_dispatch``), so
+the host's work per step is a fraction of one call; :class:`Feeder` pairs each dispatch with
+its batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,7 +28,6 @@ import numpy as np
 from htl_jax.data import pipeline
 from htl_jax.data.schema import HybridData, Split
 from htl_jax.train import parallel
-from htl_jax.train.step import Steps
 
 # feed='auto' keeps the training split on the devices up to this many bytes.
 RESIDENT_SPLIT_LIMIT = 1 << 30
@@ -73,34 +75,105 @@ def resident_split(split: Split) -> dict[str, np.ndarray]:
   return {'x': split.x, 'y': split.y, 'core': split.core}
 
 
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+  """One call of the compiled training program: steps ``first + 1 .. first + num_steps``.
+
+  ``diagnosed``: the program takes Fig. 5's per-task diagnostics (a run without a gradient
+  process takes them at evaluations only, or at every step with
+  ``grad_diagnostics='every_step'``).
+  """
+
+  first: int
+  num_steps: int
+  diagnosed: bool
+
+  @property
+  def last(self) -> int:
+    """The step count after this dispatch."""
+    return self.first + self.num_steps
+
+
+def is_eval_step(step: int, config, total_steps: int) -> bool:
+  """Whether the run evaluates after ``step`` steps."""
+  return step % config.eval_every == 0 or step == total_steps
+
+
+def schedule(config, start: int, total_steps: int, per_epoch: int, max_steps: int,
+             diagnose_at_eval_only: bool) -> Iterator[Dispatch]:
+  """The dispatches from ``start`` to ``total_steps``: as many steps as possible (up to
+  ``max_steps``) between two boundaries (a log, evaluation or checkpoint step, an epoch's
+  end). With ``diagnose_at_eval_only`` an evaluation's step is a dispatch of its own."""
+  step = start
+  while step < total_steps:
+    def next_multiple(every: int) -> int:
+      return (step // every + 1) * every
+    boundary = min(next_multiple(config.log_every), next_multiple(config.eval_every),
+                   next_multiple(config.checkpoint_every), next_multiple(per_epoch),
+                   total_steps)
+    if diagnose_at_eval_only and is_eval_step(boundary, config, total_steps):
+      if boundary - step == 1:
+        yield Dispatch(step, 1, True)
+        step += 1
+        continue
+      boundary -= 1
+    count = min(max_steps, boundary - step)
+    yield Dispatch(step, count, not diagnose_at_eval_only)
+    step += count
+
+
 class Feeder:
-  """``feeder(state, step, diagnosed) -> (state, metrics)``: one training step, fed.
+  """The run's dispatches with their batches: ``for dispatch, source in feeder``.
+
+  ``source`` is what :func:`htl_jax.train.step.train_steps` reads: ``(epoch_rows,
+  resident)`` on the devices (``feed='device'``), or a block of ``max_steps`` batches
+  stacked per device, put on the devices two dispatches ahead (``feed='host'``; a short
+  block is padded with its last batch, which no step reads).
 
   Args:
     data: the prepared dataset (its training split is fed).
-    config: the run's config (``feed``, ``batch_size``, ``seed``).
-    steps: the compiled steps of the run's setup.
-    start_step: the first step to feed (a resumed run continues its epoch).
+    config: the run's config (``feed``, ``batch_size``, ``seed``, the boundaries).
+    dispatches: the run's :func:`schedule`.
+    max_steps: the most steps of a dispatch.
   """
 
-  def __init__(self, data: HybridData, config, steps: Steps, start_step: int):
+  def __init__(self, data: HybridData, config, dispatches: list[Dispatch], max_steps: int):
     self.mode = resolve_feed(config, data.train)
-    self._data, self._config, self._steps = data, config, steps
+    self._data, self._config = data, config
+    self._dispatches, self._max_steps = dispatches, max_steps
     self._per_epoch = steps_per_epoch(data, config)
-    if self.mode == 'host':
-      self._batches = parallel.prefetch(train_batches(data, config, start_step))
-    else:
+    if self.mode == 'device':
       self._resident = parallel.put_replicated(resident_split(data.train))
-      self._epoch, self._rows = None, None
 
-  def __call__(self, state: Any, step: int, diagnosed: bool) -> tuple[Any, dict]:
-    steps = self._steps
+  @property
+  def has_dispatches(self) -> bool:
+    return bool(self._dispatches)
+
+  def example_source(self) -> Any:
+    """A source of the shapes every dispatch has (to compile the program ahead)."""
     if self.mode == 'host':
-      fn = steps.train_diagnosed if diagnosed else steps.train
-      return fn(state, next(self._batches))
-    epoch = step // self._per_epoch
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._rows = parallel.put_sharded(epoch_rows(self._data, self._config, epoch))
-    fn = steps.train_on_rows_diagnosed if diagnosed else steps.train_on_rows
-    return fn(state, self._rows, self._resident)
+      return next(self._host_blocks())
+    rows = parallel.put_sharded(epoch_rows(self._data, self._config, 0))
+    return rows, self._resident
+
+  def __iter__(self) -> Iterator[tuple[Dispatch, Any]]:
+    if self.mode == 'host':
+      blocks = parallel.prefetch(self._host_blocks(), already_sharded=True)
+      yield from zip(self._dispatches, blocks)
+      return
+    epoch, rows = None, None
+    for dispatch in self._dispatches:
+      if dispatch.first // self._per_epoch != epoch:
+        epoch = dispatch.first // self._per_epoch
+        rows = parallel.put_sharded(epoch_rows(self._data, self._config, epoch))
+      yield dispatch, (rows, self._resident)
+
+  def _host_blocks(self) -> Iterator[dict[str, np.ndarray]]:
+    """``[local devices, max_steps, B / devices, ...]`` batches of every dispatch."""
+    if not self._dispatches:
+      return
+    batches = train_batches(self._data, self._config, self._dispatches[0].first)
+    for dispatch in self._dispatches:
+      taken = [parallel.shard(next(batches)) for _ in range(dispatch.num_steps)]
+      taken += taken[-1:] * (self._max_steps - len(taken))
+      yield {k: np.stack([b[k] for b in taken], axis=1) for k in taken[0]}

@@ -105,7 +105,7 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   else:
     combined, balance_state = setup.balance(state.hparams).update(
         stacked, state.opt_state['balance'])
-    diagnostics = _diagnostics(stacked, balance_state.processed_norms)
+    diagnostics = _diagnostics(stacked, balance_state)
   # 6. Back to the table, plus L2.
   table_grad = embedding.table_gradient(
       slots._replace(grads=combined['embedding']), ids, global_rows,
@@ -183,11 +183,18 @@ def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ..
   return embedding.sum_rows_by_id(ids, row_grads, setup.layout.rows, first=first)
 
 
-def _diagnostics(stacked: Any, processed_norms: jax.Array) -> Diagnostics:
-  """Fig. 5's data: per-task norms on ``theta_s`` before / after, cosine with the core."""
+def _diagnostics(stacked: Any, balance_state: Any = None) -> Diagnostics:
+  """Fig. 5's data: per-task norms on ``theta_s`` before / after the process (the raw ones
+  again without a process), the cosine with the core; with Algorithm 1 also where Eq. 16
+  fired and Eq. 17's factor (``HybridGradBalanceState``)."""
   norms, cosines = task_norms_and_cosines(stacked, core_index=-1)
-  return {'task_grad_norm': norms, 'task_grad_norm_processed': processed_norms,
-          'task_grad_cos_core': cosines}
+  out = {'task_grad_norm': norms, 'task_grad_cos_core': cosines,
+         'task_grad_norm_processed': (norms if balance_state is None
+                                      else balance_state.processed_norms)}
+  if hasattr(balance_state, 'magnitude_factor'):
+    out['eq16_fired'] = balance_state.projected
+    out['eq17_factor'] = balance_state.magnitude_factor
+  return out
 
 
 def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
@@ -203,7 +210,7 @@ def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
     row_grads, _ = _gather_rows(grads.rows, rows)
     slots = _sum_by_id(setup, ids, row_grads, first, by_id=True)
     stacked = {'embedding': slots.grads, 'shared': parallel.mean(grads.shared)}
-    return _diagnostics(stacked, task_norms_and_cosines(stacked, core_index=-1)[0])
+    return _diagnostics(stacked)
 
   def skip():
     zeros = jnp.zeros((setup.spec.num_tasks,), jnp.float32)

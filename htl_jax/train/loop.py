@@ -18,6 +18,7 @@ orbax checkpoints, and only the primary process writes the JSON files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,10 +33,10 @@ import numpy as np
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import default_cache_dir, load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
-from htl_jax.errors import ConfigError, DataError, NonFiniteError
+from htl_jax.errors import ConfigError, DataError, NonFiniteError, PreemptedError
 from htl_jax.losses import CoreTransform
 from htl_jax.train import feed as feed_lib
-from htl_jax.train import malloc, parallel, run_files
+from htl_jax.train import malloc, parallel, preemption, run_files
 from htl_jax.train import step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.checks import check_config
@@ -128,28 +129,29 @@ def _check_same_data(data: HybridData) -> None:
                     'same files with the same config')
 
 
-def _grad_record(tasks, metrics: dict) -> dict[str, dict[str, float]]:
-  """Fig. 5's data from a train step's metrics (first device's copy, host numpy)."""
-  return {t: {'norm': float(metrics['task_grad_norm'][0][i]),
-              'norm_processed': float(metrics['task_grad_norm_processed'][0][i]),
-              'cos_core': float(metrics['task_grad_cos_core'][0][i])}
-          for i, t in enumerate(tasks)}
-
-
-def _check_finite(pending: list[tuple[int, dict]], ckpt: Checkpoints) -> Optional[dict]:
-  """Raise on the first non-finite step among ``pending``; return the last metrics."""
-  finite = jax.device_get([m['finite'] for _, m in pending])   # one transfer for all
-  for (step, m), ok in zip(pending, finite):
-    if not bool(np.all(ok)):
+def _check_window(pending: list[tuple[Any, dict]], ckpt: Checkpoints, window: '_Window'
+                  ) -> dict[str, Any]:
+  """One host transfer of the dispatches since the last log: raise on the first
+  non-finite step, add the diagnostics to ``window``, return the last step's loss, task
+  losses and temperature."""
+  host = jax.device_get([m for _, m in pending])
+  for (dispatch, _), m in zip(pending, host):
+    finite = np.asarray(m['finite'])[:, :dispatch.num_steps]
+    if not bool(np.all(finite)):
+      bad = dispatch.first + 1 + int(np.argmin(np.all(finite, axis=0)))
       raise NonFiniteError(
-          f'non-finite loss or gradient at step {step} '
-          f'(loss={float(jax.device_get(m["loss"])[0])}); '
-          f'training stopped, last good checkpoint: step {ckpt.latest_step()}')
-  return jax.device_get(pending[-1][1]) if pending else None
+          f'non-finite loss or gradient at step {bad}; training stopped, last good '
+          f'checkpoint: step {ckpt.latest_step()}')
+    if dispatch.diagnosed:
+      window.add(m, dispatch.num_steps)
+  dispatch, m = pending[-1][0], host[-1]
+  i = dispatch.num_steps - 1
+  return {'loss': float(m['loss'][0][i]), 'tau': float(m['tau'][0][i]),
+          'task_losses': [float(v) for v in m['task_losses'][0][i]]}
 
 
 def _prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
-  """Checks, data, the run's first files and the static setup."""
+  """Checks, data and the static setup; nothing is written yet."""
   check_config(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
@@ -159,12 +161,8 @@ def _prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
   if feed_lib.steps_per_epoch(data, config) < 1:
     raise ConfigError(f'the train split has {len(data.train)} rows, fewer than '
                       f'batch_size={config.batch_size}')
-  os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config, data.spec,
                      CoreTransform.fit(config.core_transform, data.train.core))
-  if parallel.is_primary():
-    run_files.write_config(workdir, config)
-    run_files.save_run_preprocessing(workdir, config, data, setup.objective.core_transform)
   return data, setup
 
 
@@ -185,58 +183,164 @@ def train_and_evaluate(config, workdir: str, *,
 
   Returns:
     What ``metrics.json`` holds.
+
+  Raises:
+    WorkdirBusyError: another process trains in ``workdir``.
+    PreemptedError: SIGTERM / SIGINT stopped the run after saving a checkpoint.
   """
   data, setup = _prepare(config, workdir)
+  primary = parallel.is_primary()
+  with (run_files.owned(workdir) if primary else contextlib.nullcontext()), \
+      preemption.watch():
+    if primary:
+      run_files.write_config(workdir, config)
+      run_files.save_run_preprocessing(workdir, config, data, setup.objective.core_transform)
+    return _train(config, workdir, data, setup, on_eval)
+
+
+@dataclasses.dataclass
+class _Window:
+  """Fig. 5's per-task diagnostics summed over the steps since the last evaluation."""
+
+  sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  steps: int = 0
+
+  def add(self, metrics: dict, num_steps: int) -> None:
+    """Adds the first ``num_steps`` steps of a dispatch's metrics (host, first device)."""
+    for key in DIAGNOSTICS:
+      if key in metrics:
+        values = np.asarray(metrics[key][0][:num_steps], np.float64)
+        self.sums[key] = self.sums.get(key, 0.0) + values.sum(axis=0)
+    self.steps += num_steps
+
+  def record(self, tasks) -> dict[str, dict[str, float]]:
+    """Per task, the window's means (``metrics.jsonl``'s ``grad``); empty without steps."""
+    if not self.steps:
+      return {}
+    names = {'task_grad_norm': 'norm', 'task_grad_norm_processed': 'norm_processed',
+             'task_grad_cos_core': 'cos_core', 'eq16_fired': 'eq16_share',
+             'eq17_factor': 'eq17_factor'}
+    return {t: {names[k]: float(v[i] / self.steps) for k, v in self.sums.items()}
+            for i, t in enumerate(tasks)}
+
+
+# The per-step diagnostics of a train step's metrics (gradient_path._diagnostics).
+DIAGNOSTICS = ('task_grad_norm', 'task_grad_norm_processed', 'task_grad_cos_core',
+               'eq16_fired', 'eq17_factor')
+
+
+class _Programs:
+  """The compiled programs of one run, compiled (or loaded) before its first timed step."""
+
+  def __init__(self, steps: step_lib.Steps, feeder: feed_lib.Feeder, rstate: Any,
+               max_steps: int, diagnosed: bool, eval_example: dict):
+    count = np.ones(parallel.local_device_count(), np.int32)
+    self.train = self.diagnosed = None
+    if feeder.has_dispatches:
+      source = feeder.example_source()
+      self.train = steps.compiled(steps.train(feeder.mode, max_steps), rstate, source, count)
+      self.diagnosed = (steps.compiled(steps.train(feeder.mode, max_steps, True), rstate,
+                                       source, count) if diagnosed else self.train)
+    self.evaluate = steps.compiled(steps.evaluate, rstate, eval_example)
+
+  def run(self, rstate: Any, dispatch: feed_lib.Dispatch, source: Any) -> tuple[Any, dict]:
+    fn = self.diagnosed if dispatch.diagnosed else self.train
+    return fn(rstate, source, np.full(parallel.local_device_count(), dispatch.num_steps,
+                                      np.int32))
+
+
+def _eval_example(split: Split, batch_size: int) -> dict:
+  """The first evaluation batch of ``split``, sharded: the shapes of every one."""
+  batch = next(pipeline.batches(split, batch_size, shuffle=False, seed=0, epoch=0,
+                                drop_remainder=False, part=parallel.process_part()))
+  return parallel.shard(batch)
+
+
+def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
+           on_eval: Optional[Callable[[int, dict], None]]) -> dict[str, Any]:
+  """The loop of :func:`train_and_evaluate`, in an owned workdir."""
   spec = data.spec
   per_epoch = feed_lib.steps_per_epoch(data, config)
   total_steps = int(config.max_steps) or int(config.num_epochs) * per_epoch
   metric = metrics_lib.selection_metric(config)
   ckpt = Checkpoints(workdir, metric.mode)
-  state = init_state(setup, config)
-  stopping = EarlyStopping()
-  restored = ckpt.restore_latest(state)
-  if restored is not None:
-    state, stopping = restored[0], EarlyStopping.from_json(restored[1])
-    logging.info('resumed from step %d', int(state.step))
-  start = int(state.step)
-  writer = RunWriter(workdir, start, total_steps, primary=parallel.is_primary())
+  writer = None
+  try:
+    state = init_state(setup, config)
+    stopping = EarlyStopping()
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+      state, stopping = restored[0], EarlyStopping.from_json(restored[1])
+      logging.info('resumed from step %d', int(state.step))
+    start = int(state.step)
+    writer = RunWriter(workdir, start, total_steps, primary=parallel.is_primary())
+    logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
+                 '%d steps (%d per epoch), %d device(s) in %d process(es), gradient '
+                 'process: %s (%s path)', config.model, config.dataset, len(data.train),
+                 len(data.valid), len(data.test), spec.num_fields, spec.tasks, total_steps,
+                 per_epoch, parallel.device_count(), parallel.process_count(),
+                 setup.grad_process, setup.grad_path)
+    # One step per dispatch with several processes: JAX's preemption sync sees every step.
+    max_steps = 1 if parallel.process_count() > 1 else int(config.steps_per_dispatch)
+    at_eval = setup.grad_process == 'none' and config.grad_diagnostics == 'eval'
+    dispatches = list(feed_lib.schedule(config, start, total_steps, per_epoch, max_steps,
+                                        at_eval))
+    feeder = feed_lib.Feeder(data, config, dispatches, max_steps)
+    rstate = parallel.replicate(state)
+    del state
+    programs = _Programs(step_lib.compiled_steps(setup), feeder, rstate, max_steps,
+                         at_eval or config.grad_diagnostics == 'every_step',
+                         _eval_example(data.valid, config.eval_batch_size))
+    rstate, stopping = _loop(config, workdir, data, setup, feeder, programs, rstate,
+                             stopping, ckpt, writer, metric, total_steps, per_epoch, on_eval)
+    result = _final(config, workdir, data, setup, programs, rstate, stopping, ckpt)
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+  logging.info('test metrics (best step %d): %s', stopping.best_step,
+               json.dumps(result['test']))
+  return result
+
+
+def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt, writer,
+          metric, total_steps, per_epoch, on_eval):
+  """Dispatches until the last step, an early stop or a stop request (module docstring)."""
+  spec = data.spec
   warned: set = set()
-  logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
-               '%d steps (%d per epoch), %d device(s) in %d process(es), gradient process: '
-               '%s (%s path)', config.model, config.dataset, len(data.train),
-               len(data.valid), len(data.test), spec.num_fields, spec.tasks, total_steps,
-               per_epoch, parallel.device_count(), parallel.process_count(),
-               setup.grad_process, setup.grad_path)
-
-  steps = step_lib.compiled_steps(setup)
-  train = feed_lib.Feeder(data, config, steps, start)
-  rstate = parallel.replicate(state)
-  del state
-
-  pending: list[tuple[int, dict]] = []
+  pending: list[tuple[feed_lib.Dispatch, dict]] = []
+  window = _Window()
+  last = None
   window_start, window_steps = time.perf_counter(), 0
   examples_per_s = 0.0
-  step = start
-  stop = stopping.stopped or step >= total_steps
   train_start = time.perf_counter()
-  while not stop:
-    is_eval = (step + 1) % config.eval_every == 0 or step + 1 == total_steps
-    rstate, m = train(rstate, step, is_eval)
-    step += 1
-    window_steps += 1
-    pending.append((step, m))
-    if step % config.log_every == 0 or is_eval or step % config.checkpoint_every == 0:
-      last = _check_finite(pending, ckpt)
+  if stopping.stopped:
+    return rstate, stopping
+  for dispatch, source in feeder:
+    rstate, m = programs.run(rstate, dispatch, source)
+    step = dispatch.last
+    window_steps += dispatch.num_steps
+    pending.append((dispatch, m))
+    is_eval = feed_lib.is_eval_step(step, config, total_steps)
+    stop_signal = preemption.stop_requested(step)
+    if step % config.log_every == 0 or is_eval or stop_signal:
+      last = _check_window(pending, ckpt, window)
       pending = []
       elapsed = time.perf_counter() - window_start
       examples_per_s = window_steps * config.batch_size / max(elapsed, 1e-9)
-      writer.progress(step, float(last['loss'][0]), float(last['tau'][0]), examples_per_s)
+      writer.progress(step, last['loss'], last['tau'], examples_per_s)
       window_start, window_steps = time.perf_counter(), 0
+    if stop_signal:
+      stopping = dataclasses.replace(
+          stopping, train_seconds=stopping.train_seconds + time.perf_counter() - train_start)
+      ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
+      raise PreemptedError(f'{stop_signal}: stopped after step {step} with a checkpoint in '
+                           f'{workdir}; run the same command again to resume')
     if is_eval:
       stopping = dataclasses.replace(
           stopping, train_seconds=stopping.train_seconds + time.perf_counter() - train_start)
       host_state = parallel.unreplicate(rstate)
-      valid = evaluate(setup, steps.evaluate, rstate, data.valid, config.eval_batch_size,
+      valid = evaluate(setup, programs.evaluate, rstate, data.valid, config.eval_batch_size,
                        'valid', warned)
       value = metric.value(valid)
       improved = metric.better(value, stopping.best_value)
@@ -244,41 +348,44 @@ def train_and_evaluate(config, workdir: str, *,
       if improved:
         ckpt.save_best(step, host_state, stopping.to_json(), value)
       writer.evaluation({
-          'step': step, 'epoch': step / per_epoch, 'train_loss': float(last['loss'][0]),
-          'task_losses': dict(zip(spec.tasks, map(float, last['task_losses'][0]))),
-          'tau': float(last['tau'][0]), 'examples_per_s': examples_per_s, 'valid': valid,
-          'grad': _grad_record(spec.tasks, last)})
+          'step': step, 'epoch': step / per_epoch, 'train_loss': last['loss'],
+          'task_losses': dict(zip(spec.tasks, last['task_losses'])), 'tau': last['tau'],
+          'examples_per_s': examples_per_s, 'valid': valid,
+          'grad': window.record(spec.tasks), 'grad_steps': window.steps})
+      window = _Window()
       logging.info('eval step %d: valid %s %s = %s (best %s at step %d)', step,
                    spec.core_task, metric.name, value, stopping.best_value,
                    stopping.best_step)
       ckpt.save_latest(step, host_state, stopping.to_json())
       if on_eval is not None:
         on_eval(step, valid)
-      stop = stopping.stopped
-      if stop:
+      if stopping.stopped:
         logging.info('early stopping at step %d: no improvement in %d evaluations', step,
                      config.patience)
+        break
       window_start = train_start = time.perf_counter()
     elif step % config.checkpoint_every == 0:
       ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
-    stop = stop or step >= total_steps
   if pending:
-    _check_finite(pending, ckpt)
-  if step > start:
-    ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
+    _check_window(pending, ckpt, window)
+  return rstate, stopping
 
-  final = ckpt.restore_best(parallel.unreplicate(rstate))
+
+def _final(config, workdir, data, setup, programs, rstate, stopping, ckpt) -> dict[str, Any]:
+  """The last checkpoint, then the best one's validation and test metrics."""
+  host_state = parallel.unreplicate(rstate)
+  step = int(host_state.step)
+  ckpt.save_latest(step, host_state, stopping.to_json())
+  final = ckpt.restore_best(host_state)
   final_state = parallel.replicate(final[0]) if final is not None else rstate
-  result = {'valid': evaluate(setup, steps.evaluate, final_state, data.valid,
+  warned: set = set()
+  per_epoch = feed_lib.steps_per_epoch(data, config)
+  result = {'valid': evaluate(setup, programs.evaluate, final_state, data.valid,
                               config.eval_batch_size, 'valid', warned),
-            'test': evaluate(setup, steps.evaluate, final_state, data.test,
+            'test': evaluate(setup, programs.evaluate, final_state, data.test,
                              config.eval_batch_size, 'test', warned),
             'best_step': stopping.best_step, 'steps': step, 'epochs': step / per_epoch,
             'train_seconds': float(stopping.train_seconds)}
   if parallel.is_primary():
     run_files.write_metrics(workdir, result)
-  writer.close()
-  ckpt.close()
-  logging.info('test metrics (best step %d): %s', stopping.best_step,
-               json.dumps(result['test']))
   return result

@@ -188,11 +188,13 @@ def broadcast_json(value: Any = None) -> Any:
   return json.loads(received.tobytes().decode())
 
 
-def prefetch(batches: Iterator[dict[str, np.ndarray]], size: int = 2) -> Iterator[Any]:
-  """This process's batches, sharded and put on its devices ``size`` steps ahead.
+def prefetch(batches: Iterator[dict[str, np.ndarray]], size: int = 2,
+             already_sharded: bool = False) -> Iterator[Any]:
+  """This process's batches, sharded and put on its devices ``size`` dispatches ahead.
 
   The host prepares and transfers batch ``i + 1`` while the devices run step ``i``
-  (``flax.jax_utils.prefetch_to_device``).
+  (``flax.jax_utils.prefetch_to_device``). ``already_sharded``: the batches have their
+  leading local-device axis already (:func:`shard`).
   """
-  return jax_utils.prefetch_to_device((shard(batch) for batch in batches), size,
-                                      devices=jax.local_devices())
+  sharded = batches if already_sharded else (shard(batch) for batch in batches)
+  return jax_utils.prefetch_to_device(sharded, size, devices=jax.local_devices())

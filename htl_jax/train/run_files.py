@@ -8,7 +8,10 @@ them and :mod:`htl_jax.serve` and :mod:`htl_jax.repro` read them:
 - ``metrics.jsonl``: one line per evaluation (:mod:`htl_jax.train.writers`);
 - ``metrics.json``: the best checkpoint's metrics, the mark of a finished run
   (:func:`finished_metrics`);
-- ``checkpoints/{latest,best}`` (:mod:`htl_jax.train.checkpoint`).
+- ``checkpoints/{latest,best}`` (:mod:`htl_jax.train.checkpoint`);
+- ``.lock``: one owner per workdir (:func:`owned`): the process that trains there holds an
+  exclusive ``flock`` on it, which the operating system releases with the process (kill -9
+  and a lost machine included), so a holder that died never blocks the restart.
 
 Every JSON file is written atomically (a temporary name, then a rename) as strict JSON (NaN
 or inf raise), so a reader never sees a partial or invalid file.
@@ -33,17 +36,20 @@ already does, so predictions are on the original scale).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
-from typing import Any, Mapping
+import socket
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 import ml_collections
 
 from htl_jax.data.encoding import Encoder
 from htl_jax.data.schema import HybridData
-from htl_jax.errors import RunError
+from htl_jax.errors import RunError, WorkdirBusyError
 from htl_jax.losses import CoreTransform
 from htl_jax.spec import HybridSpec
 
@@ -52,6 +58,7 @@ PREPROCESSING = 'preprocessing.json'
 METRICS_LOG = 'metrics.jsonl'
 METRICS = 'metrics.json'
 CHECKPOINTS = 'checkpoints'
+LOCK = '.lock'
 PREPROCESSING_FORMAT = 1
 
 
@@ -61,6 +68,38 @@ def write_json(path: str, obj: Any) -> None:
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, allow_nan=False)
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+@contextlib.contextmanager
+def owned(workdir: str) -> Iterator[None]:
+  """Holds ``workdir`` for the block: one process trains in a workdir at a time.
+
+  Raises:
+    WorkdirBusyError: another live process holds it; the message names the workdir and the
+      holder (host and pid). Nothing of the workdir is touched but its ``.lock`` file.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
+      raise WorkdirBusyError(
+          f'{workdir} is in use by {holder}: one run per workdir; wait for it to end, or '
+          'give this run another --workdir') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{socket.gethostname()} pid {os.getpid()}\n'.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
 
 
 # ----------------------------------------------------------------------------- config.json

@@ -16,17 +16,19 @@ The metrics carry the losses, the gradient norm and the data of the paper's Fig.
 
 ``train_step_on_rows`` is the same step on a split kept on the device
 (``config.feed='device'``): the host puts each epoch's row numbers on the devices once, and
-every step gathers its own batch there, so nothing travels per step.
+every step gathers its own batch there, so nothing travels per step. ``train_steps`` runs
+several steps in one program (one dispatch), for either feed; the loop runs every step
+through it.
 
-:func:`compiled_steps` compiles the data-parallel variants of one setup once
-(:class:`Steps`).
+:func:`compiled_steps` keeps the data-parallel programs of a setup (:class:`Steps`) for the
+later runs of equal setups in the process, and bounds how many it keeps.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -102,22 +104,79 @@ def eval_step(setup: TrainSetup, state: TrainState | ServingState, batch: Batch
           'weight': batch['weight']}
 
 
-class Steps(NamedTuple):
-  """The compiled, data-parallel steps of one setup (see :func:`compiled_steps`).
+def train_steps(setup: TrainSetup, state: TrainState, source: Any, num_steps: jax.Array, *,
+                max_steps: int, feed: str, with_diagnostics: bool = False
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """``num_steps`` (at most ``max_steps``) train steps in one program: one dispatch.
 
-  ``train(state, batch)`` and ``train_on_rows(state, epoch_rows, resident)`` leave out
-  Fig. 5's per-task diagnostics, which a run without a gradient process takes only at
-  evaluations, through the ``diagnosed`` variants: a second program rather than a
-  ``lax.cond`` in one, because XLA:CPU pays for an untaken branch (MMoE: 29 ms a step with
-  the cond, 22 ms without). With a gradient process the diagnostics come free, and each
-  ``diagnosed`` variant is the same program as its plain one.
+  Every training step of a run goes through here, one or several at a time, so a run
+  gives the same numbers whatever its steps per dispatch (tested bit for bit).
+
+  Args:
+    source: where the batches come from. ``feed='device'``: ``(epoch_rows, resident)``
+      (:func:`train_step_on_rows`); ``feed='host'``: the batches themselves, stacked
+      ``[max_steps, ...]`` (the first ``num_steps`` are used).
+    num_steps: how many steps to take (a traced int32 scalar, so one program serves
+      every count up to ``max_steps``).
+
+  Returns:
+    The state after the steps and every step's metrics, ``[max_steps, ...]`` (the first
+    ``num_steps`` rows are this dispatch's).
+  """
+  def batch_of(state: TrainState, i: jax.Array) -> Batch:
+    if feed == 'device':
+      epoch_rows, resident = source
+      return gather_batch(resident, epoch_rows[state.step % epoch_rows.shape[0]])
+    return jax.lax.optimization_barrier(jax.tree.map(lambda b: b[i], source))
+
+  def one(state: TrainState, i: jax.Array):
+    return train_step(setup, state, batch_of(state, i), with_diagnostics)
+
+  def body(i, carry):
+    state, out = carry
+    state, metrics = one(state, i)
+    return state, jax.tree.map(lambda buf, v: buf.at[i].set(v), out, metrics)
+
+  shapes = jax.eval_shape(one, state, jnp.zeros((), jnp.int32))[1]
+  out = jax.tree.map(lambda v: jnp.zeros((max_steps,) + v.shape, v.dtype), shapes)
+  return jax.lax.fori_loop(0, num_steps, body, (state, out))
+
+
+class Steps:
+  """The data-parallel programs of one setup, compiled once per input shape.
+
+  :meth:`train` gives the pmapped :func:`train_steps` of a feed and a steps-per-dispatch;
+  the ``diagnosed`` variant takes Fig. 5's per-task diagnostics, which a run without a
+  gradient process takes only at evaluations: a second program rather than a ``lax.cond``
+  in one, because XLA:CPU pays for an untaken branch (MMoE: 29 ms a step with the cond,
+  22 ms without). With a gradient process the diagnostics come free and there is one
+  program. :meth:`compiled` compiles a program for its arguments' shapes ahead of time
+  (before a run's first timed step), or finds it compiled.
   """
 
-  train: Callable[..., Any]
-  train_diagnosed: Callable[..., Any]
-  train_on_rows: Callable[..., Any]
-  train_on_rows_diagnosed: Callable[..., Any]
-  evaluate: Callable[..., Any]
+  def __init__(self, setup: TrainSetup):
+    self.setup = setup
+    self.evaluate = parallel.pmap_gathered(functools.partial(eval_step, setup))
+    self._train: dict[tuple, Callable[..., Any]] = {}
+    self._compiled: dict[tuple, Any] = {}
+
+  def train(self, feed: str, max_steps: int, diagnosed: bool = False) -> Callable[..., Any]:
+    """``(state, source, num_steps) -> (state, metrics)``, data-parallel."""
+    diagnosed = diagnosed and self.setup.grad_process == 'none'
+    key = (feed, max_steps, diagnosed)
+    if key not in self._train:
+      self._train[key] = parallel.pmap_step(functools.partial(
+          train_steps, self.setup, max_steps=max_steps, feed=feed,
+          with_diagnostics=diagnosed))
+    return self._train[key]
+
+  def compiled(self, fn: Callable[..., Any], *args) -> Callable[..., Any]:
+    """``fn`` compiled for ``args``' shapes (lowered and compiled now, or found)."""
+    key = (fn, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)),
+           jax.tree.structure(args))
+    if key not in self._compiled:
+      self._compiled[key] = fn.lower(*args).compile()
+    return self._compiled[key]
 
 
 # The compiled steps this process keeps for later runs: runs of equal setups (every
@@ -130,28 +189,12 @@ _KEPT: collections.OrderedDict[TrainSetup, Steps] = collections.OrderedDict()
 
 
 def compiled_steps(setup: TrainSetup) -> Steps:
-  """The data-parallel steps of ``setup``, each compiled once, at its first call."""
+  """The data-parallel steps of ``setup`` (kept for later runs of equal setups)."""
   steps = _KEPT.pop(setup, None)
   if steps is None:
-    steps = _make_steps(setup)
+    steps = Steps(setup)
     if len(_KEPT) >= MAX_KEPT_SETUPS:
       _KEPT.popitem(last=False)
       jax.clear_caches()
   _KEPT[setup] = steps
   return steps
-
-
-def _make_steps(setup: TrainSetup) -> Steps:
-  def pmapped(step_fn, with_diagnostics: bool):
-    return parallel.pmap_step(functools.partial(step_fn, setup,
-                                                with_diagnostics=with_diagnostics))
-
-  train = pmapped(train_step, False)
-  on_rows = pmapped(train_step_on_rows, False)
-  free = setup.grad_process != 'none'     # diagnostics come with the gradient process
-  return Steps(train=train,
-               train_diagnosed=train if free else pmapped(train_step, True),
-               train_on_rows=on_rows,
-               train_on_rows_diagnosed=(on_rows if free else
-                                        pmapped(train_step_on_rows, True)),
-               evaluate=parallel.pmap_gathered(functools.partial(eval_step, setup)))

@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM / SIGINT stop a run at a step boundary, after a checkpoint.
+
+SLURM, Kubernetes and spot machines send SIGTERM some time before they kill a job; Ctrl-C
+sends SIGINT. While :func:`watch` is active, the first of either only raises a flag: the
+training loop finishes the step it is on, saves a checkpoint, writes its files and stops
+with :class:`htl_jax.errors.PreemptedError` (exit code 75), and running the same command
+again resumes the run exactly. A second signal acts as usual (Ctrl-C twice quits at once).
+
+With several processes (``jax.distributed``) every process must save the SAME step. JAX's
+preemption service catches SIGTERM in each process and agrees on the step
+(:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`, asked after every
+step), so there this module leaves the signals alone: SIGTERM is JAX's, and a SIGINT that
+reached one process only could not stop the others at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+from absl import logging
+from jax.experimental import multihost_utils
+
+from htl_jax.train import parallel
+
+_requested: list[str] = []
+
+
+def _handler(signum, frame) -> None:
+  del frame
+  name = signal.Signals(signum).name
+  _requested.append(name)
+  signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else
+                signal.default_int_handler)      # a second one acts as usual
+  logging.warning('%s received: stopping after the current step, with a checkpoint', name)
+
+
+@contextlib.contextmanager
+def watch() -> Iterator[None]:
+  """Turns SIGTERM / SIGINT into a stop request for the block (main thread only)."""
+  if (threading.current_thread() is not threading.main_thread()
+      or parallel.process_count() > 1):
+    yield
+    return
+  signals = (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.signal(s, _handler) for s in signals}
+  _requested.clear()
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    _requested.clear()
+
+
+def stop_requested(step: int) -> str:
+  """The signal's name once the run must stop after ``step`` ('' to go on).
+
+  With several processes, call it from every process after every step: all of them then
+  see the request at the same step.
+  """
+  if _requested:
+    return _requested[0]
+  if parallel.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+    return 'SIGTERM'
+  return ''
