@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import polars as pl
@@ -13,6 +14,7 @@ from htl_jax.configs import kaggle_revenue as kaggle_config
 from htl_jax.configs import kuairand as kuairand_config
 from htl_jax.configs import tabular as tabular_config
 from htl_jax.data import encoding, kaggle_revenue, kuairand, read_features, tabular
+from htl_jax.data.schema import Unparseable
 from htl_jax.errors import DataError
 
 
@@ -150,3 +152,44 @@ def test_tabular_chunks_give_the_training_ids(tmp_path, suffix):
   config.data.path = str(tmp_path / 'bad.parquet')
   with pytest.raises(DataError, match=r"bad.parquet: missing column\(s\) 'price'"):
     list(read_features(config, ('key',), 64))
+
+
+@pytest.mark.parametrize('suffix', ['.csv', '.parquet'])
+def test_tabular_read_features_counts_cells_that_are_not_numbers(tmp_path, suffix):
+  frame = pl.DataFrame({
+      'user': ['a', 'b', 'c', 'd', 'e'], 'price': ['1.5', 'abc', None, '2', 'x'],
+      'age': ['30', '41', '52', '63', '74'], 'click': [1, 0, 1, 0, 1],
+      'amount': [1.0, 0.0, 2.0, 0.0, 3.0]})
+  path = str(tmp_path / f'data{suffix}')
+  frame.write_csv(path) if suffix == '.csv' else frame.write_parquet(path)
+  config = tabular_config.get_config()
+  config.data.update(path=path, categorical='user', numeric='price,age', tasks='click',
+                     core='amount')
+  chunks = list(read_features(config, (), 2))
+  assert [c.unparseable for c in chunks] == [
+      {'price': Unparseable(1, 'abc')}, {}, {'price': Unparseable(1, 'x')}]
+  prices = pl.concat([c.features['price'] for c in chunks]).to_list()
+  assert prices == [1.5, None, None, 2.0, None]
+  with pytest.raises(DataError, match=r"column 'price': 2 rows are not a number \(e.g. 'abc'\)"):
+    tabular.load_raw(config)             # training rejects what scoring counts
+
+
+def test_kuairand_read_features_counts_durations_that_are_not_numbers(tmp_path):
+  for name in (kuairand.USER_FILE, kuairand.VIDEO_FILE):
+    (tmp_path / name).write_bytes((pathlib.Path(kuairand.SAMPLE_DIR) / name).read_bytes())
+  log = pl.read_csv(pathlib.Path(kuairand.SAMPLE_DIR) / kuairand.LOG_FILE, infer_schema=False,
+                    n_rows=10)
+  durations = log['duration_ms'].to_list()
+  durations[1], durations[2], durations[7] = 'abc', '', '9s'
+  log.with_columns(pl.Series('duration_ms', durations)).write_csv(tmp_path / kuairand.LOG_FILE)
+  config = kuairand_config.get_config()
+  config.data_dir, config.data.max_rows = str(tmp_path), 0
+  chunks = list(read_features(config, ('duration_ms',), 5))
+  assert [c.unparseable for c in chunks] == [
+      {'duration_ms': Unparseable(1, 'abc')},
+      {'duration_ms': Unparseable(1, '9s')}]
+  features = pl.concat([c.features for c in chunks])
+  assert features['duration_ms'].is_null().to_list() == [i in (1, 2, 7) for i in range(10)]
+  assert pl.concat([c.passthrough for c in chunks])['duration_ms'].dtype == pl.Float64
+  with pytest.raises(DataError, match="could not parse `abc`"):
+    kuairand.load_raw(config)            # training rejects what scoring counts

@@ -20,11 +20,10 @@ import pytest
 from conftest import REPO, tiny_config
 from htl_jax.configs import tabular as tabular_config
 from htl_jax import metrics as metrics_lib
-from htl_jax.data import kuairand, load_dataset, pipeline
-from htl_jax.errors import DataError
+from htl_jax.data import kuairand, load_dataset, pipeline, tabular
+from htl_jax.errors import ConfigError, DataError, RunError
 from htl_jax.train import run_files
 from htl_jax.serve.predict import predict_file
-from htl_jax.errors import RunError
 from htl_jax.serve.run import load_run
 from htl_jax.train.loop import train_and_evaluate
 
@@ -164,6 +163,22 @@ def test_workdir_without_a_finished_run_is_a_run_error(tmp_path):
     load_run(str(tmp_path))
 
 
+def _cli_error(workdir: str, data: str, out: str, *flags: str) -> str:
+  """Runs ``experiments.predict``; asserts exit code 2 and one error line, returns it."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.predict', f'--workdir={workdir}', f'--data={data}',
+       f'--out={out}', *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr
+  return errors[0]
+
+
+def _leftovers(directory) -> list[str]:
+  """Temporary output folders left in ``directory``."""
+  return [p for p in os.listdir(directory) if p.startswith('.predict-')]
+
+
 @pytest.mark.parametrize('case', ['no_run', 'missing_column'])
 def test_cli_errors_are_one_line_with_exit_code_2(trained_run, tmp_path, case):
   if case == 'no_run':
@@ -172,13 +187,115 @@ def test_cli_errors_are_one_line_with_exit_code_2(trained_run, tmp_path, case):
     test = _kuairand_test_rows(tmp_path / 'in')
     test.drop('tab').write_csv(tmp_path / 'in' / kuairand.LOG_FILE)
     workdir, data = trained_run, str(tmp_path / 'in')
-  result = subprocess.run(
-      [sys.executable, '-m', 'experiments.predict', f'--workdir={workdir}', f'--data={data}',
-       f'--out={tmp_path / "p.csv"}'], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2, result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and 'Traceback' not in result.stderr
-  assert ('no finished run' if case == 'no_run' else "'tab'") in errors[0]
+  error = _cli_error(workdir, data, str(tmp_path / 'p.csv'))
+  assert ('no finished run' if case == 'no_run' else "'tab'") in error
+
+
+# ----------------------------------------------------------------------------- --out
+
+
+def _read_only_dir(path) -> str:
+  """A directory this process cannot write in; skips where permissions do not bind (root)."""
+  path.mkdir()
+  path.chmod(0o555)
+  if os.access(path, os.W_OK):
+    path.chmod(0o755)
+    pytest.skip('running as root: a read-only directory stays writable')
+  return str(path)
+
+
+@pytest.mark.parametrize('case', ['directory', 'missing_parent', 'read_only_parent'])
+def test_a_bad_out_is_one_line_before_any_scoring(trained_run, tmp_path, case):
+  _kuairand_test_rows(tmp_path / 'in')
+  if case == 'directory':
+    (tmp_path / 'out').mkdir()
+    out, expected, watched = str(tmp_path / 'out'), 'is a directory', tmp_path / 'out'
+  elif case == 'missing_parent':
+    out, expected, watched = str(tmp_path / 'nowhere' / 'p.parquet'), 'does not exist', tmp_path
+  else:
+    parent = _read_only_dir(tmp_path / 'locked')
+    out, expected, watched = os.path.join(parent, 'p.parquet'), 'not writable', tmp_path / 'locked'
+  before = sorted(os.listdir(watched))
+  try:
+    error = _cli_error(trained_run, str(tmp_path / 'in'), out)
+  finally:
+    os.chmod(watched, 0o755)
+  assert out in error and expected in error
+  assert sorted(os.listdir(watched)) == before
+  assert not os.path.exists(tmp_path / 'nowhere')
+
+
+def test_out_is_checked_before_the_run_and_the_data(tmp_path):
+  with pytest.raises(ConfigError, match='is a directory'):
+    predict_file(str(tmp_path / 'no_run'), str(tmp_path / 'no_data'), str(tmp_path))
+  with pytest.raises(ConfigError, match='does not exist'):
+    predict_file(str(tmp_path / 'no_run'), str(tmp_path / 'no_data'),
+                 str(tmp_path / 'a' / 'b' / 'p.csv'))
+  with pytest.raises(ConfigError, match='is a directory'):
+    predict_file(str(tmp_path / 'no_run'), str(tmp_path / 'no_data'), str(tmp_path / 'new') + '/')
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ConfigError, match='is not a directory'):
+    predict_file(str(tmp_path / 'no_run'), str(tmp_path / 'no_data'),
+                 str(tmp_path / 'file' / 'p.csv'))
+
+
+# ----------------------------------------------------------------------------- not numbers
+
+
+def _with_cells(log: pl.DataFrame, column: str, rows: dict[int, str]) -> pl.DataFrame:
+  """``log`` (text columns) with the cells ``rows`` (index -> text) of ``column`` replaced."""
+  values = log[column].to_list()
+  for index, text in rows.items():
+    values[index] = text
+  return log.with_columns(pl.Series(column, values, dtype=pl.String))
+
+
+def test_kuairand_cells_that_are_not_numbers_are_counted_and_scored_as_missing(
+    trained_run, tmp_path, caplog):
+  test = _kuairand_test_rows(tmp_path / 'in')
+  bad = {0: 'abc', 3: 'abc', 7: '12s', test.height - 1: 'n/a'}
+  _with_cells(test, 'duration_ms', bad).write_csv(tmp_path / 'in' / kuairand.LOG_FILE)
+  run = load_run(trained_run)
+  with caplog.at_level(logging.INFO):
+    summary = predict_file(trained_run, str(tmp_path / 'in'), str(tmp_path / 'bad.parquet'),
+                           chunk_rows=50, run=run)
+  assert summary.unparseable == {'duration_ms': 4}
+  assert summary.rows == test.height
+  assert "duration_ms 4 (e.g. 'abc')" in caplog.text
+  # scored exactly as an empty (missing) cell
+  _with_cells(test, 'duration_ms', {i: None for i in bad}).write_csv(
+      tmp_path / 'in' / kuairand.LOG_FILE)
+  missing = predict_file(trained_run, str(tmp_path / 'in'), str(tmp_path / 'empty.parquet'),
+                         chunk_rows=50, run=run)
+  assert missing.unparseable == {}
+  assert pl.read_parquet(tmp_path / 'bad.parquet').equals(pl.read_parquet(tmp_path /
+                                                                         'empty.parquet'))
+
+
+def test_strict_rejects_cells_that_are_not_numbers_in_one_line(trained_run, tmp_path):
+  test = _kuairand_test_rows(tmp_path / 'in')
+  _with_cells(test, 'duration_ms', {2: 'abc', 5: 'abc'}).write_csv(
+      tmp_path / 'in' / kuairand.LOG_FILE)
+  out = tmp_path / 'p.parquet'
+  error = _cli_error(trained_run, str(tmp_path / 'in'), str(out), '--strict')
+  assert kuairand.LOG_FILE in error
+  assert "column 'duration_ms': 2 rows are not a number (e.g. 'abc')" in error
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_strict_counts_the_whole_input_and_leaves_nothing_behind(trained_run, tmp_path):
+  """The bad cells lie in later chunks, after scoring has started writing."""
+  source = tmp_path / 'in'
+  source.mkdir()
+  for name in (kuairand.USER_FILE, kuairand.VIDEO_FILE):
+    shutil.copy(os.path.join(kuairand.SAMPLE_DIR, name), source)
+  log = pl.read_csv(os.path.join(kuairand.SAMPLE_DIR, kuairand.LOG_FILE), infer_schema=False)
+  _with_cells(log, 'duration_ms', {3000: 'abc', 9000: 'x', 9001: 'y'}).write_csv(
+      source / kuairand.LOG_FILE)
+  out = tmp_path / 'p.csv'
+  with pytest.raises(DataError, match=r"'duration_ms': 3 rows are not a number \(e.g. 'abc'"):
+    predict_file(trained_run, str(source), str(out), chunk_rows=1000, strict=True)
+  assert not out.exists() and _leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- tabular
@@ -214,16 +331,23 @@ def _tabular_config(path: str, cache_dir: str):
   return config
 
 
-def test_tabular_test_rows_reproduce_the_test_metrics(tmp_path, cache_dir):
+@pytest.fixture(scope='module')
+def tabular_run(tmp_path_factory, cache_dir) -> tuple[str, pl.DataFrame, dict]:
+  """A finished tiny tabular run: its workdir, its test rows and its result."""
+  root = tmp_path_factory.mktemp('tabular_run')
   frame = _tabular_frame(1500)
-  train_file = str(tmp_path / 'train.csv')
+  train_file = str(root / 'train.csv')
   frame.write_csv(train_file)
   config = _tabular_config(train_file, cache_dir)
-  workdir = str(tmp_path / 'run')
+  workdir = str(root / 'run')
   result = train_and_evaluate(config, workdir)
-  # no time column: the seeded random split; its test rows, written as Parquet
+  # no time column: the seeded random split
   order, n_train, n_valid = pipeline.split_order(frame.height, None, config.seed)
-  test = frame[order[n_train + n_valid:]]
+  return workdir, frame[order[n_train + n_valid:]], result
+
+
+def test_tabular_test_rows_reproduce_the_test_metrics(tabular_run, tmp_path):
+  workdir, test, result = tabular_run
   test.drop('click', 'buy', 'amount').write_parquet(tmp_path / 'new.parquet')
   summary = predict_file(workdir, str(tmp_path / 'new.parquet'), str(tmp_path / 'p.csv'),
                          chunk_rows=50)
@@ -240,3 +364,27 @@ def test_tabular_test_rows_reproduce_the_test_metrics(tmp_path, cache_dir):
   test.drop('price').write_csv(tmp_path / 'bad.csv')
   with pytest.raises(DataError, match=r"bad.csv: missing column\(s\) 'price'"):
     predict_file(workdir, str(tmp_path / 'bad.csv'), str(tmp_path / 'q.csv'))
+
+
+def test_tabular_cells_that_are_not_numbers_are_counted_per_column(tabular_run, tmp_path,
+                                                                   caplog):
+  workdir, test, _ = tabular_run
+  text = test.cast(pl.String)          # labels kept: training reads the same file below
+  bad = _with_cells(_with_cells(text, 'price', {1: 'abc', 4: ' abc ', 9: '1.2.3'}), 'age',
+                    {0: 'forty'})
+  bad.write_csv(tmp_path / 'bad.csv')
+  with caplog.at_level(logging.INFO):
+    summary = predict_file(workdir, str(tmp_path / 'bad.csv'), str(tmp_path / 'p.csv'),
+                           chunk_rows=40)
+  assert summary.unparseable == {'price': 3, 'age': 1}
+  assert summary.rows == test.height
+  assert "price 3 (e.g. 'abc'), age 1 (e.g. 'forty')" in caplog.text
+  predictions = pl.read_csv(tmp_path / 'p.csv')
+  assert predictions['order_id'].to_list() == test['order_id'].to_list()
+  with pytest.raises(DataError, match=r"bad.csv: column 'price': 3 rows are not a number "
+                     r"\(e.g. 'abc'\); column 'age': 1 row is not a number \(e.g. 'forty'\)"):
+    predict_file(workdir, str(tmp_path / 'bad.csv'), str(tmp_path / 'q.csv'), strict=True)
+  assert not os.path.exists(tmp_path / 'q.csv') and _leftovers(tmp_path) == []
+  # training rejects the same file
+  with pytest.raises(DataError, match="column 'price': 3 rows are not a number"):
+    tabular.load_raw(_tabular_config(str(tmp_path / 'bad.csv'), ''))

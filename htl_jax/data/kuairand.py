@@ -29,7 +29,10 @@ ages) are null. ``config.data.max_rows > 0`` keeps only the first rows of the lo
 string categories travel as integer codes with their strings (``RawTable.codes``), so the
 vocabularies hold the strings themselves.
 
-:func:`read_features` reads a log to score (same derivations, no labels) in chunks.
+:func:`read_features` reads a log to score (same derivations, no labels) in chunks. There a
+log cell of ``duration_ms`` that is not a number (an error in training) becomes missing and
+is counted (``FeatureChunk.unparseable``), for prediction to report or, under ``--strict``,
+reject.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 import polars as pl
 
 from htl_jax.data.pipeline import data_option
-from htl_jax.data.schema import FeatureChunk, RawTable
+from htl_jax.data.schema import FeatureChunk, RawTable, Unparseable
 from htl_jax.errors import DataError
 
 LOG_FILE = 'log_random_4_22_to_5_08_pure.csv'
@@ -73,6 +76,8 @@ _VIDEO_SCHEMA = {'video_id': pl.Int64, 'upload_dt': pl.String, 'video_duration':
 LOG_FIELDS = ('user_id', 'video_id', 'tab', 'hour', 'weekday', 'duration_ms')
 # The log columns the features are computed from (what a log to score needs).
 _FEATURE_SOURCE_COLUMNS = ('user_id', 'video_id', 'date', 'hourmin', 'tab', 'duration_ms')
+# Numeric log columns that scoring reads as text, then parses, counting the bad cells.
+_SCORED_NUMERIC = ('duration_ms',)
 NUMERIC_FIELDS = ('duration_ms', 'video_duration', 'video_age_days')
 FIELDS = LOG_FIELDS + _USER_CATEGORICAL + _VIDEO_CATEGORICAL + ('video_duration',
                                                                   'video_age_days')
@@ -92,6 +97,12 @@ def input_files(config: Any) -> list[str]:
   return [os.path.join(root, name) for name in (LOG_FILE, USER_FILE, VIDEO_FILE)]
 
 
+def _first_line(error: BaseException) -> str:
+  """The first line of a polars error (its hints span several lines)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
 def _check_header(path: str, needed) -> None:
   """DataError unless ``path`` is a CSV file whose header has every column of ``needed``."""
   if not os.path.isfile(path):
@@ -99,7 +110,7 @@ def _check_header(path: str, needed) -> None:
   try:
     header = pl.read_csv(path, n_rows=0).columns
   except (pl.exceptions.PolarsError, OSError) as e:
-    raise DataError(f'{path}: cannot read the CSV header: {e}') from e
+    raise DataError(f'{path}: cannot read the CSV header: {_first_line(e)}') from e
   missing = [c for c in needed if c not in header]
   if missing:
     raise DataError(f'{path}: missing column(s) {missing}')
@@ -112,7 +123,7 @@ def _read(path: str, schema: dict[str, pl.DataType], n_rows: int | None = None
   try:
     return pl.read_csv(path, columns=list(schema), schema_overrides=schema, n_rows=n_rows)
   except (pl.exceptions.PolarsError, OSError) as e:
-    raise DataError(f'{path}: cannot parse: {e}') from e
+    raise DataError(f'{path}: cannot parse: {_first_line(e)}') from e
 
 
 def _unique_keys(table: pl.DataFrame, key: str, path: str) -> pl.DataFrame:
@@ -211,28 +222,44 @@ def load_raw(config: Any) -> RawTable:
       source=log_path, label_columns=LABEL_COLUMNS, codes={**codes, **tab_codes})
 
 
+def _parsed_numbers(log: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Unparseable]]:
+  """The ``_SCORED_NUMERIC`` text columns as float64; cells that are not numbers become
+  null and are counted per column (blank cells are missing, not counted)."""
+  parsed, counted = [], {}
+  for name in _SCORED_NUMERIC:
+    text = log.select(_empty_to_null(pl.col(name))).to_series()
+    values = text.cast(pl.Float64, strict=False)
+    bad = values.is_null() & text.is_not_null()
+    if bad.any():
+      counted[name] = Unparseable(int(bad.sum()), text.filter(bad)[0])
+    parsed.append(values)
+  return log.with_columns(parsed), counted
+
+
 def read_features(config: Any, passthrough: tuple[str, ...], chunk_rows: int
                   ) -> Iterator[FeatureChunk]:
   """The feature fields of a log to score, ``chunk_rows`` log rows at a time.
 
   The log needs the columns the features come from (``user_id, video_id, date, hourmin,
   tab, duration_ms``) and the ``passthrough`` columns; labels and ``time_ms`` are not read.
-  The user and video tables are read whole (they are small).
+  The user and video tables are read whole (they are small). A ``duration_ms`` cell that is
+  not a number is missing, counted in the chunk's ``unparseable``.
 
   Raises:
-    DataError: a missing file or column, or an unparsable cell.
+    DataError: a missing file or column, or an unparsable cell elsewhere (an id, a date).
   """
   log_path, user_path, video_path = _checked_paths(config)
   users, videos, codes = _side_tables(user_path, video_path)
   needed = tuple(dict.fromkeys(_FEATURE_SOURCE_COLUMNS + tuple(passthrough)))
   _check_header(log_path, needed)
-  schema = {c: _LOG_SCHEMA.get(c, pl.String) for c in needed}
+  schema = {c: pl.String if c in _SCORED_NUMERIC else _LOG_SCHEMA.get(c, pl.String)
+            for c in needed}
   scan = pl.scan_csv(log_path, schema_overrides=schema).select(needed)
   try:
     for log in scan.collect_batches(chunk_size=chunk_rows):
+      log, unparseable = _parsed_numbers(log)
       frame, tab_codes = _joined_features(log, users, videos)
       yield FeatureChunk(frame.select(FIELDS), log.select(passthrough),
-                         {**codes, **tab_codes}, log_path)
+                         {**codes, **tab_codes}, log_path, unparseable)
   except pl.exceptions.PolarsError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DataError(f'{log_path}: cannot parse: {first}') from None
+    raise DataError(f'{log_path}: cannot parse: {_first_line(e)}') from None

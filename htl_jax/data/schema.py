@@ -18,7 +18,7 @@ import polars as pl
 
 from htl_jax.spec import HybridSpec
 
-__all__ = ['FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split']
+__all__ = ['FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split', 'Unparseable']
 
 
 @dataclasses.dataclass
@@ -91,6 +91,28 @@ class RawTable:
   codes: Optional[dict[str, np.ndarray]] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Unparseable:
+  """The cells of one numeric column that are not numbers: how many, and the first one.
+
+  Attributes:
+    rows: the number of rows whose cell could not be parsed as a number.
+    example: the first such cell, as text.
+  """
+
+  rows: int
+  example: str
+
+  def describe(self) -> str:
+    """``'3 rows are not a number (e.g. 'abc')'``, the text of the loaders' errors."""
+    verb = 'row is' if self.rows == 1 else 'rows are'
+    return f'{self.rows} {verb} not a number (e.g. {self.example!r})'
+
+  def plus(self, other: 'Unparseable') -> 'Unparseable':
+    """Both counts together, the first example kept."""
+    return Unparseable(self.rows + other.rows, self.example)
+
+
 @dataclasses.dataclass
 class FeatureChunk:
   """Rows of a file to score: raw features as a loader gives them for training.
@@ -100,9 +122,13 @@ class FeatureChunk:
     passthrough: columns copied to the predictions unchanged (ids), same rows.
     codes: as ``RawTable.codes``.
     source: the file the rows came from, for error messages.
+    unparseable: per numeric feature column with cells that are not numbers (which
+      training rejects), their count and an example; those cells are null in ``features``
+      (missing, id 0). Prediction counts them, or stops under ``strict``.
   """
 
   features: pl.DataFrame
   passthrough: pl.DataFrame
   codes: Optional[dict[str, np.ndarray]]
   source: str
+  unparseable: dict[str, Unparseable] = dataclasses.field(default_factory=dict)

@@ -12,20 +12,22 @@ is the usual case), and so that each bad cell can be counted. Bad input raises
 number of bad rows, before anything reaches JAX.
 
 :func:`read_features` reads a file to score (feature columns only, labels not needed) in
-chunks of rows, with the same parsing.
+chunks of rows, with the same parsing, except that a cell that is not a number in a numeric
+column is not an error there: it becomes missing (id 0) and is counted per column
+(``FeatureChunk.unparseable``), for prediction to report or, under ``--strict``, reject.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import ml_collections
 import numpy as np
 import polars as pl
 
-from htl_jax.data.schema import FeatureChunk, RawTable
+from htl_jax.data.schema import FeatureChunk, RawTable, Unparseable
 from htl_jax.errors import DataError
 
 _CSV_SEPARATORS = {'.csv': ',', '.tsv': '\t'}
@@ -92,7 +94,7 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
   frame = _read(path, columns.needed, int(config.data.max_rows))
   labels = _labels(frame, columns, path)
   core = _core(frame, columns.core, path)
-  features = _features(frame, columns, path)
+  features, _ = _features(frame, columns, path)
   time = _time(frame, columns.time, path) if columns.time else None
   return RawTable(
       features=features,
@@ -111,10 +113,12 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
   """The feature columns of ``config.data.path``, ``chunk_rows`` rows at a time.
 
   The file needs the feature columns and the ``passthrough`` columns (kept as read: text
-  for CSV, typed for Parquet); task, core and time columns are not read.
+  for CSV, typed for Parquet); task, core and time columns are not read. A cell that is not
+  a number in a numeric column becomes null (missing) and is counted in the chunk's
+  ``unparseable``.
 
   Raises:
-    DataError: a missing file or column, or a cell that is not a number in a numeric column.
+    DataError: a missing file or column, or an infinite value in a numeric column.
   """
   columns = _declared_columns(config)
   (path,) = input_files(config)
@@ -127,7 +131,8 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
       scan = pl.scan_csv(path, separator=_CSV_SEPARATORS[suffix], infer_schema=False)
     _check_present(path, needed, scan.collect_schema().names())
     for chunk in scan.select(needed).collect_batches(chunk_size=chunk_rows):
-      yield FeatureChunk(_features(chunk, columns, path), chunk.select(passthrough), None, path)
+      features, unparseable = _features(chunk, columns, path, count_unparseable=True)
+      yield FeatureChunk(features, chunk.select(passthrough), None, path, unparseable)
   except pl.exceptions.NoDataError:
     raise DataError(f'{path}: the file is empty (0 rows, no header)') from None
   except (pl.exceptions.PolarsError, OSError) as error:
@@ -204,8 +209,10 @@ def _check_present(path: str, needed: tuple[str, ...], available: list[str]) -> 
                     f'(the file has: {shown})')
 
 
-def _parse_float(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """A column as float64 (nulls -> NaN), the mask of unparsable cells, and their problem."""
+def _parse_float(frame: pl.DataFrame, column: str
+                 ) -> tuple[np.ndarray, np.ndarray, Optional[Unparseable]]:
+  """A column as float64 (nulls and unparsable cells -> NaN), the mask of unparsable cells,
+  and their count and first example (None if there is none)."""
   series = frame.get_column(column)
   if series.dtype == pl.String:
     text = series.str.strip_chars()
@@ -219,11 +226,15 @@ def _parse_float(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarr
     text = series.cast(pl.String)
     parsed = pl.Series([None] * len(series), dtype=pl.Float64)
     bad = series.is_not_null().to_numpy()
-  problems = []
+  unparseable = None
   if bad.any():
-    example = text.filter(pl.Series(bad))[0]
-    problems.append(f'{_rows(int(bad.sum()))} not a number (e.g. {example!r})')
-  return parsed.to_numpy().astype(np.float64), bad, problems
+    unparseable = Unparseable(int(bad.sum()), text.filter(pl.Series(bad))[0])
+  return parsed.to_numpy().astype(np.float64), bad, unparseable
+
+
+def _problems(unparseable: Optional[Unparseable]) -> list[str]:
+  """The problem list of a column, starting with its unparsable cells (if any)."""
+  return [unparseable.describe()] if unparseable else []
 
 
 def _rows(count: int) -> str:
@@ -241,7 +252,8 @@ def _labels(frame: pl.DataFrame, columns: _Columns, path: str) -> np.ndarray:
   """Binary labels ``[N, T]`` in chain order; every cell must be 0 or 1."""
   values, problems = [], {}
   for name in columns.tasks:
-    column, bad, found = _parse_float(frame, name)
+    column, bad, unparseable = _parse_float(frame, name)
+    found = _problems(unparseable)
     missing = np.isnan(column) & ~bad
     if missing.any():
       found.append(f'{_rows(int(missing.sum()))} empty or NaN')
@@ -257,7 +269,8 @@ def _labels(frame: pl.DataFrame, columns: _Columns, path: str) -> np.ndarray:
 
 def _core(frame: pl.DataFrame, name: str, path: str) -> np.ndarray:
   """The core target as float32; must be a finite number >= 0 on every row."""
-  column, bad, found = _parse_float(frame, name)
+  column, bad, unparseable = _parse_float(frame, name)
+  found = _problems(unparseable)
   missing = np.isnan(column) & ~bad
   if missing.any():
     found.append(f'{_rows(int(missing.sum()))} empty or NaN')
@@ -276,11 +289,21 @@ def _core(frame: pl.DataFrame, name: str, path: str) -> np.ndarray:
   return core
 
 
-def _features(frame: pl.DataFrame, columns: _Columns, path: str) -> pl.DataFrame:
-  """Categorical columns as strings, numeric ones as float64 (NaN and empty -> null)."""
-  problems, numeric = {}, []
+def _features(frame: pl.DataFrame, columns: _Columns, path: str, *,
+              count_unparseable: bool = False
+              ) -> tuple[pl.DataFrame, dict[str, Unparseable]]:
+  """Categorical columns as strings, numeric ones as float64 (NaN and empty -> null).
+
+  A numeric cell that is not a number is an error (training), or with ``count_unparseable``
+  (scoring) null and counted per column in the second result.
+  """
+  problems, numeric, counted = {}, [], {}
   for name in columns.numeric:
-    column, _, found = _parse_float(frame, name)
+    column, _, unparseable = _parse_float(frame, name)
+    if count_unparseable and unparseable:
+      counted[name] = unparseable
+      unparseable = None
+    found = _problems(unparseable)
     infinite = np.isinf(column)
     if infinite.any():
       found.append(f'{_rows(int(infinite.sum()))} infinite')
@@ -288,7 +311,7 @@ def _features(frame: pl.DataFrame, columns: _Columns, path: str) -> pl.DataFrame
     numeric.append(pl.Series(name, column, dtype=pl.Float64).fill_nan(None))
   _raise_problems(path, problems)
   categorical = [frame.get_column(name).cast(pl.String) for name in columns.categorical]
-  return pl.DataFrame(categorical + numeric)
+  return pl.DataFrame(categorical + numeric), counted
 
 
 def _time(frame: pl.DataFrame, name: str, path: str) -> np.ndarray:

@@ -15,10 +15,15 @@ in input order:
 Rows are carried over between chunks so that every batch but the last is full, exactly as
 the trainer batches a split: the same rows in the same order give bit-identical
 predictions, hence the metrics of ``metrics.json``. Values unseen in training get the OOV
-id 0; their count per field is logged and returned.
+id 0; their count per field is logged and returned. A numeric cell that is not a number
+(``abc``: training rejects it) is scored as missing (id 0); its count per column is logged
+and returned, and with ``strict=True`` (``--strict``) it stops the run with one
+:class:`~htl_jax.errors.DataError` naming the file, the columns, their counts over the whole
+input and an example.
 
-The output is Parquet, or CSV when its name ends in ``.csv``; it is written to a temporary
-name and renamed at the end, so a failed run leaves no partial file.
+The output is Parquet, or CSV when its name ends in ``.csv``. ``out`` is checked before
+anything is read (not a directory, in an existing, writable directory); the file is written
+to a temporary name beside it and renamed at the end, so a failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -39,8 +44,8 @@ import polars as pl
 from htl_jax import data as data_lib
 from htl_jax.data import kaggle_revenue, tabular
 from htl_jax.data.encoding import Encoder
-from htl_jax.data.schema import FeatureChunk
-from htl_jax.errors import DataError
+from htl_jax.data.schema import FeatureChunk, Unparseable
+from htl_jax.errors import ConfigError, DataError
 from htl_jax.serve.run import TrainedRun, load_run
 from htl_jax.train import parallel, run_files
 from htl_jax.train import step as step_lib
@@ -56,6 +61,23 @@ def output_columns(spec) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- input
+
+
+def check_out(out: str) -> None:
+  """Raises a one-line ConfigError unless a predictions file can be written at ``out``.
+
+  ``out`` must not be a directory (nor end in a separator), and its directory must exist and
+  be writable (the file is written there under a temporary name, then renamed).
+  """
+  if os.path.isdir(out) or out.endswith(os.sep):
+    raise ConfigError(f'{out}: is a directory; --out names the predictions file '
+                      '(.parquet, or .csv)')
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent):
+    what = 'is not a directory' if os.path.exists(parent) else 'does not exist'
+    raise ConfigError(f'{out}: the directory {parent} {what} (--out)')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f'{out}: the directory {parent} is not writable (--out)')
 
 
 def config_for_input(config: Any, path: str) -> Any:
@@ -166,7 +188,6 @@ class _Writer:
     self.out = out
     self.csv = out.lower().endswith('.csv')
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
     self._tmp_dir = tempfile.mkdtemp(prefix='.predict-', dir=parent)
     self._parts: list[str] = []
     self._csv_file = open(os.path.join(self._tmp_dir, 'out.csv'), 'wb') if self.csv else None
@@ -209,25 +230,58 @@ class PredictionSummary:
     seconds: wall time from the first read to the renamed output.
     unseen: per categorical field, rows whose value was unseen in training (OOV id 0).
     out: the predictions file.
+    unparseable: per numeric feature column with such cells, rows whose value could not be
+      parsed as a number (scored as missing, id 0); empty for a clean input.
   """
 
   rows: int
   seconds: float
   unseen: dict[str, int]
   out: str
+  unparseable: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def rows_per_second(self) -> float:
     return self.rows / max(self.seconds, 1e-9)
 
 
-def _encoded(encoder: Encoder, chunks: Iterator[FeatureChunk], unseen: dict[str, int]
+@dataclasses.dataclass
+class _Counts:
+  """What the chunks read so far held: unseen values and cells that are not numbers."""
+
+  unseen: dict[str, int] = dataclasses.field(default_factory=dict)
+  unparseable: dict[str, Unparseable] = dataclasses.field(default_factory=dict)
+
+  def add_unseen(self, counts: dict[str, int]) -> None:
+    for name, count in counts.items():
+      self.unseen[name] = self.unseen.get(name, 0) + count
+
+  def add_unparseable(self, chunk: FeatureChunk) -> None:
+    for name, found in chunk.unparseable.items():
+      known = self.unparseable.get(name)
+      self.unparseable[name] = found if known is None else known.plus(found)
+
+
+def _reject_unparseable(source: str, counts: _Counts, rest: Iterator[FeatureChunk]
+                        ) -> NoReturn:
+  """``strict``: counts the cells that are not numbers in the rest of the input, then stops."""
+  for chunk in rest:
+    counts.add_unparseable(chunk)
+  parts = [f'column {name!r}: {found.describe()}' for name, found in counts.unparseable.items()]
+  raise DataError(f'{source}: ' + '; '.join(parts) + ' (--strict; without it such values are '
+                  'scored as missing and counted)')
+
+
+def _encoded(encoder: Encoder, chunks: Iterator[FeatureChunk], counts: _Counts, strict: bool
              ) -> Iterator[tuple[np.ndarray, pl.DataFrame]]:
-  """int32 ids ``[n, F]`` and passthrough rows of every chunk; counts unseen values."""
+  """int32 ids ``[n, F]`` and passthrough rows of every chunk; counts unseen values and
+  cells that are not numbers (``strict``: stops at the first chunk that has one)."""
   for chunk in chunks:
+    counts.add_unparseable(chunk)
+    if strict and chunk.unparseable:
+      _reject_unparseable(chunk.source, counts, chunks)
     columns, chunk_unseen = encoder.encode(chunk.features, chunk.codes, chunk.source)
-    for name, count in chunk_unseen.items():
-      unseen[name] = unseen.get(name, 0) + count
+    counts.add_unseen(chunk_unseen)
     yield np.stack(columns, axis=1).astype(np.int32, copy=False), chunk.passthrough
 
 
@@ -261,6 +315,7 @@ def _score_into(out: str, scorer: BatchScorer, spec,
 def predict_file(workdir: str, data: str, out: str, *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  passthrough: Optional[str] = None,
+                 strict: bool = False,
                  run: Optional[TrainedRun] = None) -> PredictionSummary:
   """Scores every row of ``data`` with the best checkpoint of ``workdir`` (module docstring).
 
@@ -270,16 +325,21 @@ def predict_file(workdir: str, data: str, out: str, *,
     out: the predictions file (Parquet, or CSV when the name ends in ``.csv``).
     chunk_rows: input rows read and encoded at a time (memory is bounded by it).
     passthrough: comma-separated columns to copy; None = ``config.data.passthrough``.
+    strict: a numeric cell that is not a number stops the run (DataError) instead of being
+      scored as missing and counted.
     run: an already loaded run (skips :func:`htl_jax.serve.run.load_run`).
 
   Returns:
     A :class:`PredictionSummary`.
 
   Raises:
+    ConfigError: ``out`` is a directory, or its directory is missing or not writable.
     RunError: ``workdir`` holds no finished run.
-    DataError: a missing file or column, a bad value, or an empty input.
+    DataError: a missing file or column, a bad value, an empty input, or with ``strict`` a
+      numeric cell that is not a number.
   """
   start = time.perf_counter()
+  check_out(out)                      # before any work: a bad --out fails at once
   if run is None:                     # the cheap parts first: bad input fails in seconds
     run_files.finished_metrics(workdir)
     config, prep = run_files.load_config(workdir), run_files.load_preprocessing(workdir)
@@ -288,27 +348,34 @@ def predict_file(workdir: str, data: str, out: str, *,
   spec = prep.spec
   columns = passthrough_columns(config, passthrough)
   _check_names(spec, columns)
-  unseen: dict[str, int] = {}
+  counts = _Counts()
   chunks = data_lib.read_features(config_for_input(config, data), columns, chunk_rows)
-  pieces = _full_batches(_encoded(prep.encoder, chunks, unseen), int(config.eval_batch_size))
+  pieces = _full_batches(_encoded(prep.encoder, chunks, counts, strict),
+                         int(config.eval_batch_size))
   first = next(pieces, None)          # bad input fails here, before any output exists
   if first is None:
     raise DataError(f'{data}: no rows to score')
   run = run or load_run(workdir)
   rows = _score_into(out, BatchScorer(run), spec, itertools.chain([first], pieces))
-  summary = PredictionSummary(rows=rows, seconds=time.perf_counter() - start, unseen=unseen,
-                              out=out)
-  _log_summary(run, summary)
+  summary = PredictionSummary(
+      rows=rows, seconds=time.perf_counter() - start, unseen=counts.unseen, out=out,
+      unparseable={name: found.rows for name, found in counts.unparseable.items()})
+  _log_summary(run, summary, counts)
   return summary
 
 
-def _log_summary(run: TrainedRun, summary: PredictionSummary) -> None:
+def _log_summary(run: TrainedRun, summary: PredictionSummary, counts: _Counts) -> None:
   oov = {k: v for k, v in summary.unseen.items() if v}
   if oov:
     logging.info('values unseen in training, mapped to the OOV id 0 (rows per field): %s',
                  ', '.join(f'{k} {v}' for k, v in oov.items()))
   else:
     logging.info('no value unseen in training')
+  if counts.unparseable:
+    logging.warning('values that are not numbers, scored as missing (id 0; --strict rejects '
+                    'them) (rows per column): %s',
+                    ', '.join(f'{k} {v.rows} (e.g. {v.example!r})'
+                              for k, v in counts.unparseable.items()))
   logging.info('%d rows scored with %s (best step %d) in %.1f s (%.0f rows/s) -> %s',
                summary.rows, run.workdir, run.best_step, summary.seconds,
                summary.rows_per_second, summary.out)
