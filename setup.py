@@ -33,6 +33,7 @@ setuptools.setup(
         'htl-tune = htl_jax.cli.tune:run',
         'htl-predict = htl_jax.cli.predict:run',
         'htl-export = htl_jax.cli.export:run',
+        'htl-check-data = htl_jax.cli.check_data:run',
     ]},
     install_requires=[
         'jax>=0.5.0,<0.13',

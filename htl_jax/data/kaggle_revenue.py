@@ -133,6 +133,15 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
     yield FeatureChunk(chunk.select(FEATURES), chunk.select(passthrough), None, path)
 
 
+def scan_transactions(path: str) -> pl.LazyFrame:
+  """The columns the loader reads from a transactions file, typed, as a lazy scan.
+
+  Raises:
+    DataError: an empty file or a missing column.
+  """
+  return _scan(path, 0)
+
+
 def _scan(path: str, max_rows: int) -> pl.LazyFrame:
   """A lazy scan of the needed columns, after checking the header."""
   try:

@@ -73,6 +73,10 @@ _VIDEO_CATEGORICAL = ('author_id', 'video_type', 'upload_type', 'visible_status'
 _VIDEO_SCHEMA = {'video_id': pl.Int64, 'upload_dt': pl.String, 'video_duration': pl.Float64,
                  **{c: pl.String for c in _VIDEO_CATEGORICAL}}
 
+# The columns the loader reads, per file (:mod:`htl_jax.data.check` requires them).
+READ_COLUMNS = {LOG_FILE: tuple(_LOG_SCHEMA), USER_FILE: tuple(_USER_SCHEMA),
+                VIDEO_FILE: tuple(_VIDEO_SCHEMA)}
+
 LOG_FIELDS = ('user_id', 'video_id', 'tab', 'hour', 'weekday', 'duration_ms')
 # The log columns the features are computed from (what a log to score needs).
 _FEATURE_SOURCE_COLUMNS = ('user_id', 'video_id', 'date', 'hourmin', 'tab', 'duration_ms')
