@@ -85,13 +85,13 @@ def test_chronological_split_sorts_by_time_stably():
   np.testing.assert_array_equal(data.test.core, [1, 0])
 
 
-def test_random_split_is_seeded_and_partitions_rows():
+def test_random_split_is_drawn_from_split_seed_and_partitions_rows():
   n = 50
   raw = _raw({'row': np.arange(n)}, np.zeros((n, 1)), np.arange(n))
 
   def parts(seed):
     config = _config()
-    config.seed = seed
+    config.split_seed = seed
     data = pipeline.prepare(raw, config)
     return [s.core.copy() for s in (data.train, data.valid, data.test)]
 

@@ -40,14 +40,13 @@ class Checkpoints:
 
   def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2):
     self.root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
-    self.latest = ocp.CheckpointManager(
-        os.path.join(self.root, 'latest'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
+    self.latest = _manager(os.path.join(self.root, 'latest'), ocp.StandardCheckpointHandler(),
+                           ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
     # Two best checkpoints: the second one stands in if the best is damaged.
-    self.best = ocp.CheckpointManager(
-        os.path.join(self.root, 'best'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, best_fn=lambda m: m['value'], best_mode=best_mode))
+    self.best = _manager(os.path.join(self.root, 'best'), ocp.StandardCheckpointHandler(),
+                         ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                      best_fn=lambda m: m['value'],
+                                                      best_mode=best_mode))
 
   def _save(self, manager: ocp.CheckpointManager, step: int, state: Any, loop: dict,
             metrics: Optional[dict] = None) -> None:
@@ -105,6 +104,15 @@ class Checkpoints:
     self.best.close()
 
 
+def _manager(directory: str, state_handler: Any,
+             options: Optional[ocp.CheckpointManagerOptions] = None) -> ocp.CheckpointManager:
+  """A manager of ``state`` and ``loop`` items (their handlers known, so that metadata and
+  restores need no earlier save)."""
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={'state': state_handler, 'loop': ocp.JsonCheckpointHandler()})
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:300] if text else type(error).__name__
@@ -115,6 +123,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
   config in the same workdir); unreadable metadata is left to the restore."""
   try:
     stored = manager.item_metadata(step)['state']
+    stored = getattr(stored, 'tree', stored)
     shapes = {jax.tree_util.keystr(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
               if hasattr(leaf, 'shape')}
@@ -159,7 +168,7 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   directory = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS, 'best'))
   if not os.path.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(directory)
+  manager = _manager(directory, ocp.PyTreeCheckpointHandler())
   try:
     steps = sorted(manager.all_steps())
     if not steps:

@@ -270,7 +270,10 @@ def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
     stopping = EarlyStopping()
     restored = ckpt.restore_latest(state)
     if restored is not None:
-      state, stopping = restored[0], EarlyStopping.from_json(restored[1])
+      # The config's hyperparameters win over the checkpoint's (a resumed run may change
+      # them on purpose; the same config resumes the same run).
+      state = restored[0].replace(hparams=state.hparams)
+      stopping = EarlyStopping.from_json(restored[1])
       logging.info('resumed from step %d', int(state.step))
     start = int(state.step)
     writer = RunWriter(workdir, start, total_steps, primary=parallel.is_primary())
@@ -291,9 +294,11 @@ def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
     programs = _Programs(step_lib.compiled_steps(setup), feeder, rstate, max_steps,
                          at_eval or config.grad_diagnostics == 'every_step',
                          _eval_example(data.valid, config.eval_batch_size))
+    warned: set = set()            # undefined metrics warned about once per run
     rstate, stopping = _loop(config, workdir, data, setup, feeder, programs, rstate,
-                             stopping, ckpt, writer, metric, total_steps, per_epoch, on_eval)
-    result = _final(config, workdir, data, setup, programs, rstate, stopping, ckpt)
+                             stopping, ckpt, writer, metric, total_steps, per_epoch, on_eval,
+                             warned)
+    result = _final(config, workdir, data, setup, programs, rstate, stopping, ckpt, warned)
   finally:
     if writer is not None:
       writer.close()
@@ -304,10 +309,9 @@ def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
 
 
 def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt, writer,
-          metric, total_steps, per_epoch, on_eval):
+          metric, total_steps, per_epoch, on_eval, warned):
   """Dispatches until the last step, an early stop or a stop request (module docstring)."""
   spec = data.spec
-  warned: set = set()
   pending: list[tuple[feed_lib.Dispatch, dict]] = []
   window = _Window()
   last = None
@@ -371,14 +375,14 @@ def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt
   return rstate, stopping
 
 
-def _final(config, workdir, data, setup, programs, rstate, stopping, ckpt) -> dict[str, Any]:
+def _final(config, workdir, data, setup, programs, rstate, stopping, ckpt, warned
+           ) -> dict[str, Any]:
   """The last checkpoint, then the best one's validation and test metrics."""
   host_state = parallel.unreplicate(rstate)
   step = int(host_state.step)
   ckpt.save_latest(step, host_state, stopping.to_json())
   final = ckpt.restore_best(host_state)
   final_state = parallel.replicate(final[0]) if final is not None else rstate
-  warned: set = set()
   per_epoch = feed_lib.steps_per_epoch(data, config)
   result = {'valid': evaluate(setup, programs.evaluate, final_state, data.valid,
                               config.eval_batch_size, 'valid', warned),

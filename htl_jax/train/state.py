@@ -219,6 +219,7 @@ def _hashable(value: Any) -> Any:
 def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
                   core_transform: CoreTransform) -> TrainSetup:
   config = dict(fields)
+  make_optimizer(config['embedding_optimizer'], 1.0)      # a bad name fails here
   model = get_model(config['model'], spec, model_cfg)
   copies = spec.num_tasks if model.independent_tasks else 1
   return TrainSetup(

@@ -171,7 +171,13 @@ class Steps:
     return self._train[key]
 
   def compiled(self, fn: Callable[..., Any], *args) -> Callable[..., Any]:
-    """``fn`` compiled for ``args``' shapes (lowered and compiled now, or found)."""
+    """``fn`` compiled for ``args``' shapes (lowered and compiled now, or found).
+
+    With several processes, ``fn`` itself: it compiles at its first call (a pmap's
+    ahead-of-time lowering there takes the global shapes, not a process's).
+    """
+    if parallel.process_count() > 1:
+      return fn
     key = (fn, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)),
            jax.tree.structure(args))
     if key not in self._compiled:
