@@ -14,6 +14,9 @@ from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
 from htl_jax.models import ModelConfig
 
+# The ``postgres_url`` fixture (a real PostgreSQL server), for every test module.
+pytest_plugins = ('postgres_server',)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Real data beside the clone (tests that need it skip without it; users never see this path).
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')

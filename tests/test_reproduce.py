@@ -26,7 +26,6 @@ from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import figures, report, runner
-from postgres_server import postgres_url  # noqa: F401,F811  (pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'

@@ -28,7 +28,6 @@ from htl_jax.configs import hillstrom
 from htl_jax.repro import table6, tuning
 from htl_jax import metrics as metrics_lib
 from htl_jax.errors import ConfigError
-from postgres_server import postgres_url  # noqa: F401,F811  (pytest fixture)
 
 _BASE = ('embed_dim', 'batch_size', 'learning_rate', 'l2')
 _LEU = ('label_embed_dim', 'tau_decay_steps')
