@@ -54,8 +54,8 @@ setuptools.setup(
         'repro': ['optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'scipy>=1.11',
                   'matplotlib>=3.7', 'pandas>=2.0'],
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11',
-                 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'matplotlib>=3.7',
-                 'pandas>=2.0'],
+                 'wheel>=0.40', 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9',
+                 'matplotlib>=3.7', 'pandas>=2.0'],
         # tools/bench_torch.py only (the PyTorch peer); never imported by the package.
         'bench_torch': ['torch>=2.0', 'torch-rechub==0.9.0', 'pandas>=2.0'],
     },

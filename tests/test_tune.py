@@ -283,6 +283,33 @@ def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_e
   assert {'number', 'value', 'params_learning_rate', 'intermediate_values'} <= set(rows[0])
 
 
+def test_a_preempted_worker_marks_its_trial_for_an_immediate_retry(cache_dir, tmp_path,
+                                                                   tune_env):
+  """SIGTERM in trial 1: the worker saves, marks the trial FAIL with a WAITING retry (no
+  heartbeat to wait for) and exits 75; the same command resumes the trial at once."""
+  workdir = tmp_path / 'tune'
+  db = workdir / 'optuna.db'
+  env = {**tune_env, 'HTL_JAX_HEARTBEAT_SECONDS': '600'}      # staleness would take 20 min
+  command = _tune_command(workdir, cache_dir, trials=2)
+  first = _start(command, env, tmp_path / 'first.log')
+  deadline = time.time() + 300
+  while time.time() < deadline and first.poll() is None:
+    if _trial_states(db).get(1) == 'RUNNING' and _saved_steps(workdir / 'trials' / '1'):
+      os.killpg(first.pid, signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  first.wait(timeout=120)
+  assert first.returncode == 75, open(tmp_path / 'first.log').read()[-3000:]
+  assert _trial_states(db) == {0: 'COMPLETE', 1: 'FAIL', 2: 'WAITING'}
+  started = time.time()
+  output = _wait(_start(command, env, tmp_path / 'second.log'), tmp_path / 'second.log')
+  assert time.time() - started < 300
+  study = _load_study(f'sqlite:///{db}')
+  assert [t.state.name for t in study.trials] == ['COMPLETE', 'FAIL', 'COMPLETE']
+  assert tuning.retry_origin(study.trials[2]) == 1
+  assert 'retry of trial 1, resuming' in output and 'resumed from step' in output
+
+
 def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
                    trials: int = 4) -> optuna.Study:
   command = _tune_command(workdir, cache_dir, trials=trials, storage=storage)

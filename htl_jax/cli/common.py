@@ -141,8 +141,19 @@ def report(error: HtlError) -> NoReturn:
   distributed.exit_now(error.exit_code)
 
 
+def _help_is_the_commands(main: Callable[[list[str]], None]) -> None:
+  """``--help`` shows the command's docstring and flags, whatever runs it (a console
+  script, ``python -m``, the checkout's ``experiments/`` shims)."""
+  command = sys.modules[main.__module__]
+  sys.modules['__main__'].__doc__ = command.__doc__
+  for module in (command.__name__, __name__):
+    for flag in FLAGS.get_key_flags_for_module(module):
+      FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """``app.run(main)`` with :func:`parse_flags`; every HtlError is one line and its code."""
+  _help_is_the_commands(main)
 
   def guarded(argv: list[str]) -> None:
     start(argv)

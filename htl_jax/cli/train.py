@@ -9,9 +9,10 @@ again resumes an interrupted run. On several hosts, run the same command on each
 ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or under ``srun`` /
 ``mpirun`` with none of them).
 
-Exit codes: 2 bad input (config, data, flags; nothing already written is touched), 3 a
-non-finite loss (the last good checkpoint is kept), 4 another process of a multi-process run
-was lost (restart all of them to resume).
+Exit codes: 2 bad input (config, data, flags; nothing already written is touched) or a
+workdir in use by another process, 3 a non-finite loss (the last good checkpoint is kept), 4
+another process of a multi-process run was lost (restart all of them to resume), 75 stopped
+by SIGTERM / SIGINT after saving a checkpoint (run the same command again to resume).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from htl_jax import metrics as metrics_lib
+from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
@@ -96,8 +97,10 @@ class CellObjective:
                tuned: dict[str, dict[str, Any]], run_cell: RunCell):
     self.base, self.cells, self.workdir = base, cells, workdir
     self.tuned, self.run_cell = tuned, run_cell
+    self.current: Optional[int] = None      # the trial this process runs
 
   def __call__(self, trial: optuna.Trial) -> float:
+    self.current = trial.number
     cell = trial.user_attrs.get(_CELL)
     if cell is None or cell not in self.cells:
       trial.set_user_attr('note', 'no waiting cell was left for this process')
@@ -166,7 +169,11 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> Non
     states = [t.state for t in study.get_trials(deepcopy=False)]
     if TrialState.WAITING in states:
       with storage_lib.quiet_experimental():
-        study.optimize(objective, n_trials=1, catch=())
+        try:
+          study.optimize(objective, n_trials=1, catch=())
+        except PreemptedError:      # the cell runs again at once, elsewhere or on restart
+          storage_lib.retry_now(study, objective.current)
+          raise
     elif TrialState.RUNNING in states:
       time.sleep(pause)
       lockstep.keep_waiting()

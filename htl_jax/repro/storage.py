@@ -68,6 +68,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
   raise RuntimeError(f'cannot open the Optuna storage {url}: {last_error}')
 
 
+def retry_now(study: optuna.Study, number: int) -> None:
+  """Trial ``number`` (FAIL) is retried at once: a WAITING copy with its parameters and
+  attributes, as for a dead process's trial, without waiting for its heartbeat to go stale
+  (a preempted process marks its trial so). Preemptions do not count against MAX_RETRY."""
+  frozen = study.get_trials(deepcopy=False)[number]
+  if frozen.state == TrialState.FAIL:
+    with quiet_experimental():
+      optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
+
+
 # (study id, trial id) of the RUNNING trials this process has given one heartbeat.
 _HEARTBEAT_GIVEN: set[tuple[int, int]] = set()
 

@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import default_cache_dir, load_dataset
-from htl_jax.errors import ConfigError, NonFiniteError
+from htl_jax.errors import ConfigError, NonFiniteError, PreemptedError
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
@@ -126,8 +126,10 @@ class TrialObjective:
     self.study, self.base, self.workdir = study, base, workdir
     self.space, self.n_trials = space, n_trials
     self.metric = metrics_lib.selection_metric(base)
+    self.current: Optional[int] = None      # the trial this process runs
 
   def __call__(self, trial: optuna.Trial) -> float:
+    self.current = trial.number
     self._check_slot(trial)
     frozen = self.study.get_trials(deepcopy=False)[trial.number]
     origin = retry_origin(frozen)
@@ -434,8 +436,12 @@ def run_study(base, workdir: str, storage, *, n_trials: int, study_name: str = '
       time.sleep(poll_seconds)
       lockstep.keep_waiting()
       continue
-    study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[write],
-                   gc_after_trial=False)
+    try:
+      study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=[write],
+                     gc_after_trial=False)
+    except PreemptedError:        # the trial resumes at once, elsewhere or on restart
+      storage_lib.retry_now(study, objective.current)
+      raise
   lockstep.finish()
   best = tuning_outputs.write_outputs(study, workdir, base.model, metric.name)
   return {'study': study_name, 'counts': trial_counts(study), 'best': best,
