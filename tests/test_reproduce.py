@@ -86,11 +86,16 @@ def test_worse_but_significant_gets_no_star():
 
 def test_figures_are_pngs(tmp_path):
   steps = [10, 20, 30]
-  figures.fig5({'without': {'click': (steps, [1.0, 0.5, 0.2]), 'y': (steps, [9.0, 8.0, 7.0])},
-                'with': {'click': (steps, [3.0, 2.0, 2.5]), 'y': (steps, [9.0, 8.0, 7.0])}},
+  with_process = {'step': steps, 'norm_processed': [3.0, 2.0, 2.5],
+                  'eq16_share': [0.2, 0.4, 0.1], 'eq17_factor': [1.5, 1.8, 1.2]}
+  figures.fig5({'without': {'click': {'step': steps, 'norm_processed': [1.0, 0.5, 0.2]},
+                            'y': {'step': steps, 'norm_processed': [9.0, 8.0, 7.0]}},
+                'with': {'click': with_process,
+                         'y': {'step': steps, 'norm_processed': [9.0, 8.0, 7.0],
+                               'eq16_share': [0, 0, 0], 'eq17_factor': [1, 1, 1]}}},
                str(tmp_path / 'fig5.png'))
   figures.fig7({'DNN': [1.0, 1.2], 'HTLNet': [2.0, 2.2]}, str(tmp_path / 'fig7.png'))
-  grid = np.arange(35, dtype=float).reshape(7, 5) / 35
+  grid = np.arange(36, dtype=float).reshape(6, 6) / 36
   figures.fig8({'nrmse': grid, 'nmae': 1 - grid}, experiments_lib.FIG8_ALPHAS,
                experiments_lib.FIG8_GAMMAS, str(tmp_path / 'fig8.png'))
   for name in ('fig5', 'fig7', 'fig8'):

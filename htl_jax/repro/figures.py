@@ -37,19 +37,37 @@ def machine_name() -> str:
   return f'{model}, {os.cpu_count()} cores'
 
 
-def fig5(curves: dict[str, dict[str, tuple[Sequence[int], Sequence[float]]]], path: str) -> None:
-  """``{panel: {task: (steps, norms)}}`` -> one log-scale panel per run, a line per task."""
+def fig5(curves: dict[str, dict[str, dict[str, Sequence[float]]]], path: str) -> None:
+  """``{panel: {task: {'step': [...], 'norm_processed': [...], ...}}}`` -> per run, the
+  per-task gradient norms on the shared parameters after the process (log scale; each point
+  the mean over an evaluation window's steps), and below, where Algorithm 1 ran, the share
+  of steps where Eq. 16 fired and the mean Eq. 17 factor of each binary task."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False,
-                           sharey=True)
-  for ax, (panel, tasks) in zip(axes[0], curves.items()):
-    for task, (steps, norms) in tasks.items():
-      ax.plot(steps, norms, marker='o', markersize=3, label=task)
-    ax.set_yscale('log')
-    ax.set_title(panel)
-    ax.set_xlabel('step')
-    ax.grid(True, alpha=0.3)
-  axes[0][0].set_ylabel('gradient norm on the shared parameters')
+  fig, axes = plt.subplots(2, len(curves), figsize=(5 * len(curves), 6.4), squeeze=False,
+                           sharey='row', sharex='col')
+  for col, (panel, tasks) in enumerate(curves.items()):
+    top, bottom = axes[0][col], axes[1][col]
+    for i, (task, values) in enumerate(tasks.items()):
+      color = f'C{i}'                    # a task keeps its color in every panel
+      top.plot(values['step'], values['norm_processed'], marker='o', markersize=3,
+               color=color, label=task)
+      if 'eq16_share' in values and task != list(tasks)[-1]:
+        bottom.plot(values['step'], values['eq16_share'], marker='o', markersize=3,
+                    color=color, label=f'{task}: Eq. 16 share')
+        bottom.plot(values['step'], values['eq17_factor'], marker='s', markersize=3,
+                    color=color, linestyle='--', label=f'{task}: Eq. 17 factor')
+    top.set_yscale('log')
+    top.set_title(panel)
+    top.grid(True, alpha=0.3)
+    bottom.set_xlabel('step')
+    bottom.grid(True, alpha=0.3)
+    if not bottom.lines:
+      bottom.text(0.5, 0.5, 'no Algorithm 1 in this run', ha='center', va='center',
+                  transform=bottom.transAxes)
+    else:
+      bottom.legend(fontsize=7)
+  axes[0][0].set_ylabel('gradient norm on theta_s\n(window mean)')
+  axes[1][0].set_ylabel('Eq. 16 share / Eq. 17 factor')
   axes[0][-1].legend()
   fig.suptitle('Fig. 5: per-task gradient magnitude')
   fig.tight_layout()
@@ -62,7 +80,8 @@ def fig7(seconds_per_epoch: dict[str, list[float]], path: str, machine: str = ''
   plt = _pyplot()
   names = list(seconds_per_epoch)
   means = [float(np.mean(seconds_per_epoch[n])) for n in names]
-  stds = [float(np.std(seconds_per_epoch[n])) for n in names]
+  stds = [float(np.std(seconds_per_epoch[n], ddof=1)) if len(seconds_per_epoch[n]) > 1
+          else 0.0 for n in names]
   fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.8))
   ax.bar(names, means, yerr=stds, color='tab:blue', alpha=0.8)
   ax.set_ylabel('training seconds per epoch')

@@ -219,15 +219,17 @@ def draw_figure(figure: str, workdir: str, results: dict[str, dict]) -> str:
   return path
 
 
-def _gradient_curves(directory: str) -> dict[str, tuple[list[int], list[float]]]:
-  """Per task, (steps, processed gradient norms) from a run's ``metrics.jsonl``."""
+def _gradient_curves(directory: str) -> dict[str, dict[str, list[float]]]:
+  """Per task, Fig. 5's series from a run's ``metrics.jsonl``: the step of each evaluation
+  and the window means of its ``grad`` record (``norm_processed``, ``eq16_share``, ...)."""
   import json  # pylint: disable=g-import-not-at-top
-  curves: dict[str, tuple[list[int], list[float]]] = {}
+  curves: dict[str, dict[str, list[float]]] = {}
   with open(os.path.join(directory, 'metrics.jsonl')) as f:
     for line in f:
       record = json.loads(line)
       for task, grad in record.get('grad', {}).items():
-        steps, norms = curves.setdefault(task, ([], []))
-        steps.append(record['step'])
-        norms.append(grad['norm_processed'])
+        series = curves.setdefault(task, {'step': []})
+        series['step'].append(record['step'])
+        for name, value in grad.items():
+          series.setdefault(name, []).append(value)
   return curves

@@ -232,40 +232,51 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
       use_l2=config['use_l2'])
 
 
-def init_params(setup: TrainSetup, config, keys: tuple[jax.Array, ...]) -> Any:
+def init_params(setup: TrainSetup, embed_dim: int, tau0: float | jax.Array,
+                keys: tuple[jax.Array, ...]) -> Any:
   """Fresh parameters: N(0, 0.01^2) embedding table, Xavier towers (``model.init``).
 
   Args:
     keys: the model's init key, the table's, and the Gumbel key of the init pass.
   """
   init_key, embed_key, gumbel_key = keys
-  table = embedding.init_table(embed_key, setup.layout.rows, config.embed_dim)
-  dummy = jnp.zeros((2, len(setup.layout.offsets), config.embed_dim))
+  table = embedding.init_table(embed_key, setup.layout.rows, embed_dim)
+  dummy = jnp.zeros((2, len(setup.layout.offsets), embed_dim))
   variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
-                               (dummy,) * setup.spec.num_tasks, train=True, tau=config.tau0,
+                               (dummy,) * setup.spec.num_tasks, train=True, tau=tau0,
                                example_index=jnp.arange(2))
   return {'embedding': {'table': table}, 'model': variables['params']}
 
 
 def init_state(setup: TrainSetup, config) -> TrainState:
-  """Fresh parameters and optimizer states; the run's PRNG key from ``config.seed``."""
-  *keys, rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-  params = init_params(setup, config, tuple(keys))
-  hparams = Hyperparams.from_config(config)
+  """Fresh parameters and optimizer states; the run's PRNG key from ``config.seed``.
+
+  One compiled program (not hundreds of eager operations), shared by every seed and
+  hyperparameter value of the setup.
+  """
+  return _init_state(setup, int(config.embed_dim), jnp.asarray(config.seed, jnp.uint32),
+                     Hyperparams.from_config(config), jnp.asarray(config.tau0, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_state(setup: TrainSetup, embed_dim: int, seed: jax.Array, hparams: Hyperparams,
+                tau0: jax.Array) -> TrainState:
+  *keys, rng = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = init_params(setup, embed_dim, tau0, tuple(keys))
   theta_s = {'embedding': params['embedding']['table'],
              'shared': per_task.split_shared(params['model'], setup.shared)[0]}
-  balance = setup.balance(hparams, seed=config.seed)
+  balance = setup.balance(hparams, seed=seed)
   balance_state = balance.init(theta_s) if balance is not None else optax.EmptyState()
   scratch = embedding.new_id_scratch(setup.layout.rows) if setup.sparse_table else None
   opt_state = {'balance': balance_state,
                'optimizer': setup.optimizer(hparams).init(params)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    tau=jnp.asarray(config.tau0, jnp.float32), rng=rng, hparams=hparams,
-                    id_scratch=scratch)
+                    tau=tau0, rng=rng, hparams=hparams, id_scratch=scratch)
 
 
 def abstract_serving_state(setup: TrainSetup, config) -> ServingState:
   """The shapes and dtypes of a :class:`ServingState` (nothing is computed or allocated)."""
   return jax.eval_shape(lambda: ServingState(
-      params=init_params(setup, config, tuple(jax.random.split(jax.random.PRNGKey(0), 3))),
+      params=init_params(setup, int(config.embed_dim), config.tau0,
+                         tuple(jax.random.split(jax.random.PRNGKey(0), 3))),
       tau=jnp.asarray(config.tau0, jnp.float32)))
