@@ -24,6 +24,7 @@ from scipy import stats
 
 from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
+from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import figures, report, runner
 
@@ -218,3 +219,35 @@ def test_trial_killed_before_its_first_heartbeat_is_retried(tmp_path, monkeypatc
   retry = study.get_trials()[1]
   assert retry.user_attrs['cell'] == 'HTLNet|seed0'
   assert orphan.number == 0
+
+
+def test_a_preempted_cell_is_retried_at_once(tmp_path):
+  """A cell whose run was preempted (exit 75) is a FAIL trial with a WAITING retry of the
+  same cell, so the next worker (or the same command again) runs it without waiting for a
+  heartbeat to go stale."""
+  workdir = str(tmp_path / 'suite')
+  calls = []
+
+  def cell(config, run_dir):
+    calls.append((config.model, config.seed))
+    if len(calls) == 2:
+      raise PreemptedError('SIGTERM: stopped after step 4')
+    os.makedirs(run_dir, exist_ok=True)
+    result = {'valid': {'y': {'nrmse': 1.0}}, 'test': {'y': {'nrmse': 1.0}}}
+    with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
+      json.dump(result, f)
+    return result
+
+  def run():
+    return runner.run_experiment(kuairand.get_config(), 'table3', 2, workdir,
+                                 variants=['HTLNet'], run_cell=cell)
+
+  with pytest.raises(PreemptedError):
+    run()
+  storage = optuna.storages.RDBStorage(f'sqlite:///{workdir}/optuna.db')
+  study = optuna.load_study(study_name='reproduce:table3:kuairand:sample', storage=storage)
+  states = [(t.state.name, t.user_attrs['cell']) for t in study.trials]
+  assert states == [('COMPLETE', 'HTLNet|seed0'), ('FAIL', 'HTLNet|seed1'),
+                    ('WAITING', 'HTLNet|seed1')]
+  assert len(run()) == 2
+  assert calls == [('htlnet', 0), ('htlnet', 1), ('htlnet', 1)]
