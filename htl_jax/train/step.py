@@ -182,25 +182,44 @@ class Steps:
            jax.tree.structure(args))
     if key not in self._compiled:
       self._compiled[key] = fn.lower(*args).compile()
+      _bound_kept(keep=self)
     return self._compiled[key]
+
+  @property
+  def num_programs(self) -> int:
+    return len(self._compiled)
 
 
 # The compiled steps this process keeps for later runs: runs of equal setups (every
 # step-shaping config field equal; seeds and Hyperparams may differ) reuse them. Past this
-# many setups the oldest is dropped and JAX's caches are cleared, so a process that runs
-# hundreds of configurations (a tuning study) holds a bounded number of compiled programs;
-# the ones still kept recompile from the persistent compilation cache when next called.
-MAX_KEPT_SETUPS = 8
+# many setups, or this many compiled programs (a setup has one per batch shape), the least
+# recently used setups are dropped and JAX's caches cleared, so a process that runs hundreds
+# of configurations (a tuning study) holds a bounded number of programs (each holds a few
+# hundred memory maps; the kernel allows 65,530); the ones still kept recompile from the
+# persistent compilation cache when next called.
+MAX_KEPT_SETUPS = 4
+MAX_KEPT_PROGRAMS = 16
 _KEPT: collections.OrderedDict[TrainSetup, Steps] = collections.OrderedDict()
 
 
 def compiled_steps(setup: TrainSetup) -> Steps:
   """The data-parallel steps of ``setup`` (kept for later runs of equal setups)."""
-  steps = _KEPT.pop(setup, None)
-  if steps is None:
-    steps = Steps(setup)
-    if len(_KEPT) >= MAX_KEPT_SETUPS:
-      _KEPT.popitem(last=False)
-      jax.clear_caches()
+  steps = _KEPT.pop(setup, None) or Steps(setup)
   _KEPT[setup] = steps
+  _bound_kept(keep=steps)
   return steps
+
+
+def _bound_kept(keep: Steps) -> None:
+  """Drops the least recently used setups (never ``keep``) past the bounds above."""
+  dropped = False
+  while len(_KEPT) > 1 and (
+      len(_KEPT) > MAX_KEPT_SETUPS
+      or sum(steps.num_programs for steps in _KEPT.values()) > MAX_KEPT_PROGRAMS):
+    oldest = next(iter(_KEPT))
+    if _KEPT[oldest] is keep:
+      break
+    del _KEPT[oldest]
+    dropped = True
+  if dropped:
+    jax.clear_caches()
