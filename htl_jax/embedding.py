@@ -1,6 +1,6 @@
 """The shared embedding table ``E in R^{M x d}``: layout, lookup, sums by id, row-wise Adam.
 
-One home for the table (DESIGN section 2; torchrec keeps ``modules/embedding_*`` and its
+One home for the table (the README's Layout; torchrec keeps ``modules/embedding_*`` and its
 row-wise optimizers apart the same way). In order of use in a train step:
 
 - **Layout** (:class:`TableLayout`): every field's ids sit at an offset in ONE table; a model
@@ -16,10 +16,10 @@ row-wise optimizers apart the same way). In order of use in a train step:
   (:func:`first_occurrence_in`), never a sort.
 - **Back to the table** (:func:`table_gradient`): the combined gradient plus the L2 term,
   as the dense table gradient (dense Adam) or as :class:`RowGradients` (row-wise Adam).
-- **Row-wise Adam** (:func:`row_adam`, ``embedding_optimizer='lazy_adam'``, DESIGN section
-  11): an optax-shaped transform that reads and writes only the rows of the batch, as TF's
-  LazyAdam and PyTorch's SparseAdam do; :func:`apply_updates` scatters its row updates into
-  the (donated) table in place.
+- **Row-wise Adam** (:func:`row_adam`, ``embedding_optimizer='lazy_adam'``, docs/design.md): an
+  optax-shaped transform that reads and writes only the rows of the batch, as TF's LazyAdam and
+  PyTorch's SparseAdam do; :func:`apply_updates` scatters its row updates into the (donated) table
+  in place.
 
 **Row-wise Adam's bias correction uses a per-row step count** ``c`` (the number of batches
 the row has been in), not the global step of TF's LazyAdam and PyTorch's SparseAdam. A row
@@ -242,8 +242,8 @@ def table_gradient(combined: RowGradients, ids: jax.Array, rows: jax.Array,
                    ) -> jax.Array | RowGradients:
   """The table's gradient from the combined (task-free) slots, plus the L2 term's.
 
-  The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows (DESIGN section
-  3: not a task, so added after the gradient process): each occurrence adds
+  The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows
+  (docs/design.md: not a task, so added after the gradient process): each occurrence adds
   ``(2 l2 / B) e``, so an id's sum is its count in the batch times that.
 
   Args:

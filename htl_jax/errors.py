@@ -46,7 +46,7 @@ class RunError(HtlError, ValueError):
 
 
 class WorkdirBusyError(HtlError, RuntimeError):
-  """Another live process holds the workdir (one owner per workdir, DESIGN section 8)."""
+  """Another live process holds the workdir (one owner per workdir, docs/design.md)."""
 
   exit_code = 2
 

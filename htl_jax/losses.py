@@ -1,6 +1,6 @@
 """The training objective: task losses, core heads and transforms, the per-task loss vector.
 
-One home for everything the loss is made of (DESIGN section 1: ``L = L_core + sum_t L_t``).
+One home for everything the loss is made of (docs/design.md: ``L = L_core + sum_t L_t``).
 Losses are pure ``jax.numpy``, jit-able, with scalar outputs:
 
 * ``bce`` / ``bce_with_logits``: the binary task losses ``L_t`` (paper Eq. 1).
@@ -20,7 +20,7 @@ Every loss averages over the leading batch axis. ``bce``, ``bce_with_logits``,
 ``weight`` of shape ``[B]`` (1 for real rows, 0 for padding) and then return
 the weighted mean; a batch whose weights are all zero gives 0.
 
-The core head (DESIGN section 3): :class:`CoreTransform` (``none`` | ``standardize`` |
+The core head (docs/design.md): :class:`CoreTransform` (``none`` | ``standardize`` |
 ``log1p``, fitted on train) with :func:`core_loss` (MSE on the transformed target, or ZILN on
 raw values) and :func:`core_prediction` (back on the original scale, so metrics are always
 on it). :class:`TrainingObjective` turns a model's output into the per-task losses (K terms, core
@@ -171,7 +171,7 @@ def aitm_calibrator(probs: Array, alpha: float, weight: Array | None = None) -> 
 
 
 def tafe_dtl_loss(probs: Array, labels: Array, weight: Array | None = None) -> Array:
-  """Dependence task learning loss of TAFE (our reconstruction, DESIGN section 5).
+  """Dependence task learning loss of TAFE (our reconstruction, docs/design.md).
 
   With ``p_0 = 1``, ``p_{T+1} = 0``, ``y_0 = 1``, ``y_{T+1} = 0``, the outcomes
   "stopped after step k" (k = 0..T) are mutually exclusive with probability

@@ -259,7 +259,7 @@ class SelectionMetric:
 
 
 def selection_metric(config: Any) -> SelectionMetric:
-  """THE model-selection metric of a run (DESIGN section 10): ``config.best_metric``, or by
+  """THE model-selection metric of a run (docs/design.md): ``config.best_metric``, or by
   default NRMSE for an MSE core head and Gini for a ZILN head.
 
   Training (best checkpoint, early stopping), tuning (the objective and its direction), the

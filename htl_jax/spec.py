@@ -1,4 +1,4 @@
-"""What a hybrid-target problem is: its fields and its tasks (DESIGN section 1).
+"""What a hybrid-target problem is: its fields and its tasks (docs/design.md).
 
 :class:`HybridSpec` is read by the data pipeline (which produces it), the models (which build
 their towers from it) and the trainer; it lives here so that models do not depend on the data

@@ -154,7 +154,8 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
                         cwd=REPO, env=env, capture_output=True, text=True)
   assert done.returncode == 2, done.stderr
   assert 'Traceback' not in done.stderr
-  assert _last_line(done.stderr) == f'error: --workdir {workdir} is an existing file, not a directory'
+  assert _last_line(done.stderr) == (
+      f'error: --workdir {workdir} is an existing file, not a directory')
   assert workdir.read_text() == 'my notes'
 
 

@@ -1,4 +1,4 @@
-"""Faults a real user meets (DESIGN section 8): real processes, real signals, real files.
+"""Faults a real user meets (docs/design.md): real processes, real signals, real files.
 
 - one owner per workdir: a second process stops with one line (exit 2), the first is
   unaffected, and a holder killed with SIGKILL never blocks the restart;

@@ -1,4 +1,4 @@
-"""The package's shape (DESIGN section 2): imports only go down, no file over 500 lines.
+"""The package's shape (the README's Layout): imports only go down, no file over 500 lines.
 
 Floors, lowest first; a module may import its own floor and the floors below it, never one
 above. ``experiments/`` and ``htl_jax`` never import the checkout's top-level ``configs``.

@@ -1,4 +1,4 @@
-"""The training loop's time to a table (DESIGN section 9) and what it records (section 10).
+"""The training loop's time to a table (docs/benchmarks.md) and what it records (section 10).
 
 - several steps per dispatch give the same run, bit for bit, as one step per dispatch;
 - a second run of the same shapes compiles nothing (seeds and hyperparameters differ);

@@ -41,7 +41,7 @@ HTLNET_ABLATIONS = {
     'ziln_head': {'head': 'ziln'},
 }
 BASELINES = ('dnn', 'shared_bottom', 'mmoe', 'ple', 'adatt', 'esmm', 'aitm', 'tafe', 'ziln')
-# Models whose theta_s includes shared layers (DESIGN section 3), by registry name.
+# Models whose theta_s includes shared layers (docs/design.md), by registry name.
 WITH_SHARED_LAYERS = ('shared_bottom', 'mmoe', 'ple', 'adatt')
 MONOTONE = ('esmm', 'tafe')
 

@@ -135,8 +135,8 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
 
   theta_s is the table, plus the shared bottom / experts of Shared-Bottom, MMoE, PLE and
   AdaTT; the reference differentiates the task losses with respect to the dense table and
-  the shared layers with ``jax.jacrev`` and applies the transformation to that. Batches repeat ids, the
-  L2 term (on the looked-up rows, after the process) is on, and every other parameter gets
+  the shared layers with ``jax.jacrev`` and applies the transformation to that. Batches repeat
+  ids, the L2 term (on the looked-up rows, after the process) is on, and every other parameter gets
   the gradient of the summed loss.
   """
   from htl_jax.configs.base import get_base_config

@@ -1,4 +1,4 @@
-"""How a config becomes a train setup: the paper's protocol per model (DESIGN sections 3-5).
+"""How a config becomes a train setup: the paper's protocol per model (docs/design.md).
 
 Gradient process defaults ('htl' for HTLNet only), one learning rate (``alpha`` is never a
 step size), DNN's independent tables, the core head's initial bias, and the one-line config

@@ -88,7 +88,7 @@ def test_chronological_split_by_date_strings(tmp_path):
 
 
 def test_random_split_is_drawn_from_split_seed_not_seed(tmp_path):
-  """Seeds vary the model only (DESIGN section 10): two seeds see the same test rows, two
+  """Seeds vary the model only (docs/design.md): two seeds see the same test rows, two
   split seeds do not."""
   path = str(tmp_path / 'data.csv')
   _frame(100).with_columns(pl.Series('amount', np.arange(100.0))).write_csv(path)

@@ -64,7 +64,7 @@ def test_search_space_has_only_the_models_hyperparameters(overrides, expected):
 
 
 def test_tau_grid_scales_with_the_training_rows():
-  """Hillstrom's 51,200 training rows: tau_d's grid times 51,200 / 948,847 (DESIGN 10)."""
+  """Hillstrom's 51,200 training rows: tau_d's grid times 51,200 / 948,847 (docs/design.md)."""
   config = _config()
   assert config.tau_grid_scale == 0
   assert table6.search_space(config, ['tau_decay_steps'], train_rows=51_200) == {
@@ -179,7 +179,8 @@ def _tune_command(workdir, cache_dir: str, trials: int, storage: str = '') -> li
                                        '--config.checkpoint_every', '--config.patience'))]
   return [sys.executable, '-m', 'experiments.tune', f'--config=configs/kuairand.py:{TINY_ARG}',
           *overrides, '--config.max_steps=160', '--config.eval_every=20',
-          '--config.checkpoint_every=20', '--config.patience=100', '--model=shared_bottom', f'--trials={trials}',
+          '--config.checkpoint_every=20', '--config.patience=100', '--model=shared_bottom',
+          f'--trials={trials}',
           f'--workdir={workdir}', '--params=learning_rate', '--pruner_startup_trials=1000',
           *([f'--storage={storage}'] if storage else [])]
 

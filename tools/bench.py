@@ -1,4 +1,4 @@
-"""Benchmarks of DESIGN section 9, reported as ratios measured in one run.
+"""Benchmarks of docs/benchmarks.md, reported as ratios measured in one run.
 
     python tools/bench.py --quick --json     # one JSON object on stdout
     python tools/bench.py                     # every model, more steps, a table
@@ -17,7 +17,7 @@ medians over rounds. Only the ratios are meaningful across machines. Like
 - ``grad_process_overhead_1e6``: the same with a 1e6-row user-id vocabulary (goal <= 1.3);
 - ``htlnet_vs_shared_bottom``: HTLNet (htl) / Shared-Bottom (none) (goal <= 1.5);
 - ``htlnet_vs_shared_bottom_flops``: the same ratio of XLA's FLOP counts per step
-  (``gflop_per_step``): with DESIGN's sizes HTLNet does ~2x Shared-Bottom's work, so this is
+  (``gflop_per_step``): with the paper's sizes HTLNet does ~2x Shared-Bottom's work, so this is
   the floor of the step-time ratio when both run at the same FLOP rate;
 - ``fast_path_speedup``: HTLNet's per-task gradients by vmap over cotangents / by one
   backward pass over per-tower copies;
@@ -37,7 +37,7 @@ medians over rounds. Only the ratios are meaningful across machines. Like
   before it) against the pure step timed right after (goal >= 0.97);
 - ``run_overhead`` (``--run_overhead``): the wall time of the README's main command in a
   fresh process (warm compilation cache) / its steps' compute time (the pure step of the
-  same model and batch, times the run's steps); DESIGN's goal <= 1.5;
+  same model and batch, times the run's steps); the goal <= 1.5;
 - ``table3_seconds`` (``--table3_seeds N``): the wall time of ``htl-reproduce
   --experiment=table3 --seeds=N`` on the sample, twice in a row (cold, then warm cache).
 """

@@ -19,13 +19,13 @@ constructor cannot express our architecture, its own classes are put together to
   two binary towers only); its loss is the mean of the CTR, CTCVR and core losses;
 - AITM: the core task is the third task of the chain.
 
-torch-rechub's MLPs put a BatchNorm after every linear layer; ours have none. The twins run
-as shipped ("torch"), with every BatchNorm replaced by the identity ("torch_nobn", the same
-computation as ours), and as shipped on one thread ("torch_1thread": on a loaded machine
-OpenMP's barriers make two threads slower than one). ``speedup_vs_fastest_twin`` compares
-each round's htl-jax window with the fastest of the three twins' windows. The matmul FLOPs of a forward pass are counted in both
-frameworks (``torch.utils.flop_counter`` / the ``dot_general``s of the JAX model) and must
-agree within 2%.
+torch-rechub's MLPs put a BatchNorm after every linear layer; ours have none. The twins run as
+shipped ("torch"), with every BatchNorm replaced by the identity ("torch_nobn", the same computation
+as ours), and as shipped on one thread ("torch_1thread": on a loaded machine OpenMP's barriers make
+two threads slower than one). ``speedup_vs_fastest_twin`` compares each round's htl-jax window with
+the fastest of the three twins' windows. The matmul FLOPs of a forward pass are counted in both
+frameworks (``torch.utils.flop_counter`` / the ``dot_general``s of the JAX model) and must agree
+within 2%.
 
 Timing as in ``tools/bench.py``: windows of steps, all configurations interleaved round by
 round; a speedup is the median over rounds of the torch window time over the htl-jax window
@@ -96,7 +96,7 @@ class ESMMWithCore(ESMM):
 
 
 def torch_model(name: str, spec) -> nn.Module:
-  """torch-rechub's twin of our ``name`` at DESIGN's sizes."""
+  """torch-rechub's twin of our ``name`` at the paper's sizes."""
   features = [SparseFeature(f, v, embed_dim=10) for f, v in zip(spec.fields, spec.vocab_sizes)]
   towers = [{'dims': [32]}] * 3
   if name == 'shared_bottom':

@@ -11,7 +11,7 @@ benchmark, a KuaiRand-Pure-sized log:
         --out /tmp/kuairand_1m
 
 It writes the three files of KuaiRand-Pure with the same names and all their columns
-(DESIGN section 7): ``log_random_4_22_to_5_08_pure.csv``, ``user_features_pure.csv`` and
+(docs/design.md): ``log_random_4_22_to_5_08_pure.csv``, ``user_features_pure.csv`` and
 ``video_features_basic_pure.csv``, with the real files' quirks: empty cells (missing
 ``onehot_feat*``, ``video_duration``, ``music_type``, ``tag``), the sentinel ``-124``
 (``is_live_streamer`` and two ``video_duration`` values), multi-valued tags (``"2,28"``) and a

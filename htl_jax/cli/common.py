@@ -48,6 +48,17 @@ def define_config_flags() -> None:
                     'Print the resolved config (every field and its value) and exit.')
 
 
+def require(*names: str) -> None:
+  """``--config`` and ``names`` are required, except that ``--print_config`` needs only
+  ``--config``."""
+  flags.mark_flag_as_required('config')
+  flags.register_multi_flags_validator(
+      [*names, 'print_config'], lambda values: values['print_config'] or all(
+          values[name] not in (None, '') for name in names),
+      message=f'flag(s) {", ".join("--" + n for n in names)} must be given (--print_config '
+              'needs --config alone)')
+
+
 def define_distributed_flags() -> None:
   """The flags of a multi-process run (:mod:`htl_jax.train.distributed`)."""
   flags.DEFINE_string(

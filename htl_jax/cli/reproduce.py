@@ -46,7 +46,7 @@ flags.DEFINE_integer('tune_trials', 0, 'Finished trials of every model\'s study 
                      'before the seeds run (0: no tuning).', lower_bound=0)
 common.define_config_flags()
 common.define_distributed_flags()
-flags.mark_flags_as_required(['experiment', 'config', 'workdir'])
+common.require('experiment', 'workdir')
 FLAGS = flags.FLAGS
 
 

@@ -26,7 +26,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics; an 
                     'there is resumed.')
 common.define_config_flags()
 common.define_distributed_flags()
-flags.mark_flags_as_required(['config', 'workdir'])
+common.require('workdir')
 FLAGS = flags.FLAGS
 
 

@@ -39,7 +39,7 @@ flags.DEFINE_integer('pruner_warmup_evals', 1,
                      'Evaluations every trial runs before the pruner may stop it.')
 common.define_config_flags()
 common.define_distributed_flags()
-flags.mark_flags_as_required(['config', 'workdir'])
+common.require('workdir')
 FLAGS = flags.FLAGS
 
 

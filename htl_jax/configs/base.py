@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tau_decay_steps = 1000
   c.tau_min = 0.1
   c.tau_grid_scale = 1.0        # tuning: Table 6's tau_d grid times this; 0 = the training
-                                # split's rows / KuaiRand-Pure's 948,847 (DESIGN section 10)
+                                # split's rows / KuaiRand-Pure's 948,847 (docs/design.md)
   # Gradient process (Algorithm 1, Eq. 16-17).
   c.grad_process = 'auto'       # auto (htl for htlnet, none otherwise) | htl | pcgrad |
                                 # metabalance | none

@@ -1,6 +1,6 @@
 """Kaggle-Revenue (Acquire Valued Shoppers, ZILN preprocessing): 1Y -> 1M repurchase -> 1M spend.
 
-Tasks (DESIGN section 7, :mod:`htl_jax.data.kaggle_revenue`): ``repurchase_1y`` ->
+Tasks (docs/design.md, :mod:`htl_jax.data.kaggle_revenue`): ``repurchase_1y`` ->
 ``repurchase_1m`` (nested) -> core ``amount_1m``, one example per (customer, company) of the
 ZILN paper's 20 companies, split chronologically by the first purchase date. Download
 ``transactions.csv.gz`` from the Kaggle competition and decompress it into DIR, then::

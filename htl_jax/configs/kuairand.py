@@ -32,6 +32,6 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.tau_decay_steps = 100
   config.log_every = 50
   # Tuning scales Table 6's tau_d grid by the training rows over KuaiRand-Pure's: 1 on the
-  # real data, 0.034 on the sample (DESIGN section 10).
+  # real data, 0.034 on the sample (docs/design.md).
   config.tau_grid_scale = 0.0
   return overrides.apply_args(config, arg)

@@ -119,7 +119,8 @@ def apply_args(config: ml_collections.ConfigDict,
   unknown = [key for key in pairs if not _has_key(config, key)]
   if unknown:
     raise ConfigError(f'unknown config key(s) {", ".join(unknown)} in {arg!r}; keys are the '
-                     'fields of htl_jax/configs/base.py (dotted for nested ones) and smoke; `htl-train --config=NAME --print_config` lists them')
+                      'fields of htl_jax/configs/base.py (dotted for nested ones) and smoke; '
+                      '`htl-train --config=NAME --print_config` lists them')
   if smoke:
     apply_smoke(config)
   for key, value in pairs.items():

@@ -1,4 +1,4 @@
-"""Datasets for hybrid-target multi-task learning (DESIGN section 7).
+"""Datasets for hybrid-target multi-task learning (docs/design.md).
 
 The single entry point is :func:`load_dataset`: it picks the loader named by
 ``config.dataset``, runs the shared :func:`htl_jax.data.pipeline.prepare` and, with a cache

@@ -4,7 +4,7 @@
 and returns a :class:`Report`: one :class:`Check` per fact (``ok``, or ``DIFFERS`` with the
 expected and the found value) and a summary, before anyone spends hours training on it.
 
-- KuaiRand-Pure (``kuairand``): the three files and their columns (DESIGN section 7); the
+- KuaiRand-Pure (``kuairand``): the three files and their columns (docs/design.md); the
   log's rows (1,186,059), users (27,285), videos (7,583), dates (``date``, YYYYMMDD:
   2022-04-22 to 2022-05-08), click rate 17.62%, long-view rate 8.50% and watch time
   (``play_time_ms / 1000``) mean 6.94 s and std 18.79 s (the paper's Table 1). The embedded

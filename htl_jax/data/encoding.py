@@ -1,4 +1,4 @@
-"""Field encodings: fitted on the training rows, applied to any rows (DESIGN section 7).
+"""Field encodings: fitted on the training rows, applied to any rows (docs/design.md).
 
 :func:`fit` learns one encoding per feature field from the training rows; :meth:`Encoder.encode`
 turns the raw columns of any rows (a whole table at training time, or a chunk of a new file

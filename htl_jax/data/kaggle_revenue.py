@@ -4,7 +4,7 @@ Source: ``transactions.csv`` of the Kaggle "Acquire Valued Shoppers Challenge" (
 ``id, chain, dept, category, company, brand, date, productsize, productmeasure,
 purchasequantity, purchaseamount``; about 350M rows). Following the ZILN preprocessing (Wang,
 Liu and Miao 2019, arXiv 1912.07753, google/lifetime_value notebooks) for its 20 companies, one
-example per (customer ``id``, ``company``) (DESIGN section 7):
+example per (customer ``id``, ``company``) (docs/design.md):
 
 - keep rows with ``purchaseamount > 0``; ``start_date`` = the first purchase date;
 - features: ``chain, dept, category, brand, productmeasure`` of the largest purchase on the

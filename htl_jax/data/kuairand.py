@@ -1,4 +1,4 @@
-"""KuaiRand-Pure loader (the paper's "KuaiRand" dataset; DESIGN section 7).
+"""KuaiRand-Pure loader (the paper's "KuaiRand" dataset; docs/design.md).
 
 Reads ``log_random_4_22_to_5_08_pure.csv`` joined with ``user_features_pure.csv`` and
 ``video_features_basic_pure.csv`` from ``config.data_dir``, or, when ``data_dir`` is '', from

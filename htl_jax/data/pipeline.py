@@ -1,7 +1,7 @@
 """Shared preprocessing: validation, 8:1:1 split, encoding, batches, cache.
 
 Every loader returns a :class:`~htl_jax.data.schema.RawTable`; :func:`prepare` turns it into
-:class:`~htl_jax.data.schema.HybridData` (DESIGN section 7):
+:class:`~htl_jax.data.schema.HybridData` (docs/design.md):
 
 1. Validation. Binary labels must be finite and in {0, 1}; the core must be finite and >= 0.
    Anything else raises :class:`DataError` naming the source file, the column and the number

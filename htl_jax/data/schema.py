@@ -1,4 +1,4 @@
-"""Data contract shared by every loader, the pipeline and the trainer (DESIGN section 7).
+"""Data contract shared by every loader, the pipeline and the trainer (docs/design.md).
 
 A loader turns files into a :class:`RawTable` (raw feature columns, labels in task order,
 the core value and an optional timestamp). :mod:`htl_jax.data.pipeline` validates it, splits

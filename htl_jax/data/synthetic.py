@@ -1,6 +1,7 @@
 """A tiny in-memory hybrid-target dataset with real task dependence, for unit tests.
 
-Generative process (seeded by ``config.split_seed``, the data's seed; ``config.data.max_rows`` rows, default 4000):
+Generative process (seeded by ``config.split_seed``, the data's seed;
+``config.data.max_rows`` rows, default 4000):
 
 * fields ``user`` (50 ids), ``item`` (40 ids), ``channel`` (5 ids, strings), ``hour``
   (24 ids) and one numeric field ``price`` (lognormal, ~3% nulls);

@@ -1,7 +1,7 @@
 """Bring-your-own-data loader: one CSV or Parquet file described by ``config.data``.
 
 This is how the paper's private "Product" data (click -> purchase -> amount) and any user's
-own logs enter htl-jax (DESIGN section 7). ``config.data`` names, as comma-separated strings,
+own logs enter htl-jax (docs/design.md). ``config.data`` names, as comma-separated strings,
 the categorical and numeric feature columns, the binary task columns in chain order, the core
 column and an optional time column ('' = seeded random 8:1:1 split in the pipeline).
 

@@ -14,8 +14,8 @@ of ``experts_per_task`` experts; the fusion unit of task ``t`` combines
 
 Choices and simplifications (documented here, not in the paper):
 
-- one fusion level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert is a one-layer
-  ReLU MLP of width ``cfg.shared_dims[l]`` (as in :mod:`htl_jax.models.ple`);
+- one fusion level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert
+  is a one-layer ReLU MLP of width ``cfg.shared_dims[l]`` (as in :mod:`htl_jax.models.ple`);
 - ``experts_per_task`` defaults to 2 (so ``v_t`` is learned); gates are single linear layers;
 - ``num_shared_experts > 0`` turns on the general AdaTT with a shared module (its experts
   join every gate's pool; at non-final levels a shared fusion unit feeds the next level's

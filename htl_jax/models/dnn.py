@@ -3,7 +3,7 @@
 Tang et al., "Touch the Core: Exploring Task Dependence Among Hybrid Targets for
 Recommendation", RecSys 2024 (https://arxiv.org/abs/2403.17442), Section 5.1.3: "DNN" trains
 an independent model for every task. Nothing is shared: task ``t`` has its own embedding
-table and its own ``[128, 64, 32]`` MLP (DESIGN section 5). ``independent_tasks`` tells the
+table and its own ``[128, 64, 32]`` MLP (docs/design.md). ``independent_tasks`` tells the
 trainer to keep ``K`` embedding tables (one block of rows per task in the table) and to look
 up every field once per task, so ``embs[t]`` is ``[B, K*F, d]`` and task ``t`` reads its own
 fields ``t*F .. (t+1)*F``. No gradient process applies (the config check refuses one).

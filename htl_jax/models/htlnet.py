@@ -1,6 +1,6 @@
 """HTLNet: Hybrid Targets Learning Network (Tang et al., RecSys 2024, arXiv 2403.17442).
 
-Section 3 of DESIGN.md fixes every open point; in short, for binary tasks ``1..T`` and the
+docs/design.md fixes every open point; in short, for binary tasks ``1..T`` and the
 core task ``T+1``:
 
 - task 1's tower reads ``e`` (the concatenated field embeddings);

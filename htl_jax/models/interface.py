@@ -7,7 +7,7 @@ A model is a ``flax.linen.Module`` built by ``MODELS[name](spec, model_config)``
   task (K = number of tasks, core last). On the general gradient path all K are the same
   array; on the fast path (models whose ``isolated_towers`` is True) they are K copies and
   tower ``t`` must read only ``embs[t]`` so that one backward pass yields every task's
-  gradient of the shared embedding (DESIGN section 4). Models whose tasks share more than the
+  gradient of the shared embedding (docs/design.md). Models whose tasks share more than the
   embedding read ``embs[0]``.
 - ``tau``: the Gumbel-softmax temperature from the train state (used by HTLNet only).
 - ``example_index``: ``[B]`` int32 row positions, keys per-example noise (HTLNet only).
@@ -51,8 +51,8 @@ class ModelOutput(NamedTuple):
 class ModelConfig:
   """Hyper-parameters of every model (a hashable subset of the experiment config).
 
-  ``hidden_dims`` are the three hidden layers every model has (paper Appendix B.1, DESIGN
-  section 5): HTLNet's and DNN's towers use all of them; a model with a shared part uses
+  ``hidden_dims`` are the three hidden layers every model has (paper Appendix B.1,
+  docs/design.md): HTLNet's and DNN's towers use all of them; a model with a shared part uses
   :attr:`shared_dims` (all but the last) for its shared bottom / experts and
   :attr:`tower_dims` (the last) for its towers. ``core_bias`` is the initial bias of the
   MSE core head: the training mean of the (transformed) core target. Every field's default
@@ -115,7 +115,7 @@ class HybridModel(nn.Module):
 
   Class facts (override in a subclass):
     shared: ``fnmatch`` patterns of the top-level parameter names that join the shared
-      embedding in ``theta_s`` (DESIGN section 3): the gradient process acts on them, and
+      embedding in ``theta_s`` (docs/design.md): the gradient process acts on them, and
       every task's loss reaches them.
     isolated_towers: tower ``t`` reads only ``embs[t]``, so one backward pass of the
       summed loss gives every task's gradient of the embedding (the fast path).

@@ -1,10 +1,11 @@
 """MMoE baseline: Multi-gate Mixture-of-Experts.
 
 Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate
-Mixture-of-Experts", KDD 2018 (https://doi.org/10.1145/3219819.3220007). ``cfg.num_experts``
-shared experts (ReLU MLPs ``cfg.shared_dims``, [128, 64]) read ``e = flatten(embs[0])``; task ``k`` has
-its own gate ``g^k(e) = softmax(W_gk e)`` (Eq. 5) and tower (``cfg.tower_dims``, [32]) ``h^k(sum_i g^k_i(e) f_i(e))``
-(Eq. 4). The experts are shared, so ``isolated_towers`` is False.
+Mixture-of-Experts", KDD 2018 (https://doi.org/10.1145/3219819.3220007).
+``cfg.num_experts`` shared experts (ReLU MLPs ``cfg.shared_dims``, [128, 64]) read
+``e = flatten(embs[0])``; task ``k`` has its own gate ``g^k(e) = softmax(W_gk e)`` (Eq. 5)
+and tower (``cfg.tower_dims``, [32]) ``h^k(sum_i g^k_i(e) f_i(e))`` (Eq. 4). The experts
+are shared, so ``isolated_towers`` is False.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ for Personalized Recommendations", RecSys 2020 (https://doi.org/10.1145/3383313.
 
 Choices (the paper leaves them to the application):
 
-- one extraction level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert is a
-  one-layer ReLU MLP of width ``cfg.shared_dims[l]``, so an expert path is as deep as an MMoE
+- one extraction level per entry of ``cfg.shared_dims`` ([128, 64]); at level ``l`` every expert is
+  a one-layer ReLU MLP of width ``cfg.shared_dims[l]``, so an expert path is as deep as an MMoE
   expert (``(128, 64)`` gives two levels; a single entry gives one level, i.e. CGC);
 - ``experts_per_task`` (default 1) task-specific experts per task and ``cfg.num_experts``
   shared experts per level;

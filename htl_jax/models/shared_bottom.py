@@ -1,9 +1,9 @@
 """Shared-Bottom baseline (Caruana, "Multitask Learning", Machine Learning 28, 1997).
 
-https://doi.org/10.1023/A:1007379232211. A shared ReLU MLP bottom (``cfg.shared_dims``, [128, 64]) reads
-the concatenated field embeddings ``e = flatten(embs[0])``; every task has its own tower
-(``cfg.tower_dims``, [32]) on top of the bottom's output, so every path has the paper's three
-hidden layers. The bottom is shared, so ``isolated_towers`` is False.
+https://doi.org/10.1023/A:1007379232211. A shared ReLU MLP bottom (``cfg.shared_dims``, [128, 64])
+reads the concatenated field embeddings ``e = flatten(embs[0])``; every task has its own tower
+(``cfg.tower_dims``, [32]) on top of the bottom's output, so every path has the paper's three hidden
+layers. The bottom is shared, so ``isolated_towers`` is False.
 """
 
 from __future__ import annotations

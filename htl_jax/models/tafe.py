@@ -3,13 +3,13 @@
 Seed paper 2 of the project: Tao et al., "Task Aware Feature Extraction Framework for
 Sequential Dependence Multi-Task Learning", RecSys 2023 (https://doi.org/10.1145/3604915.3608772).
 Only the paper's abstract is available to us, so this module is OUR RECONSTRUCTION from it
-(DESIGN section 5), not the authors' architecture:
+(docs/design.md), not the authors' architecture:
 
 (a) task-aware feature extraction: for task ``t`` a sample-wise gate
     ``a^t = softmax(W_t e + b_t)`` over the ``F`` field embeddings (``e = flatten(embs[0])``)
     re-weights them, ``x^t_f = F * a^t_f * emb_f`` (the factor ``F`` makes a uniform gate the
-    identity), and a task-specific expert (ReLU MLP ``cfg.shared_dims``, [128, 64], then a [32] tower) feeds task ``t``'s
-    tower;
+    identity), and a task-specific expert (ReLU MLP ``cfg.shared_dims``, [128, 64], then a
+    [32] tower) feeds task ``t``'s tower;
 (b) monotone probabilities ``p_t = p_{t-1} * sigmoid(z_t)`` with ``p_0 = 1``, where ``z_t``
     is tower ``t``'s logit; the core task has its own gate, expert and tower.
 

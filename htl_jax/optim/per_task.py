@@ -1,4 +1,4 @@
-"""Per-task gradients of the shared parameters ``theta_s`` (DESIGN section 4): autodiff only.
+"""Per-task gradients of the shared parameters ``theta_s`` (docs/design.md): autodiff only.
 
 ``theta_s`` is the shared embedding (its looked-up rows ``[B, F, d]``, never the dense
 table) plus, in models with a shared part, the model parameters whose top-level names match

@@ -1,4 +1,4 @@
-"""The paper's experiments as data, run as Optuna studies (DESIGN section 10).
+"""The paper's experiments as data, run as Optuna studies (docs/design.md).
 
 - :mod:`htl_jax.repro.storage`: where studies live (a SQLite file in the workdir, or a
   shared PostgreSQL server), shared by reproduction and tuning.

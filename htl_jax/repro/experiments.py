@@ -1,14 +1,14 @@
 """Every experiment of the paper as data: named variants, each a set of config overrides.
 
 Tang et al., "Touch the Core", RecSys 2024 (arXiv 2403.17442), Section 5 and Appendix C;
-DESIGN section 10. Adding an experiment is adding an entry to :data:`EXPERIMENTS`. A variant's
+docs/design.md. Adding an experiment is adding an entry to :data:`EXPERIMENTS`. A variant's
 overrides are applied on top of the dataset config (and of a model's tuned hyperparameters,
 see ``experiments.reproduce --tuned``); the seed is set per run.
 
 ``ours`` names the variant whose difference from the best ``baselines`` variant is tested for
 significance (the ``*`` of Table 2); ``figure`` names the figure an experiment draws.
 
-The protocol is tune, then seed (DESIGN section 10): every variant starts from the best
+The protocol is tune, then seed (docs/design.md): every variant starts from the best
 configuration of a tuning study over Table 6, named by the study's overrides
 (:meth:`Experiment.study`): a model's variant by its own, and HTLNet's ablations by
 HTLNet's (``tuned_as``: they start from HTLNet's tuned configuration with their switch
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 Overrides = dict[str, Any]
 
-# Fig. 8's axes: alpha and gamma both over {1e-5, 1e-4, ..., 1} (6 x 6, DESIGN section 10).
+# Fig. 8's axes: alpha and gamma both over {1e-5, 1e-4, ..., 1} (6 x 6, docs/design.md).
 FIG8_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 FIG8_GAMMAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 

@@ -1,4 +1,4 @@
-"""A multi-process ``jax.distributed`` run as ONE worker of a study (DESIGN section 11).
+"""A multi-process ``jax.distributed`` run as ONE worker of a study (docs/design.md).
 
 The reproduction and tuning entry points share their work through Optuna: each worker takes
 a cell or trial and trains it. When the worker is several processes started with

@@ -1,6 +1,6 @@
 """One experiment of the paper, end to end, by the paper's protocol: tune, then seed.
 
-:func:`reproduce` (``htl-reproduce``, DESIGN section 10):
+:func:`reproduce` (``htl-reproduce``, docs/design.md):
 
 1. **Tune** (``tune_trials > 0``): one Optuna study per tuning study of the experiment's
    variants (:meth:`htl_jax.repro.experiments.Experiment.study`: each model's variant its

@@ -1,4 +1,4 @@
-"""The runs of an experiment as the trials of one Optuna study (DESIGN section 10).
+"""The runs of an experiment as the trials of one Optuna study (docs/design.md).
 
 Every (variant, seed) is a *cell*. The process that creates the study enqueues one WAITING
 trial per cell; every process started with the same command and storage then takes waiting

@@ -1,4 +1,4 @@
-"""Where Optuna studies live: one convention for reproduction and tuning (DESIGN section 10).
+"""Where Optuna studies live: one convention for reproduction and tuning (docs/design.md).
 
 By default a SQLite file ``<workdir>/optuna.db``; ``--storage=postgresql://...`` lets the
 same command, started on several machines, share one study. Every storage is an

@@ -1,4 +1,4 @@
-"""The paper's search space, Table 6 (Appendix B.1), and who searches what (DESIGN section 10).
+"""The paper's search space, Table 6 (Appendix B.1), and who searches what (docs/design.md).
 
 :data:`TABLE6` is the table verbatim, one grid per config field. :func:`search_space` picks
 the grids of the hyperparameters a config's model has: every model tunes D, bs, lr and
@@ -28,7 +28,7 @@ TABLE6: dict[str, tuple] = {
     'clip': (1.0, 5.0, 1e2, 5e2, 1e3, 5e3, 1e4),                        # C of Eq. 17
 }
 # tau_d counts steps; a dataset much smaller than KuaiRand-Pure scales that one grid by its
-# steps per epoch over KuaiRand-Pure's at the same batch size (DESIGN section 10):
+# steps per epoch over KuaiRand-Pure's at the same batch size (docs/design.md):
 # ``config.tau_grid_scale``, 0 = the training split's rows over these.
 KUAIRAND_PURE_TRAIN_ROWS = 948_847
 # Who has which hyperparameter: every model has these four.
@@ -78,7 +78,7 @@ def search_space(config, params: Sequence[str] = (), train_rows: int = 0
 
 def tau_grid_scale(config, train_rows: int = 0) -> float:
   """The factor of Table 6's tau_d grid: ``config.tau_grid_scale``, or with 0 (auto) the
-  training split's rows over KuaiRand-Pure's (DESIGN section 10)."""
+  training split's rows over KuaiRand-Pure's (docs/design.md)."""
   scale = float(config.tau_grid_scale)
   if scale > 0:
     return scale

@@ -1,4 +1,4 @@
-"""Tune one model with Optuna over the paper's Table 6 (Appendix B.1; DESIGN section 10).
+"""Tune one model with Optuna over the paper's Table 6 (Appendix B.1; docs/design.md).
 
 One study per (dataset, model) in an RDB storage (``htl_jax.repro.storage``: a SQLite file in
 the workdir by default, PostgreSQL by URL, so the same command started on several machines

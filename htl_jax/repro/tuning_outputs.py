@@ -46,8 +46,9 @@ def best_record(study: optuna.Study, workdir: str, model: str, metric: str
   with open(os.path.join(workdir, run_dir, 'metrics.json')) as f:
     valid = json.load(f)['valid']
   return {'model': model, 'overrides': dict(best.params), 'valid': valid,
-          'value': best.value, 'metric': metric, 'direction': study.direction.name.lower(), 'trial': best.number, 'run_dir': run_dir,
-          'study': study.study_name}
+          'value': best.value, 'metric': metric,
+          'direction': study.direction.name.lower(), 'trial': best.number,
+          'run_dir': run_dir, 'study': study.study_name}
 
 
 def _cell(value: Any) -> Any:

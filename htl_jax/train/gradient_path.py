@@ -1,4 +1,4 @@
-"""The gradient of one global batch, in the order of DESIGN section 4.
+"""The gradient of one global batch, in the order of docs/design.md.
 
 :func:`compute` is steps 1-6 of the train step (:mod:`htl_jax.train.step`), each a short
 function below:
@@ -12,9 +12,9 @@ function below:
    one forward pass and K backward passes. Every other parameter gets the gradient of
    the summed loss. Without a gradient process only the summed gradient is taken
    (:func:`_summed_gradients`, one "task").
-3. **Across devices** (:func:`_gather_rows`, ``parallel.mean``): row gradients and rows are gathered, dense
-   gradients averaged, so what follows sees the GLOBAL batch (1 and N devices give the same
-   update).
+3. **Across devices** (:func:`_gather_rows`, ``parallel.mean``): row gradients and rows are
+   gathered, dense gradients averaged, so what follows sees the GLOBAL batch (1 and N
+   devices give the same update).
 4. **Sum by id** (:func:`_sum_by_id`): per task, the row gradients of each distinct id
    summed into one slot, ``[K, slots, d]`` (:func:`htl_jax.embedding.sum_rows_by_id`).
 5. **Gradient process**: Algorithm 1 (Eq. 16-17), PCGrad or MetaBalance combines the

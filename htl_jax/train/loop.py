@@ -1,4 +1,4 @@
-"""``train_and_evaluate(config, workdir)``: the whole run, resumable (DESIGN section 8).
+"""``train_and_evaluate(config, workdir)``: the whole run, resumable (docs/design.md).
 
 Writes the run's files into ``workdir`` (:mod:`htl_jax.train.run_files`): ``config.json``,
 ``preprocessing.json``, ``metrics.jsonl`` (one line per evaluation: train loss, temperature,

@@ -130,7 +130,7 @@ class TrainSetup:
 def resolve_grad_process(config) -> str:
   """``config.grad_process``, with ``'auto'`` replaced by the model's default.
 
-  The default is ``'htl'`` for HTLNet and ``'none'`` for every baseline (DESIGN section 5):
+  The default is ``'htl'`` for HTLNet and ``'none'`` for every baseline (docs/design.md):
   baselines train with plain Adam on the summed loss unless a gradient process is asked for.
   """
   name = config['grad_process']
