@@ -7,15 +7,23 @@ step-shaping fields reuse compiled steps, see ``htl_jax.train.state.make_setup``
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
 from htl_jax.models import ModelConfig
+from htl_jax.train import compilation_cache
 
 # The ``postgres_url`` fixture (a real PostgreSQL server), for every test module.
 pytest_plugins = ('postgres_server',)
+
+# One persistent compilation cache for the whole suite (every xdist worker and every command
+# a test starts): a program compiled by one test is loaded by the others.
+os.environ.setdefault(compilation_cache.ENV,
+                      os.path.join(tempfile.gettempdir(), 'htl_jax_tests_xla_cache'))
+compilation_cache.enable()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Real data beside the clone (tests that need it skip without it; users never see this path).
