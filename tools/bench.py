@@ -9,7 +9,7 @@ Configurations are timed in interleaved rounds, one window each per round, so th
 from other processes hits all of them alike; a ratio is the median over rounds of the two
 configurations' window times in the same round, and ``step_ms`` / ``examples_per_s`` are
 medians over rounds. Only the ratios are meaningful across machines. Like
-``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped
+``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped on CPU
 (``htl_jax.train.malloc``). Keys:
 
 - ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,
@@ -319,7 +319,8 @@ def main() -> None:
   parser.add_argument('--default_malloc', action='store_true',
                       help="leave glibc's malloc thresholds alone (to measure their effect)")
   args = parser.parse_args()
-  tuned = False if args.default_malloc else malloc.keep_scratch_memory()
+  tuned = (not args.default_malloc and parallel.platform() == 'cpu'
+           and malloc.keep_scratch_memory())
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
             'backend': jax.default_backend(), 'malloc_tuned': tuned}
   if args.only_end_to_end:
