@@ -43,6 +43,11 @@ def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+# Two fake CPU devices, also on a machine whose default backend is a GPU.
+_TWO_CPU_DEVICES = {'JAX_PLATFORMS': 'cpu',
+                    'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
 def _run_main(workdir, cache_dir, extra_env=None, extra_flags=()):
   env = {**os.environ, **(extra_env or {})}
   cmd = [sys.executable, '-m', 'experiments.main',
@@ -142,7 +147,7 @@ def test_two_devices_match_one_device(straight_run, tmp_path):
   """Same global batch on 2 fake CPU devices: same parameters after 8 steps."""
   config, workdir, result = straight_run
   done = _run_main(str(tmp_path), config.cache_dir,
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                   _TWO_CPU_DEVICES)
   assert done.returncode == 0, done.stderr[-3000:]
   assert '2 device(s)' in done.stderr
   state_1, _ = _latest_state(config, workdir)
@@ -199,7 +204,7 @@ def test_lazy_adam_resume_gives_the_same_run(lazy_run, tmp_path):
 def test_lazy_adam_two_devices_match_one_device(lazy_run, tmp_path):
   config, workdir, _ = lazy_run
   done = _run_main(str(tmp_path), config.cache_dir,
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                   _TWO_CPU_DEVICES,
                    ['--config.embedding_optimizer=lazy_adam'])
   assert done.returncode == 0, done.stderr[-3000:]
   assert '2 device(s)' in done.stderr

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -96,13 +97,21 @@ class Runner:
     if grad_path is not None:
       setup = dataclasses.replace(setup, grad_path=grad_path)
     self.setup = setup
-    self.step = compiled_steps(setup).train     # as the loop runs between evaluations
+    # The loop's program between evaluations (htl_jax.train.step.train_steps), one step a
+    # dispatch, on a batch that stays on the devices: [devices, 1 step, B / devices, ...].
+    self.program = compiled_steps(setup).train('host', 1)
+    self.count = parallel.put_sharded(np.ones(parallel.local_device_count(), np.int32))
     # Built by one compiled program per device: a 1e8-row table and its moments are
     # written once, with no host copy and no temporaries.
     self.state = parallel.pmap_step(lambda _: init_state(setup, config), False)(
         np.zeros(parallel.device_count()))
-    self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
+    self.batch = parallel.put_sharded(
+        {k: v[:, None] for k, v in parallel.shard(make_batch(spec, batch_size)).items()})
     self.times: list[float] = []
+
+  def step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+    """One train step (one dispatch of the loop's program)."""
+    return self.program(state, batch, self.count)
 
   def run(self, steps: int, record: bool = True) -> None:
     """Dispatch ``steps`` steps back to back, as the training loop does, then wait.
@@ -120,7 +129,7 @@ class Runner:
   def gflops(self) -> float:
     """XLA's FLOP count of the timed train step (forward, backward, optimizer), in GFLOP:
     the loop's step between evaluations, without Fig. 5's diagnostics."""
-    cost = self.step.lower(self.state, self.batch).cost_analysis()
+    cost = self.program.lower(self.state, self.batch, self.count).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost['flops']) / 1e9
 
