@@ -14,6 +14,8 @@ HERE = pathlib.Path(__file__).parent
 # The version lives in htl_jax/__init__.py only.
 VERSION = re.search(r"^__version__ = '([^']+)'", (HERE / 'htl_jax' / '__init__.py').read_text(),
                     re.MULTILINE).group(1)
+# The jax versions the package runs on; the GPU extras pull the same range's CUDA wheels.
+JAX_RANGE = '>=0.5.0,<0.13'
 
 setuptools.setup(
     name='htl-jax',
@@ -36,7 +38,7 @@ setuptools.setup(
         'htl-check-data = htl_jax.cli.check_data:run',
     ]},
     install_requires=[
-        'jax>=0.5.0,<0.13',
+        f'jax{JAX_RANGE}',
         'flax>=0.10.0,<0.14',
         'optax>=0.2.4,<0.4',
         'orbax-checkpoint>=0.11.0,<0.14',
@@ -53,9 +55,14 @@ setuptools.setup(
         # t-test, figures, Optuna's trial tables.
         'repro': ['optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'scipy>=1.11',
                   'matplotlib>=3.7', 'pandas>=2.0'],
+        # The suite and its linter (.ci/run: ruff check ., then pytest).
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11',
                  'wheel>=0.40', 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9',
-                 'matplotlib>=3.7', 'pandas>=2.0'],
+                 'matplotlib>=3.7', 'pandas>=2.0', 'ruff>=0.6'],
+        # NVIDIA GPUs (Linux): jaxlib's CUDA plugin with its CUDA libraries from pip, for the
+        # CUDA major version of the machine's driver (README, "Install for a GPU").
+        'cuda12': [f'jax[cuda12]{JAX_RANGE}'],
+        'cuda13': [f'jax[cuda13]{JAX_RANGE}'],
         # tools/bench_torch.py only (the PyTorch peer); never imported by the package.
         'bench_torch': ['torch>=2.0', 'torch-rechub==0.9.0', 'pandas>=2.0'],
     },

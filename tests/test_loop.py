@@ -6,7 +6,8 @@
   come and go (the kept programs are bounded);
 - Fig. 5's diagnostics average every step of an evaluation window, with where Eq. 16
   fired and Eq. 17's factor;
-- one model-selection metric: a ZILN-head run keeps the checkpoint of its best Gini.
+- one model-selection metric: a ZILN-head run keeps the checkpoint of its best Gini;
+- the host allocator is tuned for XLA:CPU's scratch only when the backend is the CPU.
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ def test_memory_is_flat_across_runs_of_many_shapes(cache_dir, tmp_path, monkeypa
     maps.append(_memory_maps())
   assert len(step_lib._KEPT) <= 2
   assert maps[-1] < 1.15 * maps[2], maps       # after the first round, no growth
+
+
+@pytest.mark.parametrize('platform, tuned', [('cpu', True), ('gpu', False)])
+def test_host_allocator_is_tuned_on_cpu_only(cache_dir, tmp_path, monkeypatch, platform,
+                                             tuned):
+  calls = []
+  monkeypatch.setattr(loop_lib.parallel, 'platform', lambda: platform)
+  monkeypatch.setattr(loop_lib.malloc, 'keep_scratch_memory', lambda: calls.append(1) or True)
+  data, _ = loop_lib._prepare(tiny_config(cache_dir), str(tmp_path))
+  assert len(data.train) > 0
+  assert calls == ([1] if tuned else [])
 
 
 # ----------------------------------------------------------------------------- records

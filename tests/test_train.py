@@ -1,4 +1,5 @@
-"""End-to-end training: determinism, resume, 1 vs 2 devices, temperature, NaN handling.
+"""End-to-end training: determinism, resume, 1 vs 2 devices, temperature, NaN handling,
+GPU determinism settings (no change on CPU).
 
 All runs use one tiny HTLNet config (``conftest.TINY_OVERRIDES``) on the embedded KuaiRand
 sample, so they share compiled steps. The 2-device run and the CLI smoke run are
@@ -40,6 +41,11 @@ def _latest_state(config, workdir):
 def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# Two fake CPU devices, also on a machine whose default backend is a GPU.
+_TWO_CPU_DEVICES = {'JAX_PLATFORMS': 'cpu',
+                    'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 
 def _run_main(workdir, cache_dir, extra_env=None, extra_flags=()):
@@ -141,7 +147,7 @@ def test_two_devices_match_one_device(straight_run, tmp_path):
   """Same global batch on 2 fake CPU devices: same parameters after 8 steps."""
   config, workdir, result = straight_run
   done = _run_main(str(tmp_path), config.cache_dir,
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                   _TWO_CPU_DEVICES)
   assert done.returncode == 0, done.stderr[-3000:]
   assert '2 device(s)' in done.stderr
   state_1, _ = _latest_state(config, workdir)
@@ -153,6 +159,20 @@ def test_two_devices_match_one_device(straight_run, tmp_path):
   for task, values in result['test'].items():
     for name, value in values.items():
       assert two['test'][task][name] == pytest.approx(value, rel=1e-3, abs=1e-4)
+
+
+def test_gpu_determinism_changes_nothing_on_cpu(straight_run, tmp_path):
+  """The command sets XLA's deterministic-ops flag and 'highest' matmul precision
+  (config.gpu_determinism, default True); on CPU its run is the in-process run, which has
+  neither, bit for bit."""
+  config, workdir, result = straight_run
+  done = _run_main(str(tmp_path), config.cache_dir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'GPU determinism on' in done.stderr
+  with open(os.path.join(tmp_path, 'metrics.json')) as f:
+    saved = json.load(f)
+  assert saved['test'] == result['test'] and saved['valid'] == result['valid']
+  _assert_trees_equal(_latest_state(config, workdir)[0], _latest_state(config, str(tmp_path))[0])
 
 
 # ----------------------------------------------------------------------------- lazy_adam
@@ -184,7 +204,7 @@ def test_lazy_adam_resume_gives_the_same_run(lazy_run, tmp_path):
 def test_lazy_adam_two_devices_match_one_device(lazy_run, tmp_path):
   config, workdir, _ = lazy_run
   done = _run_main(str(tmp_path), config.cache_dir,
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                   _TWO_CPU_DEVICES,
                    ['--config.embedding_optimizer=lazy_adam'])
   assert done.returncode == 0, done.stderr[-3000:]
   assert '2 device(s)' in done.stderr

@@ -9,7 +9,7 @@ Configurations are timed in interleaved rounds, one window each per round, so th
 from other processes hits all of them alike; a ratio is the median over rounds of the two
 configurations' window times in the same round, and ``step_ms`` / ``examples_per_s`` are
 medians over rounds. Only the ratios are meaningful across machines. Like
-``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped
+``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped on CPU
 (``htl_jax.train.malloc``). Keys:
 
 - ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,
@@ -111,7 +111,7 @@ class Runner:
     # written once, with no host copy and no temporaries.
     self.state = parallel.pmap_step(lambda _: init_state(setup, config), False)(
         np.zeros(parallel.device_count()))
-    self.batch = jax.device_put(parallel.shard(make_batch(spec, batch_size)))
+    self.batch = parallel.put_sharded(parallel.shard(make_batch(spec, batch_size)))
     self.times: list[float] = []
 
   def run(self, steps: int, record: bool = True) -> None:
@@ -395,7 +395,8 @@ def main() -> None:
   parser.add_argument('--table3_seeds', type=int, default=0,
                       help='only time htl-reproduce --experiment=table3 with this many seeds')
   args = parser.parse_args()
-  tuned = False if args.default_malloc else malloc.keep_scratch_memory()
+  tuned = (not args.default_malloc and parallel.platform() == 'cpu'
+           and malloc.keep_scratch_memory())
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
             'backend': jax.default_backend(), 'malloc_tuned': tuned}
   if args.only_end_to_end:

@@ -7,6 +7,8 @@ trains, and runs its ``main`` with :func:`run`, which
 - parses the flags, turning a built-in config name (``--config=kuairand:smoke=True``) into
   its file, and a bad flag or config into one line (exit code 2);
 - prints the resolved config and exits for ``--print_config``;
+- sets GPU determinism as ``config.gpu_determinism`` says (:mod:`htl_jax.train.determinism`)
+  when it loads the config, before anything touches a device;
 - turns on JAX's persistent compilation cache (``--compilation_cache``,
   :mod:`htl_jax.train.compilation_cache`) before anything compiles;
 - maps every :class:`htl_jax.errors.HtlError` to ``error: <message>`` on stderr and the
@@ -26,7 +28,7 @@ from ml_collections import config_flags
 
 from htl_jax import configs
 from htl_jax.errors import ConfigError, HtlError
-from htl_jax.train import compilation_cache, distributed
+from htl_jax.train import compilation_cache, determinism, distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -135,6 +137,8 @@ def load_config() -> Any:
   if FLAGS.print_config:
     print(config)
     sys.exit(0)
+  # Before anything touches a device: XLA reads its flags when the backend starts.
+  determinism.set_gpu_determinism(bool(config.get('gpu_determinism', True)))
   return config
 
 

@@ -93,4 +93,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.grad_diagnostics = 'eval'   # Fig. 5's per-task gradients without a gradient process:
                                 # eval (at evaluation steps) | every_step (slower); with a
                                 # process they come free at every step
+  # Devices.
+  c.gpu_determinism = True      # deterministic GPU kernels and float32 (not TF32) matmuls,
+                                # set at every command's start (htl_jax.train.determinism):
+                                # the same run on 1 and N GPUs and after resume; False is
+                                # the switch for speed (no effect on CPU)
   return c

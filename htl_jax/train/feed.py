@@ -143,7 +143,7 @@ class Feeder:
     self._dispatches, self._max_steps = dispatches, max_steps
     self._per_epoch = steps_per_epoch(data, config)
     if self.mode == 'device':
-      self._resident = parallel.put_replicated(resident_split(data.train))
+      self._resident = parallel.replicate(resident_split(data.train))
 
   @property
   def has_dispatches(self) -> bool:

@@ -4,10 +4,11 @@ Writes the run's files into ``workdir`` (:mod:`htl_jax.train.run_files`): ``conf
 ``preprocessing.json``, ``metrics.jsonl`` (one line per evaluation: train loss, temperature,
 examples/s, validation metrics per task, and the per-task gradient norms on ``theta_s``
 before and after the gradient process with their cosine to the core task's, the data of the
-paper's Fig. 5), ``metrics.json`` (the best checkpoint's metrics) and
-``checkpoints/{latest,best}``. A restarted run resumes from the latest checkpoint and gives
-the same result as an uninterrupted one. Early stopping after ``patience`` evaluations
-without improvement of the core task's model-selection metric
+paper's Fig. 5), ``metrics.json`` (the best checkpoint's metrics),
+``checkpoints/{latest,best}`` and TensorBoard events (the same numbers, and at the end the
+config next to the final metrics for the HParams tab). A restarted run resumes from the
+latest checkpoint and gives the same result as an uninterrupted one. Early stopping after
+``patience`` evaluations without improvement of the core task's model-selection metric
 (:func:`htl_jax.metrics.selection_metric`).
 
 With several processes (``htl_jax.train.distributed``), every process prepares the same data,
@@ -155,7 +156,8 @@ def _prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
   check_config(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
-  malloc.keep_scratch_memory()      # reuse XLA:CPU's per-step scratch (see malloc.py)
+  if parallel.platform() == 'cpu':
+    malloc.keep_scratch_memory()    # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
   _check_same_data(data)
   if feed_lib.steps_per_epoch(data, config) < 1:
@@ -299,6 +301,7 @@ def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
                              stopping, ckpt, writer, metric, total_steps, per_epoch, on_eval,
                              warned)
     result = _final(config, workdir, data, setup, programs, rstate, stopping, ckpt, warned)
+    writer.hparams(config, result)
   finally:
     if writer is not None:
       writer.close()

@@ -10,10 +10,12 @@ while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap 
 trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
 This is a process-wide setting, so nothing applies it on import: ``train_and_evaluate``
-(hence ``experiments/main.py`` and ``experiments/reproduce.py``) and ``tools/bench.py`` call
-:func:`keep_scratch_memory`. Programs that run the steps with their own loop on CPU can call
-it too (or preload tcmalloc/jemalloc, which reuse freed memory by default). The cost: up to
-1 GiB of freed memory may stay with the process instead of going back to the OS.
+(hence every command that trains) and ``tools/bench.py`` call :func:`keep_scratch_memory`
+when the default backend is the CPU (a GPU's scratch lives in device memory under XLA's own
+allocator, so there the host heap keeps glibc's defaults). Programs that run the steps with
+their own loop on CPU can call it too (or preload tcmalloc/jemalloc, which reuse freed
+memory by default). The cost: up to 1 GiB of freed memory may stay with the process instead
+of going back to the OS.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ Steps run under ``jax.pmap(axis_name='batch')`` over all devices of all processe
 with one device, so 1 and N devices run the same program. The global batch is split evenly:
 process ``p`` of ``P`` feeds the contiguous part ``p`` of each global batch
 (:func:`process_part`), and splits it across its local devices (:func:`shard`), so the
-devices in ``pmap``'s axis order (process-major) hold the global batch in order. Per-task
-gradients are gathered (sparse rows) or averaged (dense towers) across ALL devices of all
-processes BEFORE the gradient process, so N devices give the same update as 1 device with
-the same global batch. Evaluation outputs are gathered the same way, so every process ends
-up with the predictions of the whole global batch.
+devices in ``pmap``'s axis order (process-major) hold the global batch in order. What goes to
+the devices (:func:`replicate`, :func:`put_sharded`, :func:`prefetch`) is laid out as ``pmap``
+takes its arguments, one slice per local device put there from the host, so no step moves
+it. Per-task gradients are gathered (sparse rows) or averaged (dense towers) across ALL
+devices of all processes BEFORE the gradient process, so N devices give the same update as 1
+device with the same global batch. Evaluation outputs are gathered the same way, so every
+process ends up with the predictions of the whole global batch.
 
 With several processes (``jax.distributed``, see ``htl_jax.train.distributed``), ``pmap``
 maps over the local devices of each process and its collectives span every device of every
@@ -96,26 +98,43 @@ def num_replicas() -> int:
   return device_count()
 
 
+def platform() -> str:
+  """The default backend's platform: 'cpu', 'gpu' or 'tpu' (this starts the backend)."""
+  return jax.default_backend()
+
+
+def _local_sharding() -> jax.sharding.NamedSharding:
+  """How ``pmap`` lays out an argument with a leading local-device axis: one slice per local
+  device, in ``jax.local_devices()`` order (the local part of its mesh over :data:`AXIS`)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
 def replicate(tree: Any) -> Any:
-  """Host pytree -> one copy per local device (leading device axis)."""
-  n = local_device_count()
-  return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
+  """Pytree -> one copy per local device (leading device axis), as ``pmap`` lays it out.
 
+  Each leaf comes to the host once and each device's copy goes from there straight to its
+  own device, so no device holds another's copy, and passing the result to a pmapped step
+  moves no data (with a donated state, the step reuses these buffers; tested). Leaves may be
+  numpy or JAX arrays or scalars.
+  """
+  devices = jax.local_devices()
+  sharding = _local_sharding()
 
-def put_replicated(tree: Any) -> Any:
-  """Host pytree -> one copy per local device, laid out as ``pmap``'s outputs are, so that
-  passing it to a pmapped step each time moves no data."""
-  return put_sharded(replicate(tree))
+  def put(x: Any) -> jax.Array:
+    one = np.asarray(x)[None]
+    copies = [jax.device_put(one, device) for device in devices]
+    return jax.make_array_from_single_device_arrays((len(devices),) + one.shape[1:],
+                                                    sharding, copies)
 
-
-# One compiled identity (per input shape) for every transfer, not a new program per call.
-_to_devices = jax.pmap(lambda x: x, axis_name=AXIS)
+  return jax.tree.map(put, jax.device_get(tree))
 
 
 def put_sharded(tree: Any) -> Any:
-  """Host pytree with a leading local-device axis -> on the devices, as ``pmap`` lays out
-  its outputs."""
-  return _to_devices(tree)
+  """Host pytree with a leading local-device axis -> slice ``i`` on local device ``i``, as
+  ``pmap`` lays out its arguments (each slice goes from the host to its device; nothing
+  compiles, and a pmapped step takes the result without moving it)."""
+  return jax.device_put(tree, _local_sharding())
 
 
 def unreplicate(tree: Any) -> Any:

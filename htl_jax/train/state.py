@@ -194,7 +194,7 @@ _NOT_STEP_FIELDS = frozenset({
     'dataset', 'data_dir', 'cache_dir', 'data', 'split_seed', 'batch_size',
     'eval_batch_size', 'num_epochs', 'max_steps', 'eval_every', 'checkpoint_every',
     'patience', 'best_metric', 'log_every', 'feed', 'steps_per_dispatch', 'grad_diagnostics',
-    'tau_grid_scale', *HYPERPARAMS,
+    'tau_grid_scale', 'gpu_determinism', *HYPERPARAMS,
     *INIT_FIELDS})
 
 

@@ -5,6 +5,9 @@
   TensorBoard scalars (``tensorboardX``, no TensorFlow; event files in the workdir next to
   ``metrics.jsonl``), and progress: a ``tqdm`` bar with examples/s and ETA when stderr is a
   terminal, plain log lines every ``log_every`` steps otherwise.
+- at the end of a run, :meth:`RunWriter.hparams` writes the config next to the final
+  metrics for TensorBoard's HParams tab (one session per workdir, in its own event files),
+  so the runs of a tuning study or a reproduction can be compared there.
 - :func:`defined_metrics`: metrics as valid JSON: an undefined value (one class in a split,
   a constant core) becomes ``None`` with one warning naming the task, split and reason.
 """
@@ -19,6 +22,7 @@ from typing import Any, Optional
 
 from absl import logging
 import tensorboardX
+from tensorboardX import summary as tb_summary
 import tqdm
 
 # Why a metric can be undefined, by metric name (htl_jax.metrics returns NaN for these).
@@ -56,6 +60,38 @@ def defined_metrics(metrics: dict[str, dict[str, float]], split: str,
                         'by model selection', task, name, split,
                         _REASONS.get(name, 'degenerate values'))
   return out
+
+
+def flat_hparams(config: Any) -> dict[str, bool | int | float | str]:
+  """The config's fields as ``{'name': value}``, nested blocks flattened (``data.path``).
+
+  Numbers, strings and booleans stay as they are, sequences become text
+  (``hidden_dims: '(128, 64, 32)'``); None values are left out.
+  """
+  values = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  out: dict[str, bool | int | float | str] = {}
+
+  def add(prefix: str, tree: dict) -> None:
+    for key, value in sorted(tree.items()):
+      name = f'{prefix}{key}'
+      if isinstance(value, dict):
+        add(f'{name}.', value)
+      elif isinstance(value, (bool, int, float, str)):
+        out[name] = value
+      elif isinstance(value, (list, tuple)):
+        out[name] = str(tuple(value))
+
+  add('', values)
+  return out
+
+
+def final_metrics(result: dict[str, Any]) -> dict[str, float]:
+  """``metrics.json``'s validation and test metrics as ``{'final/<split>/<task>/<metric>':
+  value}``, undefined (None) ones left out."""
+  return {f'final/{split}/{task}/{name}': float(value)
+          for split in ('valid', 'test')
+          for task, values in result.get(split, {}).items()
+          for name, value in values.items() if value is not None}
 
 
 class RunWriter:
@@ -112,6 +148,24 @@ class RunWriter:
     for task, values in record.get('grad', {}).items():
       for name, value in values.items():
         self.events.add_scalar(f'grad/{task}/{name}', value, step)
+    self.events.flush()
+
+  def hparams(self, config: Any, result: dict[str, Any]) -> None:
+    """At the end of a run: the config (:func:`flat_hparams`) and the final metrics
+    (:func:`final_metrics`, also as scalars at the last step) for TensorBoard's HParams tab.
+
+    Written into the run's own event files (``SummaryWriter.add_hparams`` would open a
+    sub-run folder), so each workdir is one session of the HParams table.
+    """
+    if not self.primary:
+      return
+    metrics = final_metrics(result)
+    experiment, start, end = tb_summary.hparams(flat_hparams(config), metrics)
+    for proto in (experiment, start, end):
+      self.events.file_writer.add_summary(proto)
+    step = int(result.get('steps', self.total_steps))
+    for tag, value in metrics.items():
+      self.events.add_scalar(tag, value, step)
     self.events.flush()
 
   def close(self) -> None:
