@@ -81,8 +81,8 @@ def test_report_marks_best_second_and_significance():
 
 def test_worse_but_significant_gets_no_star():
   values = {'HTLNet': [0.5, 0.51, 0.49], 'SB': [0.7, 0.71, 0.69]}
-  p, better = report.significance(values, 'auc', 'HTLNet', ('SB',))
-  assert p < 0.05 and not better
+  p, better, best = report.significance(values, 'auc', 'HTLNet', ('SB',))
+  assert p < 0.05 and not better and best == 'SB'
 
 
 def test_figures_are_pngs(tmp_path):

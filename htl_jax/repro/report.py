@@ -73,8 +73,9 @@ def ranked(means: dict[str, float], metric: str) -> list[str]:
 
 
 def significance(values: dict[str, list[float]], metric: str, ours: str,
-                 baselines: tuple[str, ...]) -> Optional[tuple[float, bool]]:
-  """(p-value, ours is better) of ``ours`` against the best baseline, or None.
+                 baselines: tuple[str, ...]) -> Optional[tuple[float, bool, str]]:
+  """(p-value, ours is better, the best baseline) of ``ours`` against the best baseline,
+  or None.
 
   The p-value is the two-sample t-test's (``scipy.stats.ttest_ind``); the table stars
   ``ours`` only where it is better AND p <= 0.05.
@@ -85,7 +86,7 @@ def significance(values: dict[str, list[float]], metric: str, ours: str,
   best = ranked(candidates, metric)[0]
   a, b = np.asarray(values[ours]), np.asarray(values[best])
   better = ranked({ours: float(a.mean()), best: float(b.mean())}, metric)[0] == ours
-  return _pvalue(a, b), better and a.mean() != b.mean()
+  return _pvalue(a, b), better and a.mean() != b.mean(), best
 
 
 def _pvalue(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +123,9 @@ def markdown(table: list[dict[str, Any]], experiment: experiments_lib.Experiment
     test = (significance(values, metric, experiment.ours, experiment.baselines)
             if experiment.ours else None)
     if test is not None:
-      notes.append(f'{task} {metric}: p = {test[0]:.3g}')
+      relation = 'better than' if test[1] else 'not better than'
+      notes.append(f'{task} {metric}: p = {test[0]:.3g} ({experiment.ours} {relation} '
+                   f'{test[2]})')
     for variant in variants:
       x = values.get(variant, [])
       if not x:
