@@ -138,8 +138,14 @@ def put_sharded(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """First local device's copy, on the host."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """First local device's copy, on the host (read from that device's buffer: no program
+  runs to slice it out)."""
+  def first(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array):           # device 0's shard holds its whole copy
+      x = x.addressable_shards[0].data
+    return np.asarray(np.asarray(x)[0])    # an array also for a 0-d copy, not a scalar
+
+  return jax.tree.map(first, tree)
 
 
 def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
