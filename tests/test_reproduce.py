@@ -251,3 +251,15 @@ def test_a_preempted_cell_is_retried_at_once(tmp_path):
                     ('WAITING', 'HTLNet|seed1')]
   assert len(run()) == 2
   assert calls == [('htlnet', 0), ('htlnet', 1), ('htlnet', 1)]
+
+
+def test_a_cell_keeps_its_tuning_trials_schedule():
+  """Seeds of a tuned batch size evaluate after the same numbers of examples as its trials."""
+  from htl_jax.repro import tuning  # pylint: disable=g-import-not-at-top
+  base = kuairand.get_config()
+  tuned = {'batch_size': 2048, 'learning_rate': 0.005}
+  cell = runner.cell_config(base, {'model': 'mmoe'}, seed=3, tuned=tuned)
+  trial = tuning.trial_plan(base, tuned).config
+  for key in ('batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'max_steps'):
+    assert cell[key] == trial[key], key
+  assert cell.eval_every == round(base.eval_every * base.batch_size / 2048) < base.eval_every

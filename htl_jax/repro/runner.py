@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from htl_jax import metrics as metrics_lib
 from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro import lockstep
+from htl_jax.repro import lockstep, table6
 from htl_jax.repro import storage as storage_lib
 from htl_jax.train import run_files
 from htl_jax.train.checks import check_config
@@ -70,10 +70,15 @@ def assign(config, key: str, value: Any) -> None:
 
 def cell_config(base, overrides: dict[str, Any], seed: int,
                 tuned: Optional[dict[str, Any]] = None):
-  """The config of one cell: base, the variant's tuned values, its own overrides, the seed."""
+  """The config of one cell: base, the variant's tuned values, its own overrides, the seed.
+
+  A tuned batch size keeps the base schedule's numbers of examples per evaluation, as in
+  the tuning trials (:func:`htl_jax.repro.table6.keep_examples_per_evaluation`).
+  """
   config = copy.deepcopy(base)
   for key, value in {**(tuned or {}), **overrides}.items():
     assign(config, key, value)
+  table6.keep_examples_per_evaluation(config, base)
   config.seed = seed
   check_config(config)
   return config

@@ -76,6 +76,26 @@ def search_space(config, params: Sequence[str] = (), train_rows: int = 0
   return space
 
 
+def keep_examples_per_evaluation(config, base) -> None:
+  """A tuned batch size keeps the schedule's numbers of examples (in place).
+
+  With a batch size ``b`` other than ``base``'s ``B``, ``config`` evaluates (and
+  checkpoints, logs, stops at ``max_steps``) every ``round(n * B / b)`` steps instead of
+  ``n``: a tuning trial and the seeds of its best configuration are evaluated after the
+  same numbers of training examples, as the base config is.
+  """
+  base_batch, batch = int(base.batch_size), int(config.batch_size)
+  for key in ('eval_every', 'checkpoint_every', 'log_every'):
+    config[key] = _scaled(int(base[key]), base_batch, batch)
+  if base.max_steps:
+    config.max_steps = _scaled(int(base.max_steps), base_batch, batch)
+
+
+def _scaled(steps: int, base_batch: int, batch: int) -> int:
+  """``steps`` of ``base_batch`` examples in steps of ``batch`` examples (at least 1)."""
+  return max(1, round(steps * base_batch / batch))
+
+
 def tau_grid_scale(config, train_rows: int = 0) -> float:
   """The factor of Table 6's tau_d grid: ``config.tau_grid_scale``, or with 0 (auto) the
   training split's rows over KuaiRand-Pure's (docs/design.md)."""

@@ -47,6 +47,7 @@ from htl_jax.errors import ConfigError, NonFiniteError, PreemptedError
 from htl_jax.repro import lockstep
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
+from htl_jax.repro import table6
 from htl_jax.repro.table6 import search_space
 from htl_jax.train import run_files
 from htl_jax.train.checks import check_config
@@ -77,29 +78,20 @@ class TrialPlan:
     return -(-step // self.eval_every)
 
 
-def _scaled(steps: int, base_batch: int, batch: int) -> int:
-  """``steps`` of ``base_batch`` examples in steps of ``batch`` examples (at least 1)."""
-  return max(1, round(steps * base_batch / batch))
-
-
 def trial_plan(base, params: dict[str, Any]) -> TrialPlan:
   """``base`` with a trial's ``params``; the step schedule keeps its numbers of examples.
 
-  A trial whose batch size ``b`` differs from the config's ``B`` evaluates (and checkpoints,
-  logs, stops at ``max_steps``) every ``round(n * B / b)`` steps instead of ``n``, so every
-  trial is evaluated after the same numbers of training examples and the pruner compares
-  like with like. ``best_metric`` is set to the selection metric
+  A trial whose batch size differs from the config's keeps the schedule's numbers of
+  examples (:func:`htl_jax.repro.table6.keep_examples_per_evaluation`), so every trial is
+  evaluated after the same numbers of training examples and the pruner compares like with
+  like. ``best_metric`` is set to the selection metric
   (:func:`htl_jax.metrics.selection_metric`) so the run keeps the checkpoint that the
   objective scores.
   """
   config = base.copy_and_resolve_references()
   for name, value in params.items():
     config[name] = value
-  base_batch, batch = int(base.batch_size), int(config.batch_size)
-  for key in ('eval_every', 'checkpoint_every', 'log_every'):
-    config[key] = _scaled(int(base[key]), base_batch, batch)
-  if base.max_steps:
-    config.max_steps = _scaled(int(base.max_steps), base_batch, batch)
+  table6.keep_examples_per_evaluation(config, base)
   config.best_metric = metrics_lib.selection_metric(base).name
   return TrialPlan(config, int(config.eval_every))
 
