@@ -8,7 +8,9 @@ One module-scoped set of runs of the tiny HTLNet config (``conftest.TINY_OVERRID
   on 127.0.0.1 with CPU gloo collectives), subprocesses of ``experiments.main``, at once;
 - 2 processes x 1 device where process 1 is killed (SIGKILL, injected by this test) right
   after its step-4 checkpoint; then both restarted, this time as the 2 tasks of a
-  simulated SLURM ``srun`` step with no distributed flags (JAX's auto-detection).
+  simulated SLURM ``srun`` step with no distributed flags (JAX's auto-detection);
+- 2 processes x 1 device where process 1 alone gets SIGTERM mid-run (its own test): both
+  stop at one step with a checkpoint, and the same command resumes them.
 
 Start-up decisions (flags, cluster detection) and the per-process batch parts are tested
 directly, without launching anything.
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,7 +33,7 @@ import pytest
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import Split
-from htl_jax.errors import ConfigError
+from htl_jax.errors import ConfigError, PreemptedError
 from htl_jax.losses import CoreTransform
 from htl_jax.train import distributed
 from htl_jax.train import loop as loop_lib
@@ -70,13 +74,13 @@ class _Launch:
 
   def __init__(self, workdir: str, cache_dir: str, log: str, *, devices: int = 1,
                process: tuple[int, int, int] | None = None, die_after: int | None = None,
-               slurm: bool = False):
+               slurm: bool = False, flags: tuple[str, ...] = ()):
     env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARIABLES}
     env.update(JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     args = [f'--config=configs/kuairand.py:{TINY_ARG}', f'--workdir={workdir}',
             *cli_overrides(cache_dir), '--config.grad_process=htl',
-            f'--heartbeat_timeout={_HEARTBEAT_TIMEOUT}']
+            f'--heartbeat_timeout={_HEARTBEAT_TIMEOUT}', *flags]
     if process is not None and slurm:    # what srun sets for task `index` on one node
       port, index, count = process
       env.update(SLURM_JOB_ID='1', SLURM_STEP_NODELIST='localhost', SLURM_NTASKS=str(count),
@@ -103,11 +107,12 @@ class _Launch:
       return code, f.read()
 
 
-def _two_processes(workdir, cache_dir, root, name, die_after=None, slurm=False
+def _two_processes(workdir, cache_dir, root, name, die_after=None, slurm=False, flags=()
                    ) -> list[_Launch]:
   port = _free_port()
   return [_Launch(workdir, cache_dir, os.path.join(root, f'{name}{i}.txt'),
-                  process=(port, i, 2), die_after=die_after if i == 1 else None, slurm=slurm)
+                  process=(port, i, 2), die_after=die_after if i == 1 else None, slurm=slurm,
+                  flags=flags)
           for i in range(2)]
 
 
@@ -221,6 +226,44 @@ def test_restart_under_srun_resumes_from_the_last_checkpoint(runs):
     assert 'resumed from step 4' in output
   assert _jsonl_steps(work['crash']) == [4, 8]
   assert _metrics(work['crash']) == _metrics(work['two_processes'])
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(tmp_path, cache_dir):
+  """JAX's preemption sync: SIGTERM reaches process 1 only; both processes save the same
+  step and exit 75; the same command resumes them to the metrics of an uninterrupted run."""
+  flags = ('--config.max_steps=40',)
+  config = tiny_config(cache_dir, grad_process='htl', max_steps=40)
+  loop_lib.train_and_evaluate(config, str(tmp_path / 'one'))
+  workdir = str(tmp_path / 'run')
+  first = _two_processes(workdir, cache_dir, str(tmp_path), 'term', flags=flags)
+  deadline = time.monotonic() + _TIMEOUT
+  while not os.path.exists(os.path.join(workdir, 'checkpoints', 'latest', '4')):
+    assert time.monotonic() < deadline and first[1].proc.poll() is None
+    time.sleep(0.05)
+  first[1].proc.send_signal(signal.SIGSTOP)     # the signal arrives mid-run, not after it
+  first[1].proc.send_signal(signal.SIGTERM)
+  first[1].proc.send_signal(signal.SIGCONT)
+  stopped = [launch.wait() for launch in first]
+  steps = set()
+  for code, output in stopped:
+    assert code == PreemptedError.exit_code, output[-3000:]
+    line = [line for line in output.splitlines() if line.startswith('error:')][-1]
+    assert line.startswith('error: SIGTERM: stopped after step '), line
+    steps.add(int(line.split('stopped after step ')[1].split()[0]))
+  (step,) = steps                                # the same step in both processes
+  assert 4 <= step < 40
+  assert int(_latest_state(config, workdir).step) == step
+  again = [launch.wait() for launch in _two_processes(workdir, cache_dir, str(tmp_path),
+                                                      'again', flags=flags)]
+  for code, output in again:
+    assert code == 0, output[-3000:]
+    assert f'resumed from step {step}' in output
+  one, resumed = _metrics(str(tmp_path / 'one')), _metrics(workdir)
+  assert (resumed['best_step'], resumed['steps']) == (one['best_step'], one['steps'])
+  for split in ('valid', 'test'):
+    for task, values in one[split].items():
+      for metric, value in values.items():
+        assert resumed[split][task][metric] == pytest.approx(value, rel=1e-3, abs=1e-4)
 
 
 # ----------------------------------------------------------------------- without launches
