@@ -198,6 +198,7 @@ def test_no_readable_checkpoint_is_one_line_with_exit_2(reference, tmp_path):
   line = _last_line(_output(workdir))
   assert line.startswith('error: ') and 'no checkpoint reads completely' in line
   assert os.path.join(workdir, 'checkpoints', 'latest') in line
+  assert 'Traceback' not in _output(workdir)     # orbax's abandoned reads print nothing
 
 
 @_ORBAX_ABANDONED

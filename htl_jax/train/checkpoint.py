@@ -17,7 +17,9 @@ partial restore), for prediction and export.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
+import sys
 from typing import Any, Optional
 
 from absl import logging
@@ -39,6 +41,7 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2):
+    quiet_abandoned_io()
     self.root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
     self.latest = _manager(os.path.join(self.root, 'latest'), ocp.StandardCheckpointHandler(),
                            ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
@@ -138,6 +141,46 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
           'resume with the config of that run, or give this one another --workdir')
 
 
+def _is_closed_loop_noise(error: Optional[BaseException]) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+class _AbandonedOrbaxTasks(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned writes."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ('exception was never retrieved' in text and 'orbax' in text)
+
+
+def quiet_abandoned_io() -> None:
+  """Silences what an abandoned orbax read or write prints later, once per process.
+
+  When one array of a checkpoint fails to read or write, orbax gives up on the others; their
+  TensorStore callbacks still fire, on the event loop orbax has closed meanwhile, and each
+  ``RuntimeError: Event loop is closed`` is printed with its traceback (through
+  ``sys.excepthook`` from TensorStore's threads), and asyncio logs each abandoned write task
+  ("Task exception was never retrieved"): tens of tracebacks around the one line that says
+  what happened. They carry nothing (the failure is already reported), so this drops exactly
+  those and passes every other exception and log record on.
+  """
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+  if getattr(previous_excepthook, 'drops_closed_loop_noise', False):
+    return
+
+  def excepthook(kind, error, traceback) -> None:
+    if not _is_closed_loop_noise(error):
+      previous_excepthook(kind, error, traceback)
+
+  def unraisablehook(unraisable: Any) -> None:
+    if not _is_closed_loop_noise(unraisable.exc_value):
+      previous_unraisablehook(unraisable)
+
+  excepthook.drops_closed_loop_noise = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  std_logging.getLogger('asyncio').addFilter(_AbandonedOrbaxTasks())
+
+
 def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
   """Moves a checkpoint that does not read to ``checkpoints/damaged/``; returns its path."""
   directory = os.path.abspath(str(manager.directory))
@@ -168,6 +211,7 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   directory = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS, 'best'))
   if not os.path.isdir(directory):
     return None
+  quiet_abandoned_io()
   manager = _manager(directory, ocp.PyTreeCheckpointHandler())
   try:
     steps = sorted(manager.all_steps())
