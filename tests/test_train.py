@@ -123,6 +123,49 @@ def test_resume_gives_the_same_run(straight_run, tmp_path):
     assert [json.loads(line)['step'] for line in f] == [4, 8]
 
 
+def _steps(workdir, kind: str) -> list[int]:
+  folder = os.path.join(workdir, 'checkpoints', kind)
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _best_state(config, workdir):
+  like = _latest_state(config, workdir)[0]
+  ckpt = Checkpoints(workdir, 'min')
+  state, _ = ckpt.restore_best(like)
+  ckpt.close()
+  return state
+
+
+def test_checkpoint_seconds_writes_once_at_the_end_and_changes_nothing(straight_run, tmp_path):
+  """The straight run writes at every evaluation (smoke: checkpoint_seconds=0); with
+  checkpoint_seconds longer than the run, the latest and the best state are written once, at
+  the end, and the run, its checkpoints and its resume are the same."""
+  config, workdir, result = straight_run
+  spaced = tiny_config(config.cache_dir, checkpoint_seconds=3600.0)
+  again = loop_lib.train_and_evaluate(spaced, str(tmp_path))
+  assert (again['test'], again['valid'], again['best_step']) == (
+      result['test'], result['valid'], result['best_step'])
+  assert _steps(workdir, 'latest') == [4, 8]
+  assert _steps(tmp_path, 'latest') == [8]
+  assert _steps(tmp_path, 'best') == [result['best_step']]
+  _assert_trees_equal(_latest_state(config, workdir)[0], _latest_state(spaced, str(tmp_path))[0])
+  _assert_trees_equal(_best_state(config, workdir), _best_state(spaced, str(tmp_path)))
+  assert loop_lib.train_and_evaluate(spaced, str(tmp_path))['test'] == result['test']
+
+
+def test_a_waiting_best_state_is_written_before_the_next_latest(straight_run, tmp_path):
+  config, workdir, _ = straight_run
+  state, loop = _latest_state(config, workdir)
+  ckpt = Checkpoints(str(tmp_path), 'min', min_seconds=3600.0)
+  assert not ckpt.due()
+  ckpt.save_best(4, state, loop, 0.5)
+  assert _steps(tmp_path, 'best') == []
+  assert ckpt.restore_best(state)[0] is state       # the final evaluation reads it from memory
+  ckpt.save_latest(6, state, loop)                   # e.g. on SIGTERM: both, best first
+  assert (_steps(tmp_path, 'best'), _steps(tmp_path, 'latest')) == ([4], [6])
+  ckpt.close()
+
+
 def test_temperature_survives_checkpoint(straight_run):
   config, workdir, _ = straight_run
   state, _ = _latest_state(config, workdir)

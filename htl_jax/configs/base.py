@@ -82,6 +82,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Loop.
   c.eval_every = 500            # steps; also at each epoch end
   c.checkpoint_every = 500
+  c.checkpoint_seconds = 60.0   # the latest checkpoint at an evaluation or checkpoint_every
+                                # step only when the last write is this old (0: at every
+                                # one); a new best waits in host memory for the next write;
+                                # SIGTERM and a run's end always write
   c.patience = 3                # evals without validation improvement before stopping
   c.best_metric = ''            # '' = nrmse of the core task (ziln head: gini)
   c.log_every = 100

@@ -25,6 +25,7 @@ SMOKE = {
     'max_steps': 20,
     'eval_every': 10,
     'checkpoint_every': 10,
+    'checkpoint_seconds': 0,     # every evaluation writes, however short the run
     'hidden_dims': (16, 8),
     'log_every': 5,
 }

@@ -292,8 +292,9 @@ class TrialSeededTPESampler(optuna.samplers.BaseSampler):
 # ----------------------------------------------------------------------------- the study
 
 
-# Config fields that may differ between the processes of one study (machine-local paths).
-_LOCAL_FIELDS = ('cache_dir', 'data_dir')
+# Config fields that may differ between the processes of one study: machine-local paths, and
+# how often a run writes checkpoints (not what it computes).
+_LOCAL_FIELDS = ('cache_dir', 'data_dir', 'checkpoint_seconds')
 
 
 def study_fingerprint(base, space: dict[str, tuple]) -> str:

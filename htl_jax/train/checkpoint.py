@@ -2,11 +2,15 @@
 
 Two ``CheckpointManager``s under ``<workdir>/checkpoints``:
 
-- ``latest/``: saved periodically; a restarted run resumes from its newest step and
-  continues exactly as if it had never stopped (state, temperature, PRNG key, optimizer and
-  gradient-process states, and the loop's early-stopping counters are all saved);
+- ``latest/``: saved periodically (at evaluation and ``checkpoint_every`` steps, at most once
+  every ``checkpoint_seconds``; always on SIGTERM / SIGINT and at the end); a restarted run
+  resumes from its newest step and continues exactly as if it had never stopped (state,
+  temperature, PRNG key, optimizer and gradient-process states, and the loop's
+  early-stopping counters are all saved);
 - ``best/``: the states with the best two validation values of the model-selection metric;
-  the best one is used for the final test evaluation, prediction and export.
+  the best one is used for the final test evaluation, prediction and export. With
+  ``checkpoint_seconds`` > 0 a new best state waits in host memory and is written just
+  before the next ``latest`` one, so that the two on disk always agree.
 
 Saves happen only after the loop has checked that every step since the last save was
 finite, so a non-finite loss never overwrites a good checkpoint.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import time
 from typing import Any, Optional
 
 from absl import logging
@@ -40,8 +45,15 @@ class Checkpoints:
   checkpoint under a temporary name, so the previous one stays readable.
   """
 
-  def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2):
+  def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2,
+               min_seconds: float = 0.0):
+    """``min_seconds``: the least time between two writes that :meth:`due` allows (0: every
+    call is due, and every best state is written at once)."""
     quiet_abandoned_io()
+    self.min_seconds = float(min_seconds)
+    self._last_write = time.monotonic()
+    self._pending_best: Optional[tuple[int, Any, dict, float]] = None
+    self._best_in_memory: Optional[tuple[Any, dict]] = None
     self.root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
     self.latest = _manager(os.path.join(self.root, 'latest'), ocp.StandardCheckpointHandler(),
                            ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
@@ -65,11 +77,31 @@ class Checkpoints:
           f'{_first_line(error)}; the previous one (step '
           f'{max(previous) if previous else "none"}) is intact') from None
 
+  def due(self) -> bool:
+    """Whether a periodic ``latest`` save should write now (``min_seconds`` have passed)."""
+    return time.monotonic() - self._last_write >= self.min_seconds
+
   def save_latest(self, step: int, state: Any, loop: dict) -> None:
+    """Writes the waiting best state, then ``state`` as the latest."""
+    self.flush_best()
     if self.latest.latest_step() != step:
       self._save(self.latest, step, state, loop)
+    self._last_write = time.monotonic()
 
   def save_best(self, step: int, state: Any, loop: dict, value: float) -> None:
+    """A new best (host) state: written now, or with the next latest one (``min_seconds``)."""
+    if self.min_seconds <= 0:
+      self._write_best(step, state, loop, value)
+      return
+    self._pending_best = (step, state, loop, value)
+    self._best_in_memory = (state, loop)
+
+  def flush_best(self) -> None:
+    if self._pending_best is not None:
+      self._write_best(*self._pending_best)
+      self._pending_best = None
+
+  def _write_best(self, step: int, state: Any, loop: dict, value: float) -> None:
     if self.best.latest_step() != step:
       self._save(self.best, step, state, loop, {'value': float(value)})
 
@@ -78,7 +110,10 @@ class Checkpoints:
     return self._restore_newest(self.latest, sorted(self.latest.all_steps()), like)
 
   def restore_best(self, like: Any) -> Optional[tuple[Any, dict]]:
-    """The best readable ``best`` checkpoint (state, loop JSON), or None."""
+    """The best readable ``best`` checkpoint (state, loop JSON), or None; this process's
+    best state itself when it kept one in memory (``min_seconds`` > 0)."""
+    if self._best_in_memory is not None:
+      return self._best_in_memory
     best = self.best.best_step()
     steps = sorted(self.best.all_steps(), key=lambda s: (s == best, s))   # the best last
     return self._restore_newest(self.best, steps, like)

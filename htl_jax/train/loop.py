@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir: str, *,
     config: the experiment config (``htl_jax/configs/*.py``).
     workdir: where checkpoints and metrics go; an existing run there is resumed.
     on_eval: called as ``on_eval(step, valid)`` after every validation evaluation (``valid``
-      is ``{task: {metric: value}}``), once the latest checkpoint is saved; it may raise
+      is ``{task: {metric: value}}``), after the latest checkpoint (when one was due); it may raise
       (e.g. ``optuna.TrialPruned``) to stop the run, and the exception propagates.
 
   Returns:
@@ -265,7 +265,10 @@ def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
   per_epoch = feed_lib.steps_per_epoch(data, config)
   total_steps = int(config.max_steps) or int(config.num_epochs) * per_epoch
   metric = metrics_lib.selection_metric(config)
-  ckpt = Checkpoints(workdir, metric.mode)
+  # Several processes write every checkpoint together: each must make the same choice, so
+  # no clock decides there.
+  ckpt = Checkpoints(workdir, metric.mode, min_seconds=(
+      config.checkpoint_seconds if parallel.process_count() == 1 else 0))
   writer = None
   try:
     state = init_state(setup, config)
@@ -346,12 +349,14 @@ def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt
     if is_eval:
       stopping = dataclasses.replace(
           stopping, train_seconds=stopping.train_seconds + time.perf_counter() - train_start)
-      host_state = parallel.unreplicate(rstate)
       valid = evaluate(setup, programs.evaluate, rstate, data.valid, config.eval_batch_size,
                        'valid', warned)
       value = metric.value(valid)
       improved = metric.better(value, stopping.best_value)
       stopping = stopping.update(step, value, metric, config.patience)
+      # The state is copied to the host only for a checkpoint (a best one, or a due one).
+      due = ckpt.due()
+      host_state = parallel.unreplicate(rstate) if improved or due else None
       if improved:
         ckpt.save_best(step, host_state, stopping.to_json(), value)
       writer.evaluation({
@@ -363,7 +368,8 @@ def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt
       logging.info('eval step %d: valid %s %s = %s (best %s at step %d)', step,
                    spec.core_task, metric.name, value, stopping.best_value,
                    stopping.best_step)
-      ckpt.save_latest(step, host_state, stopping.to_json())
+      if due:
+        ckpt.save_latest(step, host_state, stopping.to_json())
       if on_eval is not None:
         on_eval(step, valid)
       if stopping.stopped:
@@ -371,7 +377,7 @@ def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt
                      config.patience)
         break
       window_start = train_start = time.perf_counter()
-    elif step % config.checkpoint_every == 0:
+    elif step % config.checkpoint_every == 0 and ckpt.due():
       ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
   if pending:
     _check_window(pending, ckpt, window)
