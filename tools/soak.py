@@ -49,6 +49,9 @@ def main() -> None:
   parser.add_argument('--runs', type=int, default=200)
   parser.add_argument('--shapes', type=int, default=3, help='embedding sizes cycled through')
   parser.add_argument('--every', type=int, default=25, help='report every this many runs')
+  parser.add_argument('--checkpoint_seconds', type=float, default=60.0,
+                      help="the runs' checkpoint_seconds: 60 as in a study (two saves a run), "
+                           '0 to save at every evaluation as smoke runs do')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   args = parser.parse_args()
   logging.set_verbosity(logging.ERROR)
@@ -57,6 +60,7 @@ def main() -> None:
     for i in range(args.runs):
       config = kuairand.get_config('smoke=True')
       config.cache_dir = os.path.join(tmp, 'cache')
+      config.checkpoint_seconds = args.checkpoint_seconds
       config.seed, config.embed_dim = i, 4 + i % args.shapes
       config.learning_rate, config.alpha, config.gamma = 1e-3 * (1 + i % 7), 0.1, 0.5
       train_and_evaluate(config, os.path.join(tmp, 'run'))
