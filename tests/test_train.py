@@ -186,6 +186,26 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(straight_run, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+def test_non_finite_loss_keeps_a_best_state_that_waited_in_memory(straight_run, tmp_path):
+  """Steps 1-4 finite (step 4's best state waits in memory: checkpoint_seconds), then the
+  loop sees a non-finite step: it stops, and the waiting best state is on disk."""
+  config, _, _ = straight_run
+  explodes_late = tiny_config(config.cache_dir, checkpoint_seconds=3600.0)
+  real_check = loop_lib._check_window
+
+  def nan_after_step_4(pending, ckpt, window):
+    if pending[-1][0].last > 4:
+      pending = [(d, {**m, 'finite': np.zeros_like(np.asarray(m['finite']))})
+                 for d, m in pending]
+    return real_check(pending, ckpt, window)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop_lib, '_check_window', nan_after_step_4)
+    with pytest.raises(NonFiniteError, match='non-finite'):
+      loop_lib.train_and_evaluate(explodes_late, str(tmp_path))
+  assert _steps(tmp_path, 'best') == [4] and _steps(tmp_path, 'latest') == []
+
+
 def test_two_devices_match_one_device(straight_run, tmp_path):
   """Same global batch on 2 fake CPU devices: same parameters after 8 steps."""
   config, workdir, result = straight_run

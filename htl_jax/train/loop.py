@@ -140,9 +140,11 @@ def _check_window(pending: list[tuple[Any, dict]], ckpt: Checkpoints, window: '_
     finite = np.asarray(m['finite'])[:, :dispatch.num_steps]
     if not bool(np.all(finite)):
       bad = dispatch.first + 1 + int(np.argmin(np.all(finite, axis=0)))
+      ckpt.flush_best()          # a best state waiting in memory was checked finite: keep it
+      latest = ckpt.latest_step()
       raise NonFiniteError(
           f'non-finite loss or gradient at step {bad}; training stopped, last good '
-          f'checkpoint: step {ckpt.latest_step()}')
+          f'checkpoint: {"none" if latest is None else f"step {latest}"}')
     if dispatch.diagnosed:
       window.add(m, dispatch.num_steps)
   dispatch, m = pending[-1][0], host[-1]
