@@ -81,3 +81,10 @@ class PreemptedError(HtlError):
 def exit_code(error: BaseException) -> int | None:
   """The exit code of an :class:`HtlError`, None for anything else (a bug)."""
   return error.exit_code if isinstance(error, HtlError) else None
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message, for a one-line report (polars' and orbax's
+  messages run to several lines); the error's type name when the message is empty."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import polars as pl
 
 from htl_jax.data import kaggle_revenue, kuairand, pipeline, tabular
-from htl_jax.errors import ConfigError, DataError
+from htl_jax.errors import ConfigError, DataError, first_line
 
 __all__ = ['Check', 'PUBLISHED', 'Report', 'Stat', 'TOLERANCE', 'check_dataset', 'compare']
 
@@ -256,7 +256,7 @@ def _header(path: str) -> list[str]:
   except pl.exceptions.NoDataError:
     raise DataError(f'{path}: the file is empty (0 rows, no header)') from None
   except (pl.exceptions.PolarsError, OSError) as error:
-    raise DataError(f'{path}: cannot read the CSV header: {_first_line(error)}') from None
+    raise DataError(f'{path}: cannot read the CSV header: {first_line(error)}') from None
 
 
 def _columns_check(path: str, published: Sequence[str], read: Sequence[str]) -> Check:
@@ -273,18 +273,12 @@ def _columns_check(path: str, published: Sequence[str], read: Sequence[str]) -> 
                found, not missing)
 
 
-def _first_line(error: BaseException) -> str:
-  """The first line of an error's message (polars' messages run to several)."""
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
 def _collect(queries: list[pl.LazyFrame], path: str) -> list[pl.DataFrame]:
   """Runs the queries on polars' streaming engine; a cell that does not parse -> DataError."""
   try:
     return pl.collect_all(queries, engine='streaming')
   except pl.exceptions.PolarsError as error:
-    raise DataError(f'{path}: cannot parse: {_first_line(error)}') from None
+    raise DataError(f'{path}: cannot parse: {first_line(error)}') from None
 
 
 def _date_range(first: Any, last: Any, bad: int, pattern: str) -> Optional[str]:

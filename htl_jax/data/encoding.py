@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import polars as pl
 
-from htl_jax.errors import DataError
+from htl_jax.errors import DataError, first_line
 
 ENCODINGS = ('quantile', 'standardize')
 STANDARDIZE_CLIP = 3.0
@@ -317,9 +317,8 @@ class Encoder:
       try:
         ids = field.ids(column, codes.get(field.name))
       except pl.exceptions.PolarsError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f'{source}: could not encode categorical column {field.name!r}: '
-                        f'{first}') from None
+                        f'{first_line(e)}') from None
       unseen[field.name] = int(np.count_nonzero(ids == 0)) - _normalized(column).null_count()
       columns.append(ids)
     return columns, unseen

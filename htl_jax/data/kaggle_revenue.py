@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from htl_jax.data.schema import FeatureChunk, RawTable
-from htl_jax.errors import DataError
+from htl_jax.errors import DataError, first_line
 
 # The 20 companies of the ZILN paper's Kaggle experiment.
 COMPANIES = (10000, 101200010, 101410010, 101600010, 102100020, 102700020, 102840020,
@@ -84,9 +84,7 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
   try:
     table = customer_table(scan).collect(engine='streaming')
   except pl.exceptions.PolarsError as error:
-    text = str(error).strip()
-    first_line = text.splitlines()[0] if text else type(error).__name__
-    raise DataError(f'{path}: cannot parse the transactions: {first_line}') from None
+    raise DataError(f'{path}: cannot parse the transactions: {first_line(error)}') from None
   _validate(table, path)
   labels = np.stack([table.get_column('amount_1y').to_numpy() > 0,
                      table.get_column('amount_1m').to_numpy() > 0], axis=1)
@@ -118,9 +116,7 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
   try:
     table = customer_table(_scan(path, 0)).collect(engine='streaming')
   except pl.exceptions.PolarsError as error:
-    text = str(error).strip()
-    first_line = text.splitlines()[0] if text else type(error).__name__
-    raise DataError(f'{path}: cannot parse the transactions: {first_line}') from None
+    raise DataError(f'{path}: cannot parse the transactions: {first_line(error)}') from None
   if table.height == 0:
     raise DataError(f'{path}: empty after preprocessing: 0 (customer, company) rows with '
                     f'purchaseamount > 0 for the {len(COMPANIES)} ZILN companies')

@@ -46,7 +46,7 @@ import polars as pl
 
 from htl_jax.data.pipeline import data_option
 from htl_jax.data.schema import FeatureChunk, RawTable, Unparseable
-from htl_jax.errors import DataError
+from htl_jax.errors import DataError, first_line
 
 LOG_FILE = 'log_random_4_22_to_5_08_pure.csv'
 USER_FILE = 'user_features_pure.csv'
@@ -101,12 +101,6 @@ def input_files(config: Any) -> list[str]:
   return [os.path.join(root, name) for name in (LOG_FILE, USER_FILE, VIDEO_FILE)]
 
 
-def _first_line(error: BaseException) -> str:
-  """The first line of a polars error (its hints span several lines)."""
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
 def _check_header(path: str, needed) -> None:
   """DataError unless ``path`` is a CSV file whose header has every column of ``needed``."""
   if not os.path.isfile(path):
@@ -114,7 +108,7 @@ def _check_header(path: str, needed) -> None:
   try:
     header = pl.read_csv(path, n_rows=0).columns
   except (pl.exceptions.PolarsError, OSError) as e:
-    raise DataError(f'{path}: cannot read the CSV header: {_first_line(e)}') from e
+    raise DataError(f'{path}: cannot read the CSV header: {first_line(e)}') from e
   missing = [c for c in needed if c not in header]
   if missing:
     raise DataError(f'{path}: missing column(s) {missing}')
@@ -127,7 +121,7 @@ def _read(path: str, schema: dict[str, pl.DataType], n_rows: int | None = None
   try:
     return pl.read_csv(path, columns=list(schema), schema_overrides=schema, n_rows=n_rows)
   except (pl.exceptions.PolarsError, OSError) as e:
-    raise DataError(f'{path}: cannot parse: {_first_line(e)}') from e
+    raise DataError(f'{path}: cannot parse: {first_line(e)}') from e
 
 
 def _unique_keys(table: pl.DataFrame, key: str, path: str) -> pl.DataFrame:
@@ -266,4 +260,4 @@ def read_features(config: Any, passthrough: tuple[str, ...], chunk_rows: int
       yield FeatureChunk(frame.select(FIELDS), log.select(passthrough),
                          {**codes, **tab_codes}, log_path, unparseable)
   except pl.exceptions.PolarsError as e:
-    raise DataError(f'{log_path}: cannot parse: {_first_line(e)}') from None
+    raise DataError(f'{log_path}: cannot parse: {first_line(e)}') from None

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from htl_jax.data.schema import FeatureChunk, RawTable, Unparseable
-from htl_jax.errors import DataError
+from htl_jax.errors import DataError, first_line
 
 _CSV_SEPARATORS = {'.csv': ',', '.tsv': '\t'}
 _PARQUET_SUFFIXES = ('.parquet', '.pq')
@@ -136,8 +136,7 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
   except pl.exceptions.NoDataError:
     raise DataError(f'{path}: the file is empty (0 rows, no header)') from None
   except (pl.exceptions.PolarsError, OSError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-    raise DataError(f'{path}: cannot read the file: {first_line}') from None
+    raise DataError(f'{path}: cannot read the file: {first_line(error)}') from None
 
 
 def _declared_columns(config: ml_collections.ConfigDict) -> _Columns:
@@ -194,8 +193,7 @@ def _read(path: str, needed: tuple[str, ...], max_rows: int) -> pl.DataFrame:
   except pl.exceptions.NoDataError:
     raise DataError(f'{path}: the file is empty (0 rows, no header)') from None
   except (pl.exceptions.PolarsError, OSError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-    raise DataError(f'{path}: cannot read the file: {first_line}') from None
+    raise DataError(f'{path}: cannot read the file: {first_line(error)}') from None
   if frame.height == 0:
     raise DataError(f'{path}: the file is empty (0 data rows)')
   return frame

@@ -33,6 +33,7 @@ import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 
+from htl_jax.errors import first_line
 from htl_jax.serve.run import TrainedRun, load_run
 from htl_jax.train import step as step_lib
 
@@ -70,7 +71,7 @@ def _lower(run: TrainedRun, platforms: Sequence[str]) -> tuple[jax_export.Export
   except Exception as error:  # pylint: disable=broad-except
     if tuple(platforms) == ('cpu',) or 'cpu' not in platforms:
       raise
-    reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0]}'
+    reason = f'{type(error).__name__}: {first_line(error)}'
     logging.warning('lowering for %s failed (%s); exporting for cpu only', platforms, reason)
     return export_function(run, ('cpu',)), reason
 

@@ -31,7 +31,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from htl_jax.errors import RunError
+from htl_jax.errors import RunError, first_line
 from htl_jax.train import run_files
 
 
@@ -74,7 +74,7 @@ class Checkpoints:
       previous = [s for s in manager.all_steps() if s != step]
       raise RunError(
           f'cannot save the checkpoint of step {step} in {manager.directory}: '
-          f'{_first_line(error)}; the previous one (step '
+          f'{first_line(error)[:300]}; the previous one (step '
           f'{max(previous) if previous else "none"}) is intact') from None
 
   def due(self) -> bool:
@@ -118,21 +118,13 @@ class Checkpoints:
     steps = sorted(self.best.all_steps(), key=lambda s: (s == best, s))   # the best last
     return self._restore_newest(self.best, steps, like)
 
-  def _restore_newest(self, manager: ocp.CheckpointManager, steps: list[int], like: Any
+  @staticmethod
+  def _restore_newest(manager: ocp.CheckpointManager, steps: list[int], like: Any
                       ) -> Optional[tuple[Any, dict]]:
-    """The last of ``steps`` that reads completely; damaged ones are set aside."""
-    for step in reversed(steps):
-      _check_shapes(manager, step, like)
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(like), loop=ocp.args.JsonRestore()))
-        return restored['state'], dict(restored['loop'])
-      except Exception as error:  # pylint: disable=broad-except
-        set_aside(manager, step, error)
-    if steps:
-      raise RunError(f'{manager.directory}: no checkpoint reads completely (the damaged ones '
-                     f'were moved to {os.path.join(self.root, "damaged")})')
-    return None
+    """The last of ``steps`` that reads completely (state, loop JSON), or None."""
+    found = _last_readable(manager, steps, like, ocp.args.Composite(
+        state=ocp.args.StandardRestore(like), loop=ocp.args.JsonRestore()))
+    return None if found is None else (found[0]['state'], dict(found[0]['loop']))
 
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
@@ -149,11 +141,6 @@ def _manager(directory: str, state_handler: Any,
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={'state': state_handler, 'loop': ocp.JsonCheckpointHandler()})
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
@@ -216,6 +203,27 @@ def quiet_abandoned_io() -> None:
   std_logging.getLogger('asyncio').addFilter(_AbandonedOrbaxTasks())
 
 
+def _last_readable(manager: ocp.CheckpointManager, steps: list[int], like: Any, args: Any
+                   ) -> Optional[tuple[Any, int]]:
+  """The items of the last of ``steps`` that reads completely, restored with ``args``, and
+  its step; the damaged ones are set aside on the way. None without steps.
+
+  Raises:
+    RunError: ``like``'s shapes are not the checkpoint's, or no step reads completely.
+  """
+  for step in reversed(steps):
+    _check_shapes(manager, step, like)
+    try:
+      return manager.restore(step, args=args), int(step)
+    except Exception as error:  # pylint: disable=broad-except
+      set_aside(manager, step, error)
+  if steps:
+    directory = os.path.abspath(str(manager.directory))
+    raise RunError(f'{directory}: no checkpoint reads completely (the damaged ones were '
+                   f'moved to {os.path.join(os.path.dirname(directory), "damaged")})')
+  return None
+
+
 def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
   """Moves a checkpoint that does not read to ``checkpoints/damaged/``; returns its path."""
   directory = os.path.abspath(str(manager.directory))
@@ -229,7 +237,7 @@ def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -
   os.replace(os.path.join(directory, str(step)), target)
   manager.reload()
   logging.warning('checkpoint step %d in %s does not read (%s); moved to %s, using the '
-                  'newest readable one', step, directory, _first_line(error), target)
+                  'newest readable one', step, directory, first_line(error)[:300], target)
   return target
 
 
@@ -249,22 +257,14 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   quiet_abandoned_io()
   manager = _manager(directory, ocp.PyTreeCheckpointHandler())
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      return None
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           like)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-    for step in reversed(steps):       # each save there was a new best: the newest first
-      _check_shapes(manager, step, like)
-      try:
-        return manager.restore(step, args=args)['state'], int(step)
-      except Exception as error:  # pylint: disable=broad-except
-        set_aside(manager, step, error)
-    raise RunError(f'{directory}: no checkpoint reads completely (the damaged ones were '
-                   f'moved to {os.path.join(os.path.dirname(directory), "damaged")})')
+    # Each save there was a new best: the newest first.
+    found = _last_readable(manager, sorted(manager.all_steps()), like, args)
+    return None if found is None else (found[0]['state'], found[1])
   finally:
     manager.close()

@@ -123,14 +123,11 @@ def train_steps(setup: TrainSetup, state: TrainState, source: Any, num_steps: ja
     The state after the steps and every step's metrics, ``[max_steps, ...]`` (the first
     ``num_steps`` rows are this dispatch's).
   """
-  def batch_of(state: TrainState, i: jax.Array) -> Batch:
-    if feed == 'device':
-      epoch_rows, resident = source
-      return gather_batch(resident, epoch_rows[state.step % epoch_rows.shape[0]])
-    return jax.lax.optimization_barrier(jax.tree.map(lambda b: b[i], source))
-
   def one(state: TrainState, i: jax.Array):
-    return train_step(setup, state, batch_of(state, i), with_diagnostics)
+    if feed == 'device':
+      return train_step_on_rows(setup, state, *source, with_diagnostics)
+    batch = jax.lax.optimization_barrier(jax.tree.map(lambda b: b[i], source))
+    return train_step(setup, state, batch, with_diagnostics)
 
   def body(i, carry):
     state, out = carry
