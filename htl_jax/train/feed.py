@@ -21,7 +21,7 @@ its batches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -144,6 +144,7 @@ class Feeder:
     self._per_epoch = steps_per_epoch(data, config)
     if self.mode == 'device':
       self._resident = parallel.replicate(resident_split(data.train))
+      self._rows: Optional[tuple[int, Any]] = None     # (epoch, its rows on the devices)
 
   @property
   def has_dispatches(self) -> bool:
@@ -153,20 +154,21 @@ class Feeder:
     """A source of the shapes every dispatch has (to compile the program ahead)."""
     if self.mode == 'host':
       return next(self._host_blocks())
-    rows = parallel.put_sharded(epoch_rows(self._data, self._config, 0))
-    return rows, self._resident
+    return self._rows_of(0), self._resident
+
+  def _rows_of(self, epoch: int) -> Any:
+    """:func:`epoch_rows` of ``epoch`` on the devices, kept until the next epoch's."""
+    if self._rows is None or self._rows[0] != epoch:
+      self._rows = (epoch, parallel.put_sharded(epoch_rows(self._data, self._config, epoch)))
+    return self._rows[1]
 
   def __iter__(self) -> Iterator[tuple[Dispatch, Any]]:
     if self.mode == 'host':
       blocks = parallel.prefetch(self._host_blocks(), already_sharded=True)
       yield from zip(self._dispatches, blocks)
       return
-    epoch, rows = None, None
     for dispatch in self._dispatches:
-      if dispatch.first // self._per_epoch != epoch:
-        epoch = dispatch.first // self._per_epoch
-        rows = parallel.put_sharded(epoch_rows(self._data, self._config, epoch))
-      yield dispatch, (rows, self._resident)
+      yield dispatch, (self._rows_of(dispatch.first // self._per_epoch), self._resident)
 
   def _host_blocks(self) -> Iterator[dict[str, np.ndarray]]:
     """``[local devices, max_steps, B / devices, ...]`` batches of every dispatch."""
