@@ -5,7 +5,8 @@ row-wise optimizers apart the same way). In order of use in a train step:
 
 - **Layout** (:class:`TableLayout`): every field's ids sit at an offset in ONE table; a model
   with independent tasks (DNN) has one copy of the fields per task, stacked as blocks of
-  rows. :func:`init_table` draws ``0.01 N(0, 1)`` entries.
+  rows. :func:`init_table` draws each field's block Xavier-uniform (Appendix B.1), or
+  ``0.01 N(0, 1)`` entries with ``embedding_init='normal'``.
 - **Lookup** (:func:`lookup`): field ids ``[B, F]`` -> table rows ``[B, F']`` and their
   embeddings ``[B, F', d]``. Training and serving both use it.
 - **Sums by id** (:func:`sum_rows_by_id`): per-task gradients of the looked-up rows summed
@@ -83,23 +84,54 @@ class TableLayout:
 # Tables with more entries are drawn in blocks of rows (see init_table).
 _ONE_DRAW_MAX = 1 << 24
 _BLOCK_ROWS = 1 << 20
+EMBEDDING_INITS = ('xavier', 'normal')
 
 
-def init_table(key: jax.Array, rows: int, dim: int) -> jax.Array:
-  """``0.01 * N(0, 1)`` entries of a ``[rows, dim]`` table (the usual CTR embedding init).
+def xavier_limits(layout: TableLayout, dim: int) -> jax.Array:
+  """Per field block of the table, Xavier's (Glorot's) uniform bound ``sqrt(6 / (V + d))``.
+
+  Each field's ``V x d`` block is initialised as its own table would be (``fan_in + fan_out =
+  V + d``), so putting every field in one table changes nothing. ``[copies * F]`` values, in
+  the order of :attr:`TableLayout.offsets`.
+  """
+  sizes = jnp.asarray(layout.vocab_sizes * layout.copies, jnp.float32)
+  return jnp.sqrt(6.0 / (sizes + dim))
+
+
+def init_table(key: jax.Array, layout: TableLayout, dim: int, kind: str = 'xavier'
+               ) -> jax.Array:
+  """The ``[M, d]`` table's initial values.
+
+  ``kind='xavier'`` (Appendix B.1: "Xavier initialization are all adopted"): every field's
+  block uniform in ``[-b, b]`` with :func:`xavier_limits`'s bound; ``kind='normal'``: ``0.01
+  N(0, 1)`` entries (the usual CTR embedding init, and this project's before 0.3).
 
   Up to ``2^24`` entries: one draw. Larger tables (1e7 rows and up, where the one draw's
   scratch is 3x the table: 12 GB more at 1e8 rows of d = 10) are written block by block
   into one buffer, each block drawn from ``fold_in(key, block)`` (the last block is placed
   to end at the last row), so the scratch is one block.
   """
+  if kind not in EMBEDDING_INITS:
+    raise ValueError(f'embedding init {kind!r} is not one of {EMBEDDING_INITS}')
+  rows = layout.rows
+  starts = jnp.asarray(layout.offsets, jnp.int32)
+  limits = xavier_limits(layout, dim)
+
+  def draw(block_key: jax.Array, first_row: jax.Array | int, count: int) -> jax.Array:
+    if kind == 'normal':
+      return 0.01 * jax.random.normal(block_key, (count, dim))
+    row = first_row + jnp.arange(count, dtype=jnp.int32)
+    bound = limits[jnp.searchsorted(starts, row, side='right') - 1]
+    return bound[:, None] * jax.random.uniform(block_key, (count, dim), minval=-1.0,
+                                               maxval=1.0)
+
   if rows * dim <= _ONE_DRAW_MAX:
-    return 0.01 * jax.random.normal(key, (rows, dim))
+    return draw(key, 0, rows)
   block = min(_BLOCK_ROWS, rows)
 
   def write_block(i, table):
-    values = 0.01 * jax.random.normal(jax.random.fold_in(key, i), (block, dim))
     start = jnp.minimum(i * block, rows - block)
+    values = draw(jax.random.fold_in(key, i), start, block)
     return jax.lax.dynamic_update_slice(table, values, (start, 0))
 
   return jax.lax.fori_loop(0, -(-rows // block), write_block, jnp.zeros((rows, dim)))

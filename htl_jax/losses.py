@@ -3,7 +3,7 @@
 One home for everything the loss is made of (docs/design.md: ``L = L_core + sum_t L_t``).
 Losses are pure ``jax.numpy``, jit-able, with scalar outputs:
 
-* ``bce`` / ``bce_with_logits``: the binary task losses ``L_t`` (paper Eq. 1).
+* ``bce`` / ``bce_with_logits``: the binary task losses ``L_t`` (paper Eq. 8).
 * ``mse``: the core loss ``L_core`` of the MSE head.
 * ``ziln_loss`` / ``ziln_mean``: the zero-inflated lognormal head of Wang, Liu,
   Miao 2019 (arXiv 1912.07753, Eq. 2-4), with the reference code's scale floor
@@ -65,7 +65,7 @@ def _float(x: Array, dtype: jnp.dtype | None = None) -> Array:
 
 
 def bce(probs: Array, labels: Array, weight: Array | None = None) -> Array:
-  """Binary cross-entropy on probabilities clamped to ``[1e-7, 1 - 1e-7]`` (Eq. 1).
+  """Binary cross-entropy on probabilities clamped to ``[1e-7, 1 - 1e-7]`` (Eq. 8).
 
   Args:
     probs: ``[B]`` or ``[B, ...]`` predicted probabilities.

@@ -20,8 +20,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 BINARY_METRICS = ('auc', 'logloss')
-CORE_METRICS = ('nrmse', 'nmae', 'spearman', 'gini')
+GROUPED_METRICS = ('gauc',)        # binary tasks, where a user (group) column is known
+CORE_METRICS = ('nrmse', 'nmae', 'spearman', 'gini', 'xauc')
 LOWER_IS_BETTER = frozenset({'logloss', 'nrmse', 'nmae'})
+# XAUC's pairs: every pair of a split up to this many, else this many sampled pairs.
+XAUC_PAIRS = 1_000_000
 
 _PROB_EPS = 1e-7
 _NAN = float('nan')
@@ -169,6 +172,88 @@ def gini(y_true: np.ndarray, y_pred: np.ndarray) -> float:
   return model / ideal
 
 
+def gauc(y_true: np.ndarray, y_pred: np.ndarray, group: np.ndarray) -> float:
+  """Group AUC: the AUC of each group (user), averaged with the group's rows as weights.
+
+  ``sum_u n_u AUC_u / sum_u n_u`` over the groups whose labels hold both classes (a group
+  with one class has no AUC and is left out), as in Zhou et al., "Deep Interest Network for
+  Click-Through Rate Prediction" (KDD 2018, Eq. 1) with impressions as weights, the way
+  watch-time papers on KuaiRand report it. nan when no group has both classes.
+
+  Args:
+    y_true: ``[N]`` labels (positive where > 0.5).
+    y_pred: ``[N]`` scores.
+    group: ``[N]`` group keys (any sortable dtype: user ids).
+  """
+  y_true, y_pred = _as_pair(y_true, y_pred)
+  group = np.asarray(group).reshape(-1)
+  if group.shape != y_true.shape:
+    raise ValueError(f'group has {group.size} rows, the labels {y_true.size}')
+  if y_true.size == 0 or _has_nan(y_true, y_pred):
+    return _NAN
+  order = np.lexsort((y_pred, group))          # by group, then by score
+  g, s, positive = group[order], y_pred[order], y_true[order] > 0.5
+  starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+  sizes = np.diff(np.r_[starts, g.size])
+  group_id = np.repeat(np.arange(starts.size), sizes)
+  # Average ranks of the scores within each group (ties share their mean rank).
+  tie_start = np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])]
+  tie_id = np.cumsum(tie_start) - 1
+  tie_first = np.flatnonzero(tie_start)
+  tie_size = np.diff(np.r_[tie_first, g.size])
+  position = np.arange(g.size) - starts[group_id]          # 0-based within the group
+  tie_rank = position[tie_first] + (tie_size + 1) / 2.0     # 1-based mean rank of a tie run
+  ranks = tie_rank[tie_id]
+  n_pos = np.bincount(group_id, weights=positive, minlength=starts.size)
+  n_neg = sizes - n_pos
+  rank_sum = np.bincount(group_id, weights=np.where(positive, ranks, 0.0),
+                         minlength=starts.size)
+  both = (n_pos > 0) & (n_neg > 0)
+  if not both.any():
+    return _NAN
+  aucs = (rank_sum[both] - n_pos[both] * (n_pos[both] + 1) / 2.0) / (n_pos[both] * n_neg[both])
+  return float(np.sum(sizes[both] * aucs) / np.sum(sizes[both]))
+
+
+def xauc_pairs(n: int, num_pairs: int = XAUC_PAIRS, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The pairs ``(i, j)``, ``i != j``, that :func:`xauc` compares among ``n`` rows: every
+  pair ``i < j`` when there are at most ``num_pairs``, else ``num_pairs`` pairs drawn
+  uniformly (with replacement) from ``np.random.default_rng(seed)``."""
+  if n < 2:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  if n * (n - 1) // 2 <= num_pairs:
+    return np.triu_indices(n, k=1)
+  rng = np.random.default_rng(seed)
+  i = rng.integers(0, n, num_pairs)
+  j = (i + rng.integers(1, n, num_pairs)) % n           # uniform over the other rows
+  return i, j
+
+
+def xauc(y_true: np.ndarray, y_pred: np.ndarray, num_pairs: int = XAUC_PAIRS,
+         seed: int = 0) -> float:
+  """XAUC: the fraction of pairs that the prediction orders as the true values are ordered.
+
+  Zhan et al., "Deconfounding Duration Bias in Watch-time Prediction for Video
+  Recommendation" (KDD 2022): over pairs of rows with different true values (watch times),
+  the share where the prediction's order agrees, a tie in the prediction counting one
+  half. Like that paper it is estimated on sampled pairs when a split has more than
+  ``num_pairs`` pairs (:func:`xauc_pairs`: fixed pairs for a given size and seed, so every
+  model of a split is scored on the same pairs); a smaller split uses every pair (exact).
+  nan when no pair has different true values.
+  """
+  y_true, y_pred = _as_pair(y_true, y_pred)
+  if _has_nan(y_true, y_pred):
+    return _NAN
+  i, j = xauc_pairs(y_true.size, num_pairs, seed)
+  true_order = np.sign(y_true[i] - y_true[j])
+  kept = true_order != 0
+  if not kept.any():
+    return _NAN
+  agree = true_order[kept] * np.sign(y_pred[i][kept] - y_pred[j][kept])
+  return float(np.mean(np.where(agree > 0, 1.0, np.where(agree == 0, 0.5, 0.0))))
+
+
 _METRIC_FNS = {
     'auc': auc,
     'logloss': logloss,
@@ -176,6 +261,7 @@ _METRIC_FNS = {
     'nmae': nmae,
     'spearman': spearman,
     'gini': gini,
+    'xauc': xauc,
 }
 
 
@@ -185,6 +271,7 @@ def evaluate_tasks(
     core: np.ndarray,
     core_pred: np.ndarray,
     task_names: Sequence[str],
+    group: Optional[np.ndarray] = None,
 ) -> dict[str, dict[str, float]]:
   """Scores every binary task and the core task.
 
@@ -194,10 +281,12 @@ def evaluate_tasks(
     core: ``[N]`` core targets on the original scale.
     core_pred: ``[N]`` core predictions on the original scale.
     task_names: ``T + 1`` names, the core task last.
+    group: ``[N]`` user (group) keys, or None; with them every binary task also gets
+      ``gauc``.
 
   Returns:
-    ``{binary_name: {'auc', 'logloss'}, ..., core_name: {'nrmse', 'nmae',
-    'spearman', 'gini'}}``.
+    ``{binary_name: {'auc', 'logloss'[, 'gauc']}, ..., core_name: {'nrmse', 'nmae',
+    'spearman', 'gini', 'xauc'}}``.
   """
   y = np.asarray(y)
   probs = np.asarray(probs)
@@ -215,6 +304,8 @@ def evaluate_tasks(
   results: dict[str, dict[str, float]] = {}
   for t, name in enumerate(task_names[:-1]):
     results[name] = {m: _METRIC_FNS[m](y[:, t], probs[:, t]) for m in BINARY_METRICS}
+    if group is not None:
+      results[name]['gauc'] = gauc(y[:, t], probs[:, t], group)
   results[task_names[-1]] = {m: _METRIC_FNS[m](core, core_pred) for m in CORE_METRICS}
   return results
 

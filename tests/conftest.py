@@ -14,7 +14,7 @@ import pytest
 from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
 from htl_jax.models import ModelConfig
-from htl_jax.train import compilation_cache
+from htl_jax.runtime import compilation_cache
 
 # The ``postgres_url`` fixture (a real PostgreSQL server), for every test module.
 pytest_plugins = ('postgres_server',)

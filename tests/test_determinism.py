@@ -22,7 +22,7 @@ from htl_jax.train.state import make_setup
 _CHILD = """
 import json, os
 import jax
-from htl_jax.train import determinism
+from htl_jax.runtime import determinism
 
 out = {'before': determinism.status()}
 out['off'] = determinism.set_gpu_determinism(False)

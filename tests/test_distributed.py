@@ -35,7 +35,7 @@ from htl_jax.data import load_dataset, pipeline
 from htl_jax.data.schema import Split
 from htl_jax.errors import ConfigError, PreemptedError
 from htl_jax.losses import CoreTransform
-from htl_jax.train import distributed
+from htl_jax.runtime import distributed
 from htl_jax.train import loop as loop_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.state import init_state, make_setup

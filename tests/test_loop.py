@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from htl_jax.runtime import allocator
 from htl_jax.train import feed as feed_lib
 from htl_jax.train import loop as loop_lib
 from htl_jax.train import run_files
@@ -98,14 +99,22 @@ def test_memory_is_flat_across_runs_of_many_shapes(cache_dir, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize('platform, tuned', [('cpu', True), ('gpu', False)])
-def test_host_allocator_is_tuned_on_cpu_only(cache_dir, tmp_path, monkeypatch, platform,
-                                             tuned):
+def test_host_allocator_is_tuned_on_cpu_only(monkeypatch, platform, tuned):
+  """The commands tune it (runtime.allocator.tune_for_cpu); training never does."""
   calls = []
-  monkeypatch.setattr(loop_lib.parallel, 'platform', lambda: platform)
-  monkeypatch.setattr(loop_lib.malloc, 'keep_scratch_memory', lambda: calls.append(1) or True)
-  data, _ = loop_lib._prepare(tiny_config(cache_dir), str(tmp_path))
-  assert len(data.train) > 0
+  monkeypatch.setattr(allocator.jax, 'default_backend', lambda: platform)
+  monkeypatch.setattr(allocator, 'keep_scratch_memory', lambda: calls.append(1) or True)
+  assert allocator.tune_for_cpu() == tuned
   assert calls == ([1] if tuned else [])
+
+
+def test_training_leaves_the_process_alone(cache_dir, tmp_path, monkeypatch):
+  """No allocator call and no signal handler from the library: the commands set those."""
+  import signal  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(allocator, 'keep_scratch_memory', lambda: pytest.fail('allocator'))
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  loop_lib.train_and_evaluate(tiny_config(cache_dir, max_steps=4), str(tmp_path))
+  assert {s: signal.getsignal(s) for s in before} == before
 
 
 # ----------------------------------------------------------------------------- records

@@ -160,3 +160,69 @@ def test_evaluate_tasks():
   assert set(metrics.LOWER_IS_BETTER) == {'logloss', 'nrmse', 'nmae'}
   with pytest.raises(ValueError, match='3 task names'):
     metrics.evaluate_tasks(y, probs, core, core_pred, ['click', 'watch'])
+
+
+# ----------------------------------------------------------------------------- XAUC, GAUC
+
+
+def _xauc_brute_force(y: np.ndarray, pred: np.ndarray, pairs) -> float:
+  """The fraction of correctly ordered pairs, pair by pair (ties in the prediction: 1/2)."""
+  scores = []
+  for i, j in pairs:
+    if y[i] == y[j]:
+      continue
+    agree = (y[i] - y[j]) * (pred[i] - pred[j])
+    scores.append(1.0 if agree > 0 else 0.5 if agree == 0 else 0.0)
+  return float(np.mean(scores))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_xauc_equals_every_pair_brute_force(seed):
+  y, pred = _tied_continuous(seed, n=300)             # 44,850 pairs: every pair is used
+  pairs = [(i, j) for i in range(300) for j in range(i + 1, 300)]
+  assert metrics.xauc(y, pred) == pytest.approx(_xauc_brute_force(y, pred, pairs), abs=1e-12)
+
+
+def test_xauc_samples_pairs_as_zhan_et_al_and_equals_brute_force_on_them():
+  y, pred = _tied_continuous(3, n=3000)               # 4.5M pairs: 20,000 are sampled
+  i, j = metrics.xauc_pairs(3000, num_pairs=20_000, seed=0)
+  assert len(i) == 20_000 and not np.any(i == j)
+  sampled = metrics.xauc(y, pred, num_pairs=20_000)
+  assert sampled == pytest.approx(_xauc_brute_force(y, pred, zip(i, j)), abs=1e-12)
+  a, b = np.triu_indices(3000, k=1)                    # every pair, vectorized
+  kept = y[a] != y[b]
+  agree = np.sign(y[a] - y[b])[kept] * np.sign(pred[a] - pred[b])[kept]
+  exact = float(np.mean(np.where(agree > 0, 1.0, np.where(agree == 0, 0.5, 0.0))))
+  assert abs(sampled - exact) < 0.015                  # an estimate of the same quantity
+  assert metrics.xauc(y, y) == 1.0 and metrics.xauc(y, -y) == 0.0
+  assert math.isnan(metrics.xauc(np.ones(10), np.arange(10.0)))   # no pair to order
+
+
+def _gauc_brute_force(y, pred, group) -> float:
+  total = weight = 0.0
+  for g in np.unique(group):
+    rows = group == g
+    if 0 < y[rows].sum() < rows.sum():
+      total += rows.sum() * sk_metrics.roc_auc_score(y[rows], pred[rows])
+      weight += rows.sum()
+  return total / weight
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_gauc_equals_per_user_sklearn_weighted_by_rows(seed):
+  labels, pred = _tied_binary(seed, n=3000)
+  group = np.random.default_rng(seed).integers(0, 120, 3000)
+  assert metrics.gauc(labels, pred, group) == pytest.approx(
+      _gauc_brute_force(labels, pred, group), abs=1e-12)
+  one_class = np.zeros(10)
+  assert math.isnan(metrics.gauc(one_class, np.arange(10.0), np.arange(10)))
+
+
+def test_evaluate_tasks_adds_gauc_with_a_user_column():
+  labels, pred = _tied_binary(4, n=500)
+  group = np.arange(500) % 17
+  result = metrics.evaluate_tasks(labels[:, None], pred[:, None], pred, pred, ['c', 'y'],
+                                  group=group)
+  assert result['c']['gauc'] == metrics.gauc(labels, pred, group)
+  assert 'gauc' not in metrics.evaluate_tasks(labels[:, None], pred[:, None], pred, pred,
+                                              ['c', 'y'])['c']

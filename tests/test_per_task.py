@@ -98,7 +98,7 @@ def test_sparse_process_equals_process_on_dense_table(transform):
   The sparse branch is forced: this vocabulary is small enough for the dense one.
   """
   _, params, table, ids, loss_vector = _setup()
-  make = {'htl': lambda: optim.hybrid_grad_balance(gamma=0.3, clip=2.0),
+  make = {'htl': lambda: optim.hybrid_grad_balance(gamma=0.3, weight_bound=2.0),
           'pcgrad': lambda: optim.pcgrad(seed=3),
           'metabalance': lambda: optim.metabalance(K)}[transform]
   tx = make()

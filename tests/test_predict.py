@@ -110,7 +110,8 @@ def test_kuairand_test_rows_reproduce_the_test_metrics(trained_run, tmp_path, ca
   y, core = _kuairand_labels(test)
   computed = metrics_lib.evaluate_tasks(
       y, predictions.select('prob_click', 'prob_long_view').to_numpy(), core,
-      predictions['pred_watch_time'].to_numpy(), ('click', 'long_view', 'watch_time'))
+      predictions['pred_watch_time'].to_numpy(), ('click', 'long_view', 'watch_time'),
+      group=predictions['user_id'].to_numpy())
   with open(os.path.join(trained_run, 'metrics.json')) as f:
     _metrics_equal(computed, json.load(f)['test'])
   # videos first seen after the training window are OOV, and counted in the log

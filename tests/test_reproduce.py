@@ -17,7 +17,6 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import optuna
 import pytest
 from scipy import stats
@@ -26,7 +25,9 @@ from htl_jax.configs import kuairand
 from htl_jax.configs.base import get_base_config
 from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
+from htl_jax import selection
 from htl_jax.repro import figures, report, runner
+from htl_jax.train import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -44,10 +45,16 @@ def test_every_variant_is_a_valid_config(name):
   assert experiment.trains == (name != 'table1')
 
 
-def _result(nrmse: float, auc: float) -> dict:
+def _result(nrmse: float, auc: float, stop: str = 'early_stopping') -> dict:
   return {'valid': {'click': {'auc': auc}, 'y': {'nrmse': nrmse}},
           'test': {'click': {'auc': auc}, 'y': {'nrmse': nrmse, 'gini': None}},
-          'best_step': 10, 'steps': 20, 'epochs': 2.0, 'train_seconds': 3.0}
+          'best_step': 10, 'steps': 20, 'epochs': 2.0, 'train_seconds': 3.0, 'stop': stop}
+
+
+def _cells(table: str) -> dict[str, list[str]]:
+  rows = {line.split('|')[1].strip(): line for line in table.splitlines()
+          if line.startswith('| ') and not line.startswith('| variant')}
+  return {v: [c.strip() for c in line.split('|')[2:-1]] for v, line in rows.items()}
 
 
 def test_report_marks_best_second_and_significance():
@@ -67,16 +74,30 @@ def test_report_marks_best_second_and_significance():
   test = report.significance(report.values_by_variant(table, 'y', 'nrmse'), 'nrmse',
                              'HTLNet', experiment.baselines)
   assert test[0] == pytest.approx(p_nrmse) and test[1]
-  rows = {line.split('|')[1].strip(): line
-          for line in report.markdown(table, experiment, list(nrmse)).splitlines()
-          if line.startswith('| ') and not line.startswith('| variant')}
-  cells = {v: [c.strip() for c in line.split('|')[2:-1]] for v, line in rows.items()}
-  # Columns: click auc, y nrmse, y gini (all undefined -> n/a).
-  assert cells['HTLNet'][1] == '**0.8000 ± 0.0100***'   # best, significant; sample std
-  assert cells['w/o Architecture'][1].startswith('<u>0.9000')  # second
-  assert cells['HTLNet'][0].startswith('<u>0.7000') and '*' not in cells['HTLNet'][0]
+  built = report.build_table(table, experiment, list(nrmse))
+  cells = _cells(report.markdown(built, experiment))
+  # Columns: click auc, y nrmse, y gini (all undefined -> n/a). Plain Markdown, no HTML.
+  assert cells['HTLNet'][1] == '**0.8000 ± 0.0100\\***'   # best, significant; sample std
+  assert cells['w/o Architecture'][1].startswith('_0.9000')   # second
+  assert cells['HTLNet'][0].startswith('_0.7000') and '*' not in cells['HTLNet'][0]
   assert cells['w/o Architecture'][0].startswith('**0.7100')
   assert cells['HTLNet'][2] == 'n/a'
+  assert '<u>' not in report.markdown(built, experiment)
+  tex = report.latex(built, experiment)
+  assert '\\textbf{0.8000 $\\pm$ 0.0100$^{*}$}' in tex and '\\underline{0.9000' in tex
+  assert 'w/o Architecture' in tex and '\\toprule' in tex and '\\bottomrule' in tex
+  wide = list(csv.reader(report.wide_csv(built).splitlines()))
+  assert wide[0][:3] == ['variant', 'click auc mean', 'click auc std']
+  assert float(wide[1][3]) == pytest.approx(0.8) and float(wide[1][4]) == pytest.approx(0.01)
+
+
+def test_one_seed_shows_na_for_its_std():
+  results = {runner.cell_name(v, 0): _result(0.8 + i / 10, 0.7) for i, v in
+             enumerate(('HTLNet', 'w/o Architecture'))}
+  experiment = experiments_lib.EXPERIMENTS['table3']
+  built = report.build_table(report.rows(results), experiment, ['HTLNet', 'w/o Architecture'])
+  assert _cells(report.markdown(built, experiment))['HTLNet'][1] == '**0.8000 ± n/a**'
+  assert '0.8000 $\\pm$ n/a' in report.latex(built, experiment)
 
 
 def test_worse_but_significant_gets_no_star():
@@ -85,23 +106,64 @@ def test_worse_but_significant_gets_no_star():
   assert p < 0.05 and not better and best == 'SB'
 
 
+def test_smoke_table_names_the_rule_the_delta_m_and_the_runs_at_the_cap(tmp_path):
+  """table.md of a reproduction: the rule, Delta_m against the reference, runs at the cap."""
+  reference = str(tmp_path / 'reference.json')
+  ref = {'click': {'auc': 0.7}, 'y': {'nrmse': 0.9}}
+  run_files.write_json(reference, selection.reference_record(
+      [{'valid': ref, 'test': ref}], 'dnn', [0, 1], {}))
+  config = kuairand.get_config()
+  config.selection, config.selection_reference = 'delta_m', reference
+  results = {runner.cell_name(v, s): _result(0.85, 0.77, 'cap' if v == 'SB' and s else
+                                             'early_stopping')
+             for v in ('HTLNet', 'SB') for s in range(2)}
+  experiment = experiments_lib.EXPERIMENTS['table2']
+  text = report.write_report(str(tmp_path), results, experiment, ['HTLNet', 'SB'],
+                             report.ReportContext(config=config))
+  assert 'selection=delta_m' in text and 'dnn at the dataset' in text
+  assert 'Budgets: 1 of 4 runs ended at the step cap' in text
+  # Delta_m: click auc +10 %, y nrmse +5.6 % (lower is better) -> mean 7.78 %
+  assert _cells(text)['HTLNet'][-1].startswith('**7.7778 ± 0.0000')
+  assert text.splitlines()[2].split('|')[-2].strip() == 'Delta_m'
+  for name in ('table.md', 'table.tex', 'table.csv', 'results.csv'):
+    assert (tmp_path / name).exists(), name
+
+
 def test_figures_are_pngs(tmp_path):
   steps = [10, 20, 30]
   with_process = {'step': steps, 'norm_processed': [3.0, 2.0, 2.5],
                   'eq16_share': [0.2, 0.4, 0.1], 'eq17_factor': [1.5, 1.8, 1.2]}
-  figures.fig5({'without': {'click': {'step': steps, 'norm_processed': [1.0, 0.5, 0.2]},
-                            'y': {'step': steps, 'norm_processed': [9.0, 8.0, 7.0]}},
-                'with': {'click': with_process,
-                         'y': {'step': steps, 'norm_processed': [9.0, 8.0, 7.0],
-                               'eq16_share': [0, 0, 0], 'eq17_factor': [1, 1, 1]}}},
+  core = {'step': steps, 'norm_processed': [9.0, 8.0, 7.0], 'eq16_share': [0, 0, 0],
+          'eq17_factor': [1, 1, 1]}
+  figures.fig5({'without': [{'click': {'step': steps, 'norm_processed': [1.0, 0.5, 0.2]},
+                             'y': {'step': steps, 'norm_processed': [9.0, 8.0, 7.0]}}],
+                'with': [{'click': with_process, 'y': core},
+                         {'click': {**with_process, 'step': [10, 20]}, 'y': core}]},
                str(tmp_path / 'fig5.png'))
   figures.fig7({'DNN': [1.0, 1.2], 'HTLNet': [2.0, 2.2]}, str(tmp_path / 'fig7.png'))
-  grid = np.arange(36, dtype=float).reshape(6, 6) / 36
-  figures.fig8({'nrmse': grid, 'nmae': 1 - grid}, experiments_lib.FIG8_ALPHAS,
-               experiments_lib.FIG8_GAMMAS, str(tmp_path / 'fig8.png'))
-  for name in ('fig5', 'fig7', 'fig8'):
+  cells = {}
+  for i, a in enumerate(experiments_lib.FIG8_ALPHAS):
+    for j, g in enumerate(experiments_lib.FIG8_GAMMAS):
+      for seed in range(2):
+        cells[runner.cell_name(experiments_lib.fig8_variant(a, g), seed)] = _result(
+            0.9 + (i * 6 + j) / 360, 0.7 + seed / 100)
+  figures.fig8(report.rows(cells), experiments_lib.FIG8_ALPHAS, experiments_lib.FIG8_GAMMAS,
+               str(tmp_path / 'fig8.png'))
+  four = {runner.cell_name(v, s): _result(0.9 + s / 100, 0.7) for v in ('attention', 'concat')
+          for s in range(3)}
+  figures.fig4(report.rows(four), ['attention', 'concat'], str(tmp_path / 'fig4.png'))
+  for name in ('fig4', 'fig5', 'fig7', 'fig8'):
     data = (tmp_path / f'{name}.png').read_bytes()
     assert data.startswith(PNG) and len(data) > 5000, name
+
+
+def test_fig8_variants_can_be_chosen_on_the_command_line():
+  """No comma in a variant name: ``--variants`` (a list flag) splits on commas."""
+  experiment = experiments_lib.EXPERIMENTS['fig8']
+  assert not any(',' in v for v in experiment.variants)
+  name = experiments_lib.fig8_variant(1e-3, 1.0)
+  assert experiments_lib.select_variants(experiment, [name]) == {
+      name: {'model': 'htlnet', 'alpha': 1e-3, 'gamma': 1.0}}
 
 
 _WORKER = textwrap.dedent('''
@@ -188,8 +250,11 @@ def test_killed_suite_resumes_and_matches_an_uninterrupted_one(tmp_path, cache_d
     assert '## Table 3' in done.stdout
   assert _csv_without_times(os.path.join(killed, 'results.csv')) == _csv_without_times(
       os.path.join(straight, 'results.csv'))
-  study = optuna.load_study(study_name=optuna.get_all_study_names(
-      f'sqlite:///{killed}/optuna.db')[0], storage=f'sqlite:///{killed}/optuna.db')
+  url = f'sqlite:///{killed}/optuna.db'
+  names = optuna.get_all_study_names(url)
+  assert sorted(n.split(':')[0] for n in names) == ['reference', 'reproduce']   # delta_m
+  study = optuna.load_study(study_name=next(n for n in names if n.startswith('reproduce:')),
+                            storage=url)
   complete = [t.user_attrs['cell'] for t in study.trials
               if t.state == optuna.trial.TrialState.COMPLETE]
   assert sorted(complete) == ['HTLNet|seed0', 'HTLNet|seed1']     # each run finished once

@@ -22,6 +22,7 @@ from htl_jax.data import load_dataset
 from htl_jax.losses import CoreTransform
 from htl_jax.errors import NonFiniteError
 from htl_jax.train import feed as feed_lib
+from htl_jax.train import hooks
 from htl_jax.train import loop as loop_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.state import init_state, make_setup, row_adam_state
@@ -71,9 +72,13 @@ def test_outputs_written(straight_run):
   with open(os.path.join(workdir, 'metrics.json')) as f:
     saved = json.load(f)
   assert set(saved['test']) == {'click', 'long_view', 'watch_time'}
-  assert set(saved['test']['click']) == {'auc', 'logloss'}
-  assert set(saved['test']['watch_time']) == {'nrmse', 'nmae', 'spearman', 'gini'}
+  assert set(saved['test']['click']) == {'auc', 'logloss', 'gauc'}       # KuaiRand: users
+  assert set(saved['test']['watch_time']) == {'nrmse', 'nmae', 'spearman', 'gini', 'xauc'}
   assert saved['test'] == result['test']
+  assert saved['stop'] == 'cap' and saved['steps'] == 8      # patience 5 never ran out
+  assert saved['final_tau'] == pytest.approx(2.5)           # 10 halved at steps 3 and 6
+  assert saved['selection'] == {'rule': 'core', 'metric': 'nrmse',
+                                'best_value': saved['valid']['watch_time']['nrmse']}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(line) for line in f]
   assert [line['step'] for line in lines] == [4, 8]
@@ -191,16 +196,16 @@ def test_non_finite_loss_keeps_a_best_state_that_waited_in_memory(straight_run, 
   loop sees a non-finite step: it stops, and the waiting best state is on disk."""
   config, _, _ = straight_run
   explodes_late = tiny_config(config.cache_dir, checkpoint_seconds=3600.0)
-  real_check = loop_lib._check_window
+  real_drain = hooks.Progress.drain
 
-  def nan_after_step_4(pending, ckpt, window):
-    if pending[-1][0].last > 4:
-      pending = [(d, {**m, 'finite': np.zeros_like(np.asarray(m['finite']))})
-                 for d, m in pending]
-    return real_check(pending, ckpt, window)
+  def nan_after_step_4(self, on_non_finite):
+    if self.pending and self.pending[-1][0].last > 4:
+      self.pending = [(d, {**m, 'finite': np.zeros_like(np.asarray(m['finite']))})
+                      for d, m in self.pending]
+    return real_drain(self, on_non_finite)
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(loop_lib, '_check_window', nan_after_step_4)
+    patch.setattr(hooks.Progress, 'drain', nan_after_step_4)
     with pytest.raises(NonFiniteError, match='non-finite'):
       loop_lib.train_and_evaluate(explodes_late, str(tmp_path))
   assert _steps(tmp_path, 'best') == [4] and _steps(tmp_path, 'latest') == []

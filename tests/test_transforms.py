@@ -240,7 +240,7 @@ def test_hybrid_badly_scaled_clips_both_sides():
   g = _flatten(tree)
   ratios = [np.linalg.norm(g[2]) / np.linalg.norm(g[t]) for t in (0, 1)]
   assert ratios[0] < 1 / 10 and ratios[1] > 10  # the clip is active both ways
-  out, _ = _run(hybrid_grad_balance(gamma=0.5, clip=10.0), tree)
+  out, _ = _run(hybrid_grad_balance(gamma=0.5, weight_bound=10.0), tree)
   expected = ref_hybrid(tree, gamma=0.5, clip=10.0)
   _assert_tree_close(out, expected, _scale(tree))
   # The clip matters: an unclipped reference differs.
@@ -256,12 +256,12 @@ def test_hybrid_zero_gradients_are_finite(zero_tasks):
     x[list(zero_tasks)] = 0.0
   out, state = _run(hybrid_grad_balance(num_tasks=3), tree)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in out.values())
-  assert np.all(np.isfinite(np.asarray(state.task_norms)))
-  assert np.all(np.isfinite(np.asarray(state.core_cosine)))
+  assert np.all(np.isfinite(np.asarray(state.diagnostics.norm)))
+  assert np.all(np.isfinite(np.asarray(state.diagnostics.cos_core)))
   # Zero gradients have cosine 0 with the core; the core has cosine 1 with itself.
   expected_cos = [1.0 if t == 2 else 0.0 for t in range(3)] if 2 in zero_tasks else None
   if expected_cos is not None:
-    np.testing.assert_array_equal(state.core_cosine, expected_cos)
+    np.testing.assert_array_equal(state.diagnostics.cos_core, expected_cos)
   _assert_tree_close(out, ref_hybrid(tree), max(_scale(tree), 1.0))
 
 
@@ -312,14 +312,14 @@ GRADIENT_CASES = {
 def test_hybrid_alpha_matches_algorithm1(alpha, case, per_leaf):
   """Eq. 16 with the projection relax factor alpha, then Eq. 17, then G_s."""
   tree = GRADIENT_CASES[case]()
-  tx = hybrid_grad_balance(alpha=alpha, gamma=0.3, clip=10.0, per_leaf=per_leaf,
+  tx = hybrid_grad_balance(alpha=alpha, gamma=0.3, weight_bound=10.0, per_leaf=per_leaf,
                            num_tasks=3)
   out, state = _run(tx, tree)
   scale = max(_scale(tree), 1.0)
   _assert_tree_close(out, ref_hybrid(tree, gamma=0.3, per_leaf=per_leaf, alpha=alpha),
                      scale)
   np.testing.assert_allclose(
-      state.processed_norms,
+      state.diagnostics.norm_processed,
       ref_processed_norms(tree, gamma=0.3, per_leaf=per_leaf, alpha=alpha),
       rtol=1e-5, atol=2e-6 * scale)
 
@@ -342,14 +342,14 @@ def test_hybrid_diagnostics_in_state():
   tx = hybrid_grad_balance(num_tasks=3, per_leaf=True)
   state = tx.init(_params())
   assert isinstance(state, HybridGradBalanceState)
-  assert state.task_norms.shape == (3,) and state.core_cosine.shape == (3,)
+  assert state.diagnostics.norm.shape == (3,) and state.diagnostics.cos_core.shape == (3,)
   _, state = tx.update(jax.tree.map(jnp.asarray, tree), state)
   g = _flatten(tree)
   norms = np.linalg.norm(g, axis=1)
   cos = g @ g[2] / (norms * norms[2])
-  np.testing.assert_allclose(state.task_norms, norms, rtol=1e-5)
-  np.testing.assert_allclose(state.core_cosine, cos, rtol=1e-5, atol=1e-6)
-  assert state.core_cosine[2] == 1.0
+  np.testing.assert_allclose(state.diagnostics.norm, norms, rtol=1e-5)
+  np.testing.assert_allclose(state.diagnostics.cos_core, cos, rtol=1e-5, atol=1e-6)
+  assert state.diagnostics.cos_core[2] == 1.0
   # The helper agrees, also for another core position.
   norms0, cos0 = task_norms_and_cosines(jax.tree.map(jnp.asarray, tree), 0)
   np.testing.assert_allclose(norms0, norms, rtol=1e-5)
@@ -358,8 +358,7 @@ def test_hybrid_diagnostics_in_state():
   # Without num_tasks nothing is recorded and the state stays empty.
   tx_plain = hybrid_grad_balance()
   _, plain = tx_plain.update(jax.tree.map(jnp.asarray, tree), tx_plain.init(_params()))
-  assert plain.task_norms.shape == (0,) and plain.core_cosine.shape == (0,)
-  assert plain.processed_norms.shape == (0,)
+  assert plain.diagnostics is None
 
 
 def test_hybrid_jit_and_chain():
@@ -387,8 +386,8 @@ def test_hybrid_jit_and_chain():
 
 
 def test_hybrid_rejects_bad_inputs():
-  with pytest.raises(ValueError, match='clip'):
-    hybrid_grad_balance(clip=0.5)
+  with pytest.raises(ValueError, match='weight_bound'):
+    hybrid_grad_balance(weight_bound=0.5)
   tx = hybrid_grad_balance(num_tasks=2)
   with pytest.raises(ValueError, match='num_tasks=2'):
     _run(tx, _stacked(0, k=3))
@@ -479,7 +478,7 @@ def test_pcgrad_transform_uses_state_key_and_changes_order():
     seen.add(orders.tobytes())
     out, new_state = update(stacked, state)
     _assert_tree_close(out, ref_pcgrad(tree, orders), _scale(tree))
-    np.testing.assert_allclose(new_state.processed_norms,
+    np.testing.assert_allclose(new_state.diagnostics.norm_processed,
                                ref_pcgrad_norms(tree, orders), rtol=1e-5)
     assert not np.array_equal(np.asarray(new_state.key), np.asarray(state.key))
     state = new_state
@@ -512,7 +511,7 @@ def test_pcgrad_zero_gradients_and_chain():
 def test_metabalance_multi_step_matches_reference(target_index):
   steps = [_stacked(20 + s, scales=[10.0 ** (s - 1), 0.1, 1.0]) for s in range(4)]
   steps[0] = {n: np.zeros_like(x) for n, x in steps[0].items()}  # EMA starts at 0
-  tx = metabalance(num_tasks=3, beta=0.8, relax=0.6, target_index=target_index)
+  tx = metabalance(num_tasks=3, beta=0.8, relax=0.6, core_index=target_index)
   state = tx.init(_params())
   assert isinstance(state, MetaBalanceState)
   assert all(v.shape == (3,) for v in jax.tree.leaves(state.norm_ema))
@@ -521,7 +520,7 @@ def test_metabalance_multi_step_matches_reference(target_index):
   for tree, expected in zip(steps, outputs):
     out, state = update(jax.tree.map(jnp.asarray, tree), state)
     _assert_tree_close(out, expected, max(_scale(tree), 1.0))
-  np.testing.assert_allclose(state.processed_norms, processed, rtol=1e-5)
+  np.testing.assert_allclose(state.diagnostics.norm_processed, processed, rtol=1e-5)
   for name in ema:
     np.testing.assert_allclose(state.norm_ema[name], ema[name], rtol=1e-5)
 
@@ -556,11 +555,30 @@ def test_state_records_where_eq16_fired_and_the_eq17_factor():
   scales it by 0.1 * min(3 / 1, 10) + 0.9 = 1.2. Task 1 is orthogonal (dot 0): no
   projection, factor 0.1 * 3 / 2 + 0.9 = 1.05. The core's factor is 1."""
   stacked = {'w': jnp.array([[-1., 1.], [0., 2.], [3., 0.]])}
-  tx = hybrid_grad_balance(gamma=0.1, clip=10.0, num_tasks=3)
+  tx = hybrid_grad_balance(gamma=0.1, weight_bound=10.0, num_tasks=3)
   _, state = tx.update(stacked, tx.init({'w': jnp.zeros(2)}))
-  np.testing.assert_array_equal(state.projected, [1.0, 0.0, 0.0])
-  np.testing.assert_allclose(state.magnitude_factor, [1.2, 1.05, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(state.diagnostics.eq16_share, [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(state.diagnostics.eq17_factor, [1.2, 1.05, 1.0], rtol=1e-6)
   off = hybrid_grad_balance(conflict=False, magnitude=False, num_tasks=3)
   _, state = off.update(stacked, off.init({'w': jnp.zeros(2)}))
-  np.testing.assert_array_equal(state.projected, 0.0)
-  np.testing.assert_array_equal(state.magnitude_factor, 1.0)
+  np.testing.assert_array_equal(state.diagnostics.eq16_share, 0.0)
+  np.testing.assert_array_equal(state.diagnostics.eq17_factor, 1.0)
+
+
+def test_old_argument_and_state_names_still_work_with_a_deprecation_warning():
+  """0.2's names (clip=, target_index=, state.task_norms ...) work one more release."""
+  tree = _stacked(0, k=3)
+  with pytest.warns(DeprecationWarning, match='weight_bound'):
+    old = hybrid_grad_balance(gamma=0.5, clip=7.0, num_tasks=3)
+  new = hybrid_grad_balance(gamma=0.5, weight_bound=7.0, num_tasks=3)
+  out_old, state = _run(old, tree)
+  out_new, _ = _run(new, tree)
+  _assert_tree_close(out_old, out_new, 1.0)
+  np.testing.assert_array_equal(state.task_norms, state.diagnostics.norm)
+  np.testing.assert_array_equal(state.core_cosine, state.diagnostics.cos_core)
+  np.testing.assert_array_equal(state.processed_norms, state.diagnostics.norm_processed)
+  np.testing.assert_array_equal(state.projected, state.diagnostics.eq16_share)
+  np.testing.assert_array_equal(state.magnitude_factor, state.diagnostics.eq17_factor)
+  with pytest.warns(DeprecationWarning, match='core_index'):
+    old_mb = metabalance(3, target_index=0)
+  _assert_tree_close(_run(old_mb, tree)[0], _run(metabalance(3, core_index=0), tree)[0], 1.0)

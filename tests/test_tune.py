@@ -25,8 +25,9 @@ import pytest
 
 from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.configs import hillstrom
+from htl_jax.repro import study as study_lib
 from htl_jax.repro import table6, tuning
-from htl_jax import metrics as metrics_lib
+from htl_jax.selection import selection
 from htl_jax.errors import ConfigError
 
 _BASE = ('embed_dim', 'batch_size', 'learning_rate', 'l2')
@@ -47,7 +48,7 @@ def _config(**overrides):
     ({'model': 'htlnet'}, _BASE + _LEU + ('alpha', 'gamma', 'clip')),
     ({'model': 'shared_bottom'}, _BASE),
     ({'model': 'dnn'}, _BASE),
-    ({'model': 'mmoe', 'grad_process': 'metabalance'}, _BASE),
+    ({'model': 'mmoe', 'grad_process': 'metabalance'}, _BASE + ('metabalance_relax',)),
     ({'model': 'shared_bottom', 'grad_process': 'htl'}, _BASE + ('alpha', 'gamma', 'clip')),
     ({'model': 'htlnet', 'grad_process': 'none'}, _BASE + _LEU),
     ({'model': 'htlnet', 'use_label_embedding': False}, _BASE + ('alpha', 'gamma', 'clip')),
@@ -59,7 +60,7 @@ def test_search_space_has_only_the_models_hyperparameters(overrides, expected):
                               train_rows=table6.KUAIRAND_PURE_TRAIN_ROWS)
   assert tuple(space) == expected
   for name, grid in space.items():
-    assert grid == table6.TABLE6[name]
+    assert grid == {**table6.TABLE6, **table6.OWN_KNOBS}[name]
     assert _config()[name] in grid or name == 'tau_decay_steps', name   # defaults included
 
 
@@ -89,13 +90,13 @@ def test_docs_print_table6():
   with open(os.path.join(REPO, 'docs', 'tuning.md')) as f:
     doc = f.read()
   rows = dict(re.findall(r'^\| [^|]+ \| `(\w+)` \| ([^|]+) \|', doc, re.MULTILINE))
-  assert set(rows) == set(table6.TABLE6)
-  for name, grid in table6.TABLE6.items():
+  searched = {**table6.TABLE6, **table6.OWN_KNOBS}
+  assert set(rows) == set(searched)
+  for name, grid in searched.items():
     assert [float(v) for v in rows[name].split(',')] == [float(v) for v in grid], name
 
 
 def test_objective_metric_and_direction():
-  selection = metrics_lib.selection_metric
   assert selection(_config()).name == 'nrmse'
   assert selection(_config(head='ziln')).name == 'gini'
   assert selection(_config(best_metric='nmae', head='ziln')).name == 'nmae'
@@ -104,14 +105,15 @@ def test_objective_metric_and_direction():
 
 
 def test_trial_plan_keeps_examples_per_evaluation():
-  base = _config(max_steps=1000)        # hillstrom: batch 512, eval every 100 steps
+  base = _config(max_steps=1000, eval_every=100, checkpoint_every=100)   # batch 512
   plan = tuning.trial_plan(base, {'batch_size': 2048, 'learning_rate': 0.01})
   assert plan.config.batch_size == 2048 and plan.config.learning_rate == 0.01
   assert (plan.config.eval_every, plan.config.checkpoint_every, plan.config.max_steps) == (
       25, 25, 250)
-  assert plan.config.best_metric == 'nrmse'
+  assert plan.config.selection == 'core' and plan.trial_seeds == 1
   assert [plan.report_step(s) for s in (25, 50, 60)] == [1, 2, 3]
   assert base.batch_size == 512 and base.eval_every == 100       # base untouched
+  assert [c.seed for c in tuning.trial_plan(base, {}, trial_seeds=3).configs()] == [0, 1, 2]
 
 
 def _sample(sampler, study, trials: int) -> list:
@@ -123,14 +125,14 @@ def _sample(sampler, study, trials: int) -> list:
 
 
 def test_sampler_seeds_per_trial_number():
-  one = _sample(tuning.TrialSeededTPESampler(7), optuna.create_study(), 4)
-  assert one == _sample(tuning.TrialSeededTPESampler(7), optuna.create_study(), 4)
-  assert one != _sample(tuning.TrialSeededTPESampler(8), optuna.create_study(), 4)
+  one = _sample(study_lib.TrialSeededTPESampler(7), optuna.create_study(), 4)
+  assert one == _sample(study_lib.TrialSeededTPESampler(7), optuna.create_study(), 4)
+  assert one != _sample(study_lib.TrialSeededTPESampler(8), optuna.create_study(), 4)
   # Two processes on one study: each draws from its trial's number, not from its own
   # generator, so the second process does not repeat the first one's startup draws.
   shared = optuna.create_study()
-  first = _sample(tuning.TrialSeededTPESampler(7), shared, 2)
-  both = _sample(tuning.TrialSeededTPESampler(7), shared, 2)
+  first = _sample(study_lib.TrialSeededTPESampler(7), shared, 2)
+  both = _sample(study_lib.TrialSeededTPESampler(7), shared, 2)
   assert both[:2] == first and both[2:] == one[2:]
 
 
@@ -158,16 +160,18 @@ def test_hopeless_trial_is_pruned(cache_dir, tmp_path, monkeypatch):
                             space=table6.search_space(base, ['learning_rate']))
   for rate in (1e-2, 1e-2, 1e-5):
     study.enqueue_trial({'learning_rate': rate})
-  summary = tuning.run_study(base, str(tmp_path), storage, n_trials=3, study_name='prune',
-                             params=['learning_rate'], pruner_startup_trials=2,
-                             pruner_warmup_evals=1)
+  summary = tuning.run_study(base, str(tmp_path), storage, tuning.StudyOptions(
+      n_trials=3, study_name='prune', params=('learning_rate',), pruner_startup_trials=2,
+      pruner_warmup_evals=1))
   good, _, hopeless = study.get_trials()
   assert [t.state.name for t in study.get_trials()] == ['COMPLETE', 'COMPLETE', 'PRUNED']
   assert summary['counts']['PRUNED'] == 1 and summary['best']['trial'] == 0
   assert list(good.intermediate_values) == [1, 2, 3, 4]
   assert list(hopeless.intermediate_values) == [1, 2]    # stopped after its warm-up
   assert hopeless.intermediate_values[2] > good.intermediate_values[2]
-  assert not os.path.exists(tmp_path / 'trials' / '2' / 'metrics.json')
+  assert not os.path.exists(tmp_path / 'trials' / '2' / 'seed0' / 'metrics.json')
+  assert good.user_attrs['stop'] in ('cap', 'early_stopping')
+  assert hopeless.user_attrs['stop'] == 'pruned'
 
 
 # ----------------------------------------------------------------------------- command line
@@ -246,13 +250,13 @@ def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_e
   while time.time() < deadline and first.poll() is None:
     states = _trial_states(db)
     if (states.get(0) == 'COMPLETE' and states.get(1) == 'RUNNING'
-        and _saved_steps(workdir / 'trials' / '1')):
+        and _saved_steps(workdir / 'trials' / '1' / 'seed0')):
       os.killpg(first.pid, signal.SIGKILL)
       break
     time.sleep(0.05)
   first.wait(timeout=60)
   assert first.returncode == -signal.SIGKILL, open(tmp_path / 'first.log').read()[-3000:]
-  finished_0 = os.path.getmtime(workdir / 'trials' / '0' / 'metrics.json')
+  finished_0 = os.path.getmtime(workdir / 'trials' / '0' / 'seed0' / 'metrics.json')
 
   output = _wait(_start(command, tune_env, tmp_path / 'second.log'), tmp_path / 'second.log')
   study = _load_study(f'sqlite:///{db}')
@@ -268,8 +272,8 @@ def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_e
   assert retry.params == study.trials[1].params
   assert 'resumed from step' in output                                   # ...resumed
   assert retry.user_attrs['steps'] == 160
-  assert os.path.getmtime(workdir / 'trials' / '0' / 'metrics.json') == finished_0
-  with open(workdir / 'trials' / '1' / 'metrics.jsonl') as f:
+  assert os.path.getmtime(workdir / 'trials' / '0' / 'seed0' / 'metrics.json') == finished_0
+  with open(workdir / 'trials' / '1' / 'seed0' / 'metrics.jsonl') as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == list(range(20, 161, 20))              # no evaluation lost or repeated
 
@@ -296,7 +300,8 @@ def test_a_preempted_worker_marks_its_trial_for_an_immediate_retry(cache_dir, tm
   first = _start(command, env, tmp_path / 'first.log')
   deadline = time.time() + 300
   while time.time() < deadline and first.poll() is None:
-    if _trial_states(db).get(1) == 'RUNNING' and _saved_steps(workdir / 'trials' / '1'):
+    if (_trial_states(db).get(1) == 'RUNNING'
+        and _saved_steps(workdir / 'trials' / '1' / 'seed0')):
       os.killpg(first.pid, signal.SIGTERM)
       break
     time.sleep(0.05)
@@ -331,7 +336,7 @@ def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
   assert len(set(run_dirs)) == trials                      # no trial ran twice
   assert len({t.user_attrs['pid'] for t in trials_run}) == 2  # both processes worked
   for run_dir in run_dirs:
-    with open(workdir / run_dir / 'metrics.jsonl') as f:
+    with open(workdir / run_dir / 'seed0' / 'metrics.jsonl') as f:
       assert [json.loads(line)['step'] for line in f] == list(range(20, 161, 20))
   return study
 

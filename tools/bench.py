@@ -10,7 +10,7 @@ from other processes hits all of them alike; a ratio is the median over rounds o
 configurations' window times in the same round, and ``step_ms`` / ``examples_per_s`` are
 medians over rounds. Only the ratios are meaningful across machines. Like
 ``train_and_evaluate``, the bench keeps XLA's per-step scratch memory mapped on CPU
-(``htl_jax.train.malloc``). Keys:
+(``htl_jax.runtime.allocator``). Keys:
 
 - ``grad_process_overhead``: HTLNet step time with ``grad_process='htl'`` / ``'none'``,
   4e4-row vocabulary (goal <= 1.25);
@@ -67,7 +67,8 @@ from htl_jax import metrics as metrics_lib
 from htl_jax.spec import HybridSpec
 from htl_jax.models import MODELS, model_class
 from htl_jax.losses import CoreTransform
-from htl_jax.train import malloc, parallel
+from htl_jax.runtime import allocator
+from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
 from htl_jax.train.state import init_state, make_setup
 
@@ -400,7 +401,7 @@ def main() -> None:
                       help='only time htl-reproduce --experiment=table3 with this many seeds')
   args = parser.parse_args()
   tuned = (not args.default_malloc and parallel.platform() == 'cpu'
-           and malloc.keep_scratch_memory())
+           and allocator.keep_scratch_memory())
   result = {'devices': parallel.device_count(), 'batch_size': args.batch_size,
             'backend': jax.default_backend(), 'malloc_tuned': tuned}
   if args.only_end_to_end:

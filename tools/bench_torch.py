@@ -51,7 +51,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 import bench  # tools/bench.py
-from htl_jax.train import malloc
+from htl_jax.runtime import allocator
 
 try:
   import torch
@@ -248,7 +248,7 @@ def _torch_worker(names: list[str], batch_size: int, threads: int) -> tuple[dict
 
 def worker(kind: str, names: list[str], args) -> None:
   """Serve ``run KEY STEPS`` lines on stdin with the window's seconds per step."""
-  malloc.keep_scratch_memory()
+  allocator.keep_scratch_memory()
   if kind == 'jax':
     runners, info = _jax_worker(names, args.batch_size)
   else:

@@ -181,7 +181,7 @@ BATCH=$(( 2048 / NALL * NALL ))
 EVAL_BATCH=$(( 8192 / NALL * NALL ))
 
 # ----------------------------------------------------------------------------- tests
-# What htl_jax.train.determinism sets at a command's start, for the tests' in-process runs.
+# What htl_jax.runtime.determinism sets at a command's start, for the tests' in-process runs.
 XLA_FLAGS="--xla_gpu_deterministic_ops=true" JAX_DEFAULT_MATMUL_PRECISION=highest \
   step tests "$(limit tests)" "$PYTHON" -m pytest -q -n "$WORKERS" -p no:cacheprovider \
   --junitxml="$WORK/tests.xml" -k "$TEST_FILTER" "${TESTS[@]}"

@@ -7,10 +7,12 @@ trains, and runs its ``main`` with :func:`run`, which
 - parses the flags, turning a built-in config name (``--config=kuairand:smoke=True``) into
   its file, and a bad flag or config into one line (exit code 2);
 - prints the resolved config and exits for ``--print_config``;
-- sets GPU determinism as ``config.gpu_determinism`` says (:mod:`htl_jax.train.determinism`)
+- sets GPU determinism as ``config.gpu_determinism`` says (:mod:`htl_jax.runtime.determinism`)
   when it loads the config, before anything touches a device;
 - turns on JAX's persistent compilation cache (``--compilation_cache``,
-  :mod:`htl_jax.train.compilation_cache`) before anything compiles;
+  :mod:`htl_jax.runtime.compilation_cache`) before anything compiles; the commands that
+  train call :func:`join_processes` (``jax.distributed``, the allocator, SIGTERM / SIGINT
+  as a stop request: :mod:`htl_jax.runtime`);
 - maps every :class:`htl_jax.errors.HtlError` to ``error: <message>`` on stderr and the
   error's exit code (the table in :mod:`htl_jax.errors`), in a multi-process run without
   waiting for the other processes. Anything else is a bug and keeps its traceback.
@@ -28,7 +30,7 @@ from ml_collections import config_flags
 
 from htl_jax import configs
 from htl_jax.errors import ConfigError, HtlError
-from htl_jax.train import compilation_cache, determinism, distributed
+from htl_jax.runtime import allocator, compilation_cache, determinism, distributed, preemption
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -62,7 +64,7 @@ def require(*names: str) -> None:
 
 
 def define_distributed_flags() -> None:
-  """The flags of a multi-process run (:mod:`htl_jax.train.distributed`)."""
+  """The flags of a multi-process run (:mod:`htl_jax.runtime.distributed`)."""
   flags.DEFINE_string(
       'coordinator_address', None,
       'host:port of process 0 for jax.distributed (e.g. 10.0.0.1:1234). Leave unset on one '
@@ -81,10 +83,15 @@ def define_distributed_flags() -> None:
 
 
 def join_processes() -> None:
-  """Starts ``jax.distributed`` from the flags (before anything touches a device)."""
+  """Starts ``jax.distributed`` from the flags (before anything touches a device), then
+  tunes the host allocator for XLA:CPU's step scratch where the backend is the CPU, and
+  turns SIGTERM / SIGINT into a stop request (one process; with several, JAX's preemption
+  service has SIGTERM)."""
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          heartbeat_timeout=FLAGS.heartbeat_timeout,
                          initialization_timeout=FLAGS.initialization_timeout)
+  allocator.tune_for_cpu()
+  preemption.install()
 
 
 def _one_line(error: BaseException) -> str:

@@ -31,7 +31,7 @@ from absl import flags
 
 from htl_jax.cli import common
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro.protocol import reproduce
+from htl_jax.repro.protocol import ReproduceOptions, reproduce
 
 flags.DEFINE_string('experiment', None, f'One of {", ".join(experiments_lib.EXPERIMENTS)}.')
 flags.DEFINE_integer('seeds', 10, 'Seeds 0..N-1 for every variant (the paper: 10); 0 with '
@@ -44,6 +44,13 @@ flags.DEFINE_string('tuned', '', 'Directory of tuning studies: another experimen
                     '<workdir>/tune, or htl-tune workdirs (one per model).')
 flags.DEFINE_integer('tune_trials', 0, 'Finished trials of every model\'s study over Table 6 '
                      'before the seeds run (0: no tuning).', lower_bound=0)
+flags.DEFINE_integer('trial_seeds', 3, 'Seeds of every tuning trial; its value is their '
+                     'mean and pruning judges the mean.', lower_bound=1)
+flags.DEFINE_enum('selection', 'delta_m', ['delta_m', 'core'], 'The model-selection rule of '
+                  'every run and study: delta_m (Delta_m of every task\'s validation metrics '
+                  'against a DNN reference run) or core (the core task\'s best_metric).')
+flags.DEFINE_bool('tune_ablations', False, 'Tune every variant over the subspace it has, '
+                  'instead of starting ablations from HTLNet\'s tuned configuration.')
 common.define_config_flags()
 common.define_distributed_flags()
 common.require('experiment', 'workdir')
@@ -54,8 +61,11 @@ def main(argv: list[str]) -> None:
   del argv
   config = common.load_config()
   common.join_processes()
-  text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, FLAGS.storage,
-                   FLAGS.variants, FLAGS.tuned, FLAGS.tune_trials)
+  options = ReproduceOptions(
+      storage=FLAGS.storage, variants=tuple(FLAGS.variants), tuned_dir=FLAGS.tuned,
+      tune_trials=FLAGS.tune_trials, trial_seeds=FLAGS.trial_seeds,
+      selection=FLAGS.selection, tune_ablations=FLAGS.tune_ablations)
+  text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, options)
   if text:
     print(text)
 

@@ -29,6 +29,8 @@ from htl_jax.repro import lockstep, tuning
 flags.DEFINE_string('workdir', None, 'The study\'s directory (trial runs, best.json).')
 flags.DEFINE_string('model', '', 'Model to tune ("" = the config\'s model).')
 flags.DEFINE_integer('trials', 50, 'Finished (completed or pruned) trials the study reaches.')
+flags.DEFINE_integer('trial_seeds', 1, 'Seeds of every trial; its value is their mean and '
+                     'pruning judges the mean (htl-reproduce tunes with 3).', lower_bound=1)
 flags.DEFINE_string('storage', '', 'Optuna storage URL ("" = sqlite:///<workdir>/optuna.db).')
 flags.DEFINE_string('study_name', '', 'Study name ("" = <dataset>-<model>).')
 flags.DEFINE_list('params', [], 'Subset of the model\'s Table 6 hyperparameters to search '
@@ -49,10 +51,11 @@ def main(argv: list[str]) -> None:
   common.join_processes()
   if FLAGS.model:
     config.model = FLAGS.model
-  summary = tuning.tune(config, FLAGS.workdir, storage=FLAGS.storage, n_trials=FLAGS.trials,
-                        study_name=FLAGS.study_name, params=FLAGS.params,
-                        pruner_startup_trials=FLAGS.pruner_startup_trials,
-                        pruner_warmup_evals=FLAGS.pruner_warmup_evals)
+  options = tuning.StudyOptions(
+      n_trials=FLAGS.trials, trial_seeds=FLAGS.trial_seeds, study_name=FLAGS.study_name,
+      params=tuple(FLAGS.params), pruner_startup_trials=FLAGS.pruner_startup_trials,
+      pruner_warmup_evals=FLAGS.pruner_warmup_evals)
+  summary = tuning.tune(config, FLAGS.workdir, options, storage=FLAGS.storage)
   if lockstep.is_follower():
     return
   logging.info('study %s: %s trials, %.0f s in this process', summary['study'],

@@ -26,9 +26,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.numeric_encoding = 'quantile'  # quantile | standardize (then uniform buckets)
   c.data.max_rows = 0           # 0 = all rows (handy for quick looks at big logs)
   c.data.passthrough = ''       # input columns copied to predictions (experiments.predict)
+  c.data.user_column = ''       # tabular: the user of each row ('' = none): binary tasks then
+                                # also get GAUC (kuairand: user_id, kaggle_revenue: id)
   # Model.
   c.model = 'htlnet'
   c.embed_dim = 10              # d of the shared embedding
+  c.embedding_init = 'xavier'   # xavier (Appendix B.1: every field's block Xavier-uniform) |
+                                # normal (0.01 N(0, 1), the usual CTR init; before 0.3)
   # Three hidden layers for every model (Appendix B.1): HTLNet's / DNN's towers use all of
   # them; models with a shared part use all but the last for it and the last for towers.
   c.hidden_dims = (128, 64, 32)
@@ -50,8 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tau_decay = 0.5
   c.tau_decay_steps = 1000
   c.tau_min = 0.1
-  c.tau_grid_scale = 1.0        # tuning: Table 6's tau_d grid times this; 0 = the training
-                                # split's rows / KuaiRand-Pure's 948,847 (docs/design.md)
+  c.tau_grid_scale = 0.0        # tuning: Table 6's tau_d grid times this; 0 (auto) = the
+                                # training split's rows / KuaiRand-Pure's 948,847, so the
+                                # temperature can decay within a run on any data (design.md)
   # Gradient process (Algorithm 1, Eq. 16-17).
   c.grad_process = 'auto'       # auto (htl for htlnet, none otherwise) | htl | pcgrad |
                                 # metabalance | none
@@ -73,21 +78,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.split_seed = 0              # the data's: a split without time (and synthetic data)
   c.batch_size = 2048           # global batch, split across devices
   c.eval_batch_size = 8192
-  c.num_epochs = 10
+  c.num_epochs = 50              # a cap, a safety net: early stopping (patience) ends runs
   c.max_steps = 0               # 0 = num_epochs * steps_per_epoch
   c.learning_rate = 1e-3        # the one Adam learning rate of every parameter (Table 6)
   c.embedding_optimizer = 'adam'  # adam (dense) | lazy_adam (only the batch's rows; for
                                 # vocabularies much larger than a batch's ids, README)
   c.l2 = 1e-5                   # lambda (the smallest value of Table 6's grid)
   # Loop.
-  c.eval_every = 500            # steps; also at each epoch end
+  c.eval_every = 500            # steps (two an epoch suit early stopping), and the last
   c.checkpoint_every = 500
   c.checkpoint_seconds = 60.0   # the latest checkpoint at an evaluation or checkpoint_every
                                 # step only when the last write is this old (0: at every
                                 # one); a new best waits in host memory for the next write;
                                 # SIGTERM and a run's end always write
   c.patience = 3                # evals without validation improvement before stopping
-  c.best_metric = ''            # '' = nrmse of the core task (ziln head: gini)
+  c.selection = 'core'          # model selection (best checkpoint, early stopping, tuning):
+                                # core (the core task's best_metric) | delta_m (Delta_m of
+                                # every task's metrics against selection_reference)
+  c.selection_reference = ''    # delta_m: the reference.json of a reference run (DNN at the
+                                # dataset's defaults; htl-reproduce and htl-tune write one)
+  c.best_metric = ''            # selection=core: '' = nrmse of the core task (ziln: gini)
   c.log_every = 100
   c.feed = 'auto'               # training batches: device (the split stays on every device,
                                 # the host sends row numbers) | host (the host gathers each
@@ -99,7 +109,7 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # process they come free at every step
   # Devices.
   c.gpu_determinism = True      # deterministic GPU kernels and float32 (not TF32) matmuls,
-                                # set at every command's start (htl_jax.train.determinism):
+                                # set at every command's start (htl_jax.runtime.determinism):
                                 # the same run on 1 and N GPUs and after resume; False is
                                 # the switch for speed (no effect on CPU)
   return c

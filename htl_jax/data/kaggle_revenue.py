@@ -97,7 +97,8 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
       binary_tasks=BINARY_TASKS,
       core_task=CORE_TASK,
       source=path,
-      label_columns=('purchaseamount',) * (len(BINARY_TASKS) + 1))
+      label_columns=('purchaseamount',) * (len(BINARY_TASKS) + 1),
+      group=table.get_column('id').cast(pl.Int64).to_numpy())   # the customer, for GAUC
 
 
 def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...],

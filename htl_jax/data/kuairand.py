@@ -217,7 +217,8 @@ def load_raw(config: Any) -> RawTable:
   return RawTable(
       features=frame.select(FIELDS), numeric=NUMERIC_FIELDS, labels=labels, core=core,
       time=frame['time_ms'].to_numpy(), binary_tasks=BINARY_TASKS, core_task=CORE_TASK,
-      source=log_path, label_columns=LABEL_COLUMNS, codes={**codes, **tab_codes})
+      source=log_path, label_columns=LABEL_COLUMNS, codes={**codes, **tab_codes},
+      group=frame['user_id'].fill_null(-1).to_numpy().astype(np.int64))
 
 
 def _parsed_numbers(log: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Unparseable]]:

@@ -42,7 +42,7 @@ from htl_jax.data.schema import HybridData, HybridSpec, RawTable, Split
 from htl_jax.errors import DataError
 
 # Bump when the preprocessing changes so that old caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -211,10 +211,13 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
   x = _gather_rows(columns, order)
   labels, core = labels[order], core[order]
 
+  group = None if raw.group is None else np.asarray(raw.group, np.int64)[order]
+
   spec = HybridSpec(fields=encoder.names, vocab_sizes=encoder.vocab_sizes,
                     binary_tasks=tuple(raw.binary_tasks), core_task=raw.core_task)
   bounds = [0, n_train, n_train + n_valid, n]
-  splits = [Split(x[a:b], labels[a:b], core[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+  splits = [Split(x[a:b], labels[a:b], core[a:b], None if group is None else group[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
   logging.info('%s: %d rows -> train %d / valid %d / test %d, %d fields, %d ids (%s split)',
                raw.source, n, *sizes.values(), spec.num_fields, spec.total_vocab,
                'chronological' if time is not None else 'random')
@@ -297,6 +300,8 @@ def _write_cache(data: HybridData, key_parts: Mapping[str, Any], cache_dir: str,
   tmp = tempfile.mkdtemp(prefix='.tmp-', dir=cache_dir)
   try:
     arrays = {f'{s}_{a}': getattr(getattr(data, s), a) for s in _SPLITS for a in _ARRAYS}
+    arrays.update({f'{s}_group': getattr(data, s).group for s in _SPLITS
+                   if getattr(data, s).group is not None})
     np.savez(os.path.join(tmp, 'data.npz'), **arrays)
     spec = data.spec.to_dict()
     encoder = data.encoder.to_dict() if data.encoder is not None else None
@@ -321,11 +326,14 @@ def _read_cache(path: str) -> HybridData:
   encoder = (encoding_lib.Encoder.from_dict(stored['encoder'])
              if stored.get('encoder') is not None else None)
   with np.load(os.path.join(path, 'data.npz'), allow_pickle=False) as npz:
-    splits = [Split(*(np.asarray(npz[f'{s}_{a}']) for a in _ARRAYS)) for s in _SPLITS]
+    splits = [Split(*(np.asarray(npz[f'{s}_{a}']) for a in _ARRAYS),
+                    group=np.asarray(npz[f'{s}_group']) if f'{s}_group' in npz else None)
+              for s in _SPLITS]
   for s in splits:
     n = s.x.shape[0]
     if (s.x.dtype != np.int32 or s.x.shape != (n, spec.num_fields)
-        or s.y.shape != (n, spec.num_binary) or s.core.shape != (n,)):
+        or s.y.shape != (n, spec.num_binary) or s.core.shape != (n,)
+        or (s.group is not None and s.group.shape != (n,))):
       raise ValueError('cached arrays do not match the cached spec')
   if encoder is not None and encoder.vocab_sizes != spec.vocab_sizes:
     raise ValueError('the cached encoder does not match the cached spec')

@@ -29,17 +29,17 @@ class Split:
     x: int32 ``[N, F]`` field ids, 0 = OOV.
     y: float32 ``[N, T]`` binary labels in task order, nested (``y[:, t] <= y[:, t-1]``).
     core: float32 ``[N]`` core target on the original scale (>= 0, finite).
+    group: int64 ``[N]`` the user (group) of each row, for GAUC; None where the data
+      names no user column.
   """
 
   x: np.ndarray
   y: np.ndarray
   core: np.ndarray
+  group: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return int(self.x.shape[0])
-
-  def take(self, index: np.ndarray) -> 'Split':
-    return Split(self.x[index], self.y[index], self.core[index])
 
 
 @dataclasses.dataclass
@@ -77,6 +77,7 @@ class RawTable:
     codes: per feature column that holds integer codes of a side table's strings, those
       strings (sorted; code ``k`` is ``codes[name][k - 1]``), see
       :mod:`htl_jax.data.encoding`.
+    group: ``[N]`` int64 user (group) keys for GAUC, or None.
   """
 
   features: pl.DataFrame
@@ -89,6 +90,7 @@ class RawTable:
   source: str
   label_columns: Optional[tuple[str, ...]] = None
   codes: Optional[dict[str, np.ndarray]] = None
+  group: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ class _Columns:
   tasks: tuple[str, ...]
   core: str
   time: str
+  user: str = ''
 
   @property
   def features(self) -> tuple[str, ...]:
@@ -57,7 +58,8 @@ class _Columns:
   @property
   def needed(self) -> tuple[str, ...]:
     """Every column to read, each once, in a stable order."""
-    names = self.features + self.tasks + (self.core,) + ((self.time,) if self.time else ())
+    names = (self.features + self.tasks + (self.core,) + ((self.time,) if self.time else ())
+             + ((self.user,) if self.user else ()))
     return tuple(dict.fromkeys(names))
 
 
@@ -96,6 +98,7 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
   core = _core(frame, columns.core, path)
   features, _ = _features(frame, columns, path)
   time = _time(frame, columns.time, path) if columns.time else None
+  group = _group(frame, columns.user) if columns.user else None
   return RawTable(
       features=features,
       numeric=columns.numeric,
@@ -105,7 +108,14 @@ def load_raw(config: ml_collections.ConfigDict) -> RawTable:
       binary_tasks=columns.tasks,
       core_task=columns.core,
       source=path,
-      label_columns=columns.tasks + (columns.core,))
+      label_columns=columns.tasks + (columns.core,),
+      group=group)
+
+
+def _group(frame: pl.DataFrame, name: str) -> np.ndarray:
+  """The user column as int64 group keys for GAUC (equal values, equal keys; empty: -1)."""
+  series = frame.get_column(name).cast(pl.String)
+  return series.rank('dense').fill_null(0).cast(pl.Int64).to_numpy() - 1
 
 
 def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...],
@@ -148,7 +158,8 @@ def _declared_columns(config: ml_collections.ConfigDict) -> _Columns:
       numeric=split_names(data.numeric),
       tasks=split_names(data.tasks),
       core=str(data.core).strip(),
-      time=str(data.time_column).strip())
+      time=str(data.time_column).strip(),
+      user=str(data.get('user_column', '')).strip())
   if not columns.tasks:
     raise DataError(f'{where}no binary task columns declared: set '
                     '--config.data.tasks=col1,col2 (chain order)')
@@ -164,9 +175,13 @@ def _declared_columns(config: ml_collections.ConfigDict) -> _Columns:
 
 
 def _check_disjoint(columns: _Columns, where: str) -> None:
-  """A column plays one role: no repeats, no label or core column used as a feature."""
+  """A column plays one role: no repeats, no label, core or time column used as a feature.
+
+  The user column (GAUC's groups) may also be a categorical feature, but not a label.
+  """
   roles = [('categorical', columns.categorical), ('numeric', columns.numeric),
-           ('tasks', columns.tasks), ('core', (columns.core,))]
+           ('tasks', columns.tasks), ('core', (columns.core,)),
+           ('time_column', (columns.time,) if columns.time else ())]
   seen: dict[str, str] = {}
   for role, names in roles:
     for name in names:
@@ -174,6 +189,9 @@ def _check_disjoint(columns: _Columns, where: str) -> None:
         raise DataError(f'{where}column {name!r} is declared twice (in --config.data.'
                         f'{seen[name]} and --config.data.{role})')
       seen[name] = role
+  if seen.get(columns.user, 'categorical') not in ('categorical', 'numeric'):
+    raise DataError(f'{where}--config.data.user_column={columns.user!r} is also '
+                    f'--config.data.{seen[columns.user]}; the user column names users')
 
 
 def _read(path: str, needed: tuple[str, ...], max_rows: int) -> pl.DataFrame:

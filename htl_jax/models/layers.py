@@ -133,7 +133,9 @@ class AttentionFusion(nn.Module):
 
   For the vectors ``x^1..x^t`` of the preceding tasks:
   ``w_u = softmax_u(<h2(x^u), h3(x^u)> / sqrt(k))`` and ``out = sum_u w_u h1(x^u)`` with
-  ``h1, h2, h3`` Dense(k).
+  ``h1, h2, h3`` Dense(k). The paper writes Eq. 13's list from ``e^0``; the list here starts
+  at the first task (docs/design.md says why: the shared embedding is every tower's input
+  already, and is of another width).
   """
 
   dim: int

@@ -14,11 +14,12 @@ from __future__ import annotations
 from htl_jax.optim import per_task
 from htl_jax.optim.meta_balance import MetaBalanceState, metabalance
 from htl_jax.optim.gradient_surgery import PCGradState, pcgrad, pcgrad_combine, pcgrad_task_orders
-from htl_jax.optim.stacked import task_norms_and_cosines
+from htl_jax.optim.stacked import TaskDiagnostics, task_norms_and_cosines
 from htl_jax.optim.transforms import HybridGradBalanceState, hybrid_grad_balance
 
 __all__ = [
-    'HybridGradBalanceState', 'MetaBalanceState', 'PCGradState', 'hybrid_grad_balance',
+    'HybridGradBalanceState', 'MetaBalanceState', 'PCGradState', 'TaskDiagnostics',
+    'hybrid_grad_balance',
     'metabalance', 'pcgrad', 'pcgrad_combine', 'pcgrad_task_orders', 'per_task',
     'task_norms_and_cosines',
 ]

@@ -7,13 +7,14 @@ in the state. Depends on jax and optax only.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from htl_jax.optim import stacked as stacked_lib
+from htl_jax.optim.stacked import TaskDiagnostics
 
 
 # --- PCGrad (Yu et al., 2020).
@@ -24,12 +25,17 @@ class PCGradState(NamedTuple):
 
   Attributes:
     key: Raw ``uint32[2]`` PRNG key; split once per update to draw task orders.
-    processed_norms: ``[K]`` norms of the projected per-task gradients
-      :math:`g_i^{PC}` at the last update (joint over all leaves), or shape
-      ``[0]`` when the transformation was built without `num_tasks`.
+    diagnostics: a :class:`~htl_jax.optim.stacked.TaskDiagnostics` of the last update
+      (the norms of the raw and of the projected per-task gradients :math:`g_i^{PC}`, the
+      cosines with the core; None without ``num_tasks``).
   """
   key: jax.Array
-  processed_norms: jax.Array
+  diagnostics: Optional[TaskDiagnostics]
+
+  @property
+  def processed_norms(self) -> jax.Array:
+    """Deprecated (0.2's field): ``diagnostics.norm_processed``."""
+    return self.diagnostics.norm_processed
 
 
 def pcgrad_task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -74,7 +80,11 @@ def pcgrad_combine(stacked: Any, orders: jax.Array) -> Any:
     [0.5 1.5]
   """
   leaves, treedef = jax.tree.flatten(stacked)
-  coeffs, _ = _pcgrad_coefficients(leaves, orders)
+  return _sum_projected(leaves, treedef, _pcgrad_coefficients(leaves, orders)[0])
+
+
+def _sum_projected(leaves: list[jax.Array], treedef: Any, coeffs: jax.Array) -> Any:
+  """``sum_i g_i^PC = sum_j (sum_i C_ij) g_j``, leaf by leaf, the task axis removed."""
   weights = jnp.sum(coeffs, axis=0)
   return jax.tree.unflatten(treedef, [stacked_lib.combine(weights, x) for x in leaves])
 
@@ -98,7 +108,8 @@ def _pcgrad_coefficients(leaves: list[jax.Array], orders: jax.Array
   return coeffs, gram
 
 
-def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransformation:
+def pcgrad(seed: int = 0, num_tasks: int | None = None, core_index: int = -1
+           ) -> optax.GradientTransformation:
   r"""Projecting conflicting gradients (PCGrad).
 
   Algorithm 1 of Yu et al. (2020): for every task :math:`i`,
@@ -119,8 +130,11 @@ def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransfo
 
   Args:
     seed: Seed of the PRNG key that draws the task orders.
-    num_tasks: K, optional; when given, updates whose task axis has another
-      size raise ``ValueError``.
+    num_tasks: K, optional; when given, the state records a
+      :class:`~htl_jax.optim.stacked.TaskDiagnostics` of every update and updates
+      whose task axis has another size raise ``ValueError``.
+    core_index: Position of the core task on the task axis: PCGrad treats every
+      task alike, so it only decides the diagnostics' cosines.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -139,12 +153,10 @@ def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransfo
     <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020
   """
 
-  diag_size = 0 if num_tasks is None else num_tasks
-
   def init_fn(params):
     del params
     return PCGradState(key=jax.random.PRNGKey(seed),
-                       processed_norms=jnp.zeros((diag_size,), jnp.float32))
+                       diagnostics=stacked_lib.no_diagnostics(num_tasks))
 
   def update_fn(updates, state, params=None):
     del params
@@ -153,12 +165,14 @@ def pcgrad(seed: int = 0, num_tasks: int | None = None) -> optax.GradientTransfo
     key, subkey = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
     coeffs, gram = _pcgrad_coefficients(leaves, pcgrad_task_orders(subkey, size))
-    weights = jnp.sum(coeffs, axis=0)
-    combined = jax.tree.unflatten(treedef, [stacked_lib.combine(weights, x) for x in leaves])
-    processed = state.processed_norms
+    combined = _sum_projected(leaves, treedef, coeffs)
+    diagnostics = state.diagnostics
     if num_tasks is not None:
-      processed_sq = jnp.einsum('ij,jl,il->i', coeffs, gram, coeffs, precision=stacked_lib.HIGHEST)
-      processed = jnp.sqrt(jnp.maximum(processed_sq, 0.0)).astype(processed.dtype)
-    return combined, PCGradState(key=key, processed_norms=processed)
+      # ||g_i^PC||^2 = ||sum_j C_ij g_j||^2 = C_i G C_i^T, G the Gram matrix of the g_j.
+      processed_sq = jnp.einsum('ij,jl,il->i', coeffs, gram, coeffs,
+                                precision=stacked_lib.HIGHEST)
+      diagnostics = stacked_lib.diagnostics_of(
+          updates, stacked_lib.task_position(core_index, size), processed_sq)
+    return combined, PCGradState(key=key, diagnostics=diagnostics)
 
   return optax.GradientTransformation(init_fn, update_fn)

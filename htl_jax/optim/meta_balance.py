@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from htl_jax.optim import stacked as stacked_lib
+from htl_jax.optim.stacked import TaskDiagnostics
 
 
 # --- MetaBalance (He et al., 2022).
@@ -25,18 +26,26 @@ class MetaBalanceState(NamedTuple):
   Attributes:
     norm_ema: Pytree mirroring ``params``; each leaf is a ``[K]`` array of the
       moving averages of the per-task gradient norms of that parameter.
-    processed_norms: ``[K]`` norms of the rescaled per-task gradients at the
-      last update, joint over all leaves.
+    diagnostics: a :class:`~htl_jax.optim.stacked.TaskDiagnostics` of the last update
+      (the norms of the raw and of the rescaled per-task gradients, the cosines with
+      the core task), joint over all leaves.
   """
   norm_ema: Any
-  processed_norms: jax.Array
+  diagnostics: TaskDiagnostics
+
+  @property
+  def processed_norms(self) -> jax.Array:
+    """Deprecated (0.2's field): ``diagnostics.norm_processed``."""
+    return self.diagnostics.norm_processed
 
 
 def metabalance(
     num_tasks: int,
     beta: float = 0.9,
-    relax: float = 0.7,
-    target_index: int = -1,
+    relax: float | jax.Array = 0.7,
+    core_index: int = -1,
+    *,
+    target_index: int | None = None,
 ) -> optax.GradientTransformation:
   r"""MetaBalance: scale auxiliary gradients toward the target task's magnitude.
 
@@ -51,13 +60,22 @@ def metabalance(
     g &= \textstyle\sum_k g_k ,
 
   with relax factor :math:`r`. The averages start at zero; where
-  :math:`m_k = 0` the ratio is taken as 1.
+  :math:`m_k = 0` the ratio is taken as 1. The target task is the core task
+  (``core_index``, as in :func:`~htl_jax.optim.hybrid_grad_balance`). Input and
+  output follow the same stacked contract: leaves ``[K, *param.shape]`` in,
+  ``param.shape`` out. ``relax`` may be a traced scalar, so it can be injected
+  with :func:`optax.inject_hyperparams` (``static_args=('num_tasks',
+  'core_index')``; ``beta`` is then injected too).
 
   Args:
-    num_tasks: K, the size of the task axis (the state holds ``[K]`` per leaf).
+    num_tasks: K, the size of the task axis (the state holds ``[K]`` per leaf, so
+      it is required here).
     beta: Decay :math:`\beta` of the moving averages of the norms.
-    relax: Relax factor :math:`r` in ``[0, 1]``.
-    target_index: Position of the target (core) task on the task axis.
+    relax: Relax factor :math:`r` in ``[0, 1]`` (the MetaBalance paper tunes it; so
+      does ``htl-reproduce``, docs/tuning.md).
+    core_index: Position of the target (core) task on the task axis.
+    target_index: Deprecated name of ``core_index`` (a DeprecationWarning; goes in the
+      next release).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -77,13 +95,15 @@ def metabalance(
     Gradient Magnitudes of Auxiliary Tasks <https://arxiv.org/abs/2203.06801>`_,
     WWW 2022
   """
+  core_index = stacked_lib.renamed('core_index', 'target_index', core_index, target_index,
+                                   'metabalance')
   if num_tasks < 1:
     raise ValueError(f'num_tasks must be positive; got {num_tasks}.')
-  if not 0.0 <= beta < 1.0:
+  if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
     raise ValueError(f'beta must be in [0, 1); got {beta}.')
-  if not 0.0 <= relax <= 1.0:
+  if isinstance(relax, (int, float)) and not 0.0 <= relax <= 1.0:
     raise ValueError(f'relax must be in [0, 1]; got {relax}.')
-  target = stacked_lib.task_position(target_index, num_tasks)
+  target = stacked_lib.task_position(core_index, num_tasks)
 
   def init_fn(params):
     return MetaBalanceState(
@@ -91,7 +111,7 @@ def metabalance(
             lambda p: jnp.zeros((num_tasks,),
                                 jnp.promote_types(jnp.result_type(p), jnp.float32)),
             params),
-        processed_norms=jnp.zeros((num_tasks,), jnp.float32))
+        diagnostics=stacked_lib.no_diagnostics(num_tasks))
 
   def new_average(grad, ema):
     norms = jnp.sqrt(jnp.sum(jnp.square(stacked_lib.as_matrix(grad)), axis=1))
@@ -112,6 +132,6 @@ def metabalance(
     processed = sum(jax.tree.leaves(jax.tree.map(processed_sq, updates, norm_ema)))
     return combined, MetaBalanceState(
         norm_ema=norm_ema,
-        processed_norms=jnp.sqrt(processed).astype(state.processed_norms.dtype))
+        diagnostics=stacked_lib.diagnostics_of(updates, target, processed))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -10,13 +10,77 @@ inputs to TF32. Depends on jax and numpy only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class TaskDiagnostics(NamedTuple):
+  """What a gradient process did to each task's gradient at its last update (``[K]`` each).
+
+  One record from the transform to the run's ``metrics.jsonl`` (its ``grad`` entries carry
+  these field names) and Fig. 5. Every norm and cosine is over all leaves jointly (the
+  flattened ``theta_s``). A field the process does not define is None (a transform built
+  without ``num_tasks`` records no diagnostics at all: its state's ``diagnostics`` is
+  None).
+
+  Attributes:
+    norm: the raw per-task gradient norms ``||G_k||``.
+    norm_processed: the norms of each task's term of the combined gradient.
+    cos_core: the cosine of each raw gradient with the core's (1 for the core itself; 0
+      where either is zero).
+    eq16_share: Algorithm 1 only: 1 where Eq. 16 projected the task's gradient (it
+      conflicted with the core's), else 0; with ``per_leaf`` the share of leaves.
+    eq17_factor: Algorithm 1 only: the factor Eq. 17 multiplied the task's gradient by,
+      ``gamma w_t + 1 - gamma`` (1 for the core and with Eq. 17 off; with ``per_leaf`` the
+      mean over leaves).
+  """
+
+  norm: jax.Array
+  norm_processed: jax.Array
+  cos_core: jax.Array
+  eq16_share: Optional[jax.Array] = None
+  eq17_factor: Optional[jax.Array] = None
+
+
+def no_diagnostics(num_tasks: Optional[int], algorithm1: bool = False
+                   ) -> Optional[TaskDiagnostics]:
+  """The initial record: zeros of shape ``[K]`` (None without ``num_tasks``); the Eq. 16
+  and 17 fields None unless ``algorithm1`` (then zeros and ones)."""
+  if num_tasks is None:
+    return None
+  zeros = jnp.zeros((num_tasks,), jnp.float32)
+  if not algorithm1:
+    return TaskDiagnostics(zeros, zeros, zeros)
+  return TaskDiagnostics(zeros, zeros, zeros, zeros, jnp.ones((num_tasks,), jnp.float32))
+
+
+def diagnostics_of(updates: Any, core_index: int, processed_sq: Optional[jax.Array],
+                   eq16_share: Optional[jax.Array] = None,
+                   eq17_factor: Optional[jax.Array] = None) -> TaskDiagnostics:
+  """The record of one update: the raw norms and cosines of ``updates`` (stacked), the
+  processed norms ``sqrt(processed_sq)`` (None: no process, the raw norms), and Algorithm
+  1's fields when given."""
+  norms, cosines = task_norms_and_cosines(updates, core_index)
+  processed = norms if processed_sq is None else jnp.sqrt(jnp.maximum(processed_sq, 0.0))
+  as32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
+  return TaskDiagnostics(as32(norms), as32(processed), as32(cosines), as32(eq16_share),
+                         as32(eq17_factor))
+
+
+def renamed(new: str, old: str, value: Any, old_value: Any, function: str) -> Any:
+  """``old_value`` (with a DeprecationWarning) when the deprecated name ``old`` was given,
+  else ``value``: one release of grace for a renamed argument (CHANGELOG 0.3.0)."""
+  if old_value is None:
+    return value
+  warnings.warn(f'{function}({old}=...) is deprecated; use {new}=... (the old name goes '
+                'in the next release)', DeprecationWarning, stacklevel=3)
+  return old_value
 
 
 def leading_size(updates: Any) -> int:

@@ -21,41 +21,49 @@ float32 inputs to TF32. This module depends on jax and optax only.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from htl_jax.optim import stacked as stacked_lib
+from htl_jax.optim.stacked import TaskDiagnostics
 
 
 # --- HTLNet, Algorithm 1.
 
 
 class HybridGradBalanceState(NamedTuple):
-  """Diagnostics of the last :func:`hybrid_grad_balance` update.
+  """State of :func:`hybrid_grad_balance`: what the last update did.
 
   Attributes:
-    task_norms: ``[K]`` norms of the raw per-task gradients (before Eq. 16-17),
-      or shape ``[0]`` when the transformation was built without `num_tasks`.
-    core_cosine: ``[K]`` cosine of each raw task gradient with the core
-      gradient (1 for the core task itself), or shape ``[0]``.
-    processed_norms: ``[K]`` norms of the per-task gradients after Eq. 16-17
-      (the terms of Algorithm 1's final sum; the core's is its raw norm), or
-      shape ``[0]``.
-    projected: ``[K]`` 1 where Eq. 16 projected the task's gradient (it
-      conflicted with the core's), else 0; with ``per_leaf`` the share of leaves.
-      Shape ``[0]`` without `num_tasks`.
-    magnitude_factor: ``[K]`` the factor Eq. 17 multiplied the task's gradient
-      by, ``gamma * w_t + 1 - gamma`` (1 for the core and with Eq. 17 off); with
-      ``per_leaf`` the mean over leaves. Shape ``[0]`` without `num_tasks`.
+    diagnostics: a :class:`~htl_jax.optim.stacked.TaskDiagnostics` (``[K]`` per field; None
+      when the transformation was built without ``num_tasks``): the raw norms, the norms
+      after Eq. 16-17, the cosines with the core, where Eq. 16 fired and Eq. 17's factor.
   """
-  task_norms: jax.Array
-  core_cosine: jax.Array
-  processed_norms: jax.Array
-  projected: jax.Array
-  magnitude_factor: jax.Array
+  diagnostics: Optional[TaskDiagnostics]
+
+  # The field names of 0.2 (deprecated: use ``diagnostics``; they go in the next release).
+  @property
+  def task_norms(self) -> jax.Array:
+    return self.diagnostics.norm
+
+  @property
+  def core_cosine(self) -> jax.Array:
+    return self.diagnostics.cos_core
+
+  @property
+  def processed_norms(self) -> jax.Array:
+    return self.diagnostics.norm_processed
+
+  @property
+  def projected(self) -> jax.Array:
+    return self.diagnostics.eq16_share
+
+  @property
+  def magnitude_factor(self) -> jax.Array:
+    return self.diagnostics.eq17_factor
 
 
 def _balance_coefficients(
@@ -106,12 +114,14 @@ def _balance_coefficients(
 def hybrid_grad_balance(
     alpha: float | jax.Array = 1.0,
     gamma: float | jax.Array = 0.1,
-    clip: float | jax.Array = 10.0,
+    weight_bound: float | jax.Array = 10.0,
     core_index: int = -1,
     per_leaf: bool = False,
     conflict: bool = True,
     magnitude: bool = True,
     num_tasks: int | None = None,
+    *,
+    clip: float | jax.Array | None = None,
 ) -> optax.GradientTransformation:
   r"""HTLNet's gradient process: resolve conflicts with, and rescale to, the core.
 
@@ -136,30 +146,53 @@ def hybrid_grad_balance(
   NOT a step size. :math:`\|G_t\|` in Eq. 17 is the norm after Eq. 16. Dot
   products and norms run over all leaves jointly (the flattened
   :math:`\theta_s`) unless ``per_leaf=True``, which applies the algorithm to
-  each leaf separately. Where :math:`\|G_t\| = 0` the ratio is taken as 1;
-  where :math:`\|G_c\| = 0` no projection happens and :math:`w_t = 1/C`. The
-  output is finite for all-zero gradients.
+  each leaf separately, in at least float32 with ``Precision.HIGHEST``. Where
+  :math:`\|G_t\| = 0` the ratio is taken as 1; where :math:`\|G_c\| = 0` no
+  projection happens and :math:`w_t = 1/C`. The output is finite for all-zero
+  gradients.
 
-  Every leaf of ``updates`` has a leading task axis of size K; the output is
-  the combined gradient :math:`G_s` with that axis removed (a gradient, never
-  a parameter step), so the transformation goes first in an
-  :func:`optax.chain`, in front of any optimizer.
+  **Input and output.** Every leaf of ``updates`` is ``[K, *param.shape]``: the
+  per-task gradients of that parameter stacked on a leading task axis, the core
+  at ``core_index``; the output is :math:`G_s` with the shapes of ``params``
+  (``param.shape``, the task axis removed; a gradient, never a parameter step),
+  so the transformation goes first in an :func:`optax.chain`, in front of any
+  optimizer. ``jax.jacrev`` of a function returning the ``[K]`` vector of task
+  losses gives exactly this input (it is a ``jax.vmap`` over one-hot cotangents
+  of ONE backward pass). In a model whose towers are task-specific, apply it to
+  the shared parameters only (``optax.multi_transform``, docs/optax.md).
+
+  **Defaults are neutral, not tuned**: ``alpha=1, gamma=0.1, weight_bound=10``
+  scale a binary gradient by at most 1.9; with a raw-scale MSE core that dwarfs
+  the binary losses the process then barely acts. The tuned values belong to
+  the data (the configs set theirs; Table 6 searches them).
+
+  **With** :func:`optax.inject_hyperparams`: ``alpha``, ``gamma`` and
+  ``weight_bound`` may be traced scalars, so they can be injected (one compiled
+  program for every value); every other argument must be listed in
+  ``static_args`` (``per_leaf``, ``conflict``, ``magnitude`` are bools, which
+  ``inject_hyperparams`` would otherwise turn into arrays)::
+
+    tx = optax.inject_hyperparams(
+        hybrid_grad_balance,
+        static_args=('core_index', 'per_leaf', 'conflict', 'magnitude', 'num_tasks'))(
+            alpha=1.0, gamma=0.5, weight_bound=100.0, num_tasks=3)
+    state.hyperparams['gamma'] = 1.0     # takes effect at the next update
 
   Args:
     alpha: Projection relax factor :math:`\alpha` of Eq. 16, in ``[0, 1]``.
     gamma: Weight :math:`\gamma` of the magnitude-aligned part in Eq. 17.
-    clip: Clip bound :math:`C \ge 1` of the weight :math:`w_t` in Eq. 17.
-      ``alpha``, ``gamma`` and ``clip`` may be scalar arrays (traced values), so one
-      compiled program serves every value.
+    weight_bound: The bound :math:`C \ge 1` of Eq. 17's weight :math:`w_t`
+      (clipped to ``[1/C, C]``); Table 6's C.
     core_index: Position of the core task on the task axis.
     per_leaf: Apply the algorithm leaf by leaf instead of jointly.
     conflict: Apply the conflict projection of Eq. 16.
     magnitude: Apply the magnitude alignment of Eq. 17.
-    num_tasks: K. When given, the state records the norms of the raw per-task
-      gradients, their cosine with the core gradient and the norms of the
-      processed per-task gradients at the last update (over all leaves
-      jointly, also when ``per_leaf=True``); when ``None`` the state holds
-      empty arrays and nothing is recorded.
+    num_tasks: K. When given, the state records a
+      :class:`~htl_jax.optim.stacked.TaskDiagnostics` of every update (over all
+      leaves jointly, also when ``per_leaf=True``) and updates with another K raise
+      ``ValueError``; when ``None`` nothing is recorded.
+    clip: Deprecated name of ``weight_bound`` (a DeprecationWarning; goes in the
+      next release).
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -175,7 +208,7 @@ def hybrid_grad_balance(
     >>> combined, state = tx.update(stacked, state)
     >>> print(combined['w'])
     [1. 1.]
-    >>> print(state.task_norms, state.core_cosine)
+    >>> print(state.diagnostics.norm, state.diagnostics.cos_core)
     [1.4142135 1.       ] [-0.70710677  1.        ]
     >>> half_tx = hybrid_grad_balance(alpha=0.5, magnitude=False)
     >>> half, _ = half_tx.update(stacked, half_tx.init(params))
@@ -190,22 +223,21 @@ def hybrid_grad_balance(
     Tang et al., `Touch the Core: Exploring Task Dependence Among Hybrid
     Targets for Recommendation <https://arxiv.org/abs/2403.17442>`_, RecSys 2024
   """
-  # Values given as arrays (e.g. read from a train state inside a compiled step) are the
-  # caller's to check; numbers are checked here.
-  if isinstance(clip, (int, float)) and clip < 1.0:
-    raise ValueError(f'clip must be >= 1 so that [1/clip, clip] is valid; got {clip}.')
+  weight_bound = stacked_lib.renamed('weight_bound', 'clip', weight_bound, clip,
+                                     'hybrid_grad_balance')
+  # Values given as arrays (e.g. injected hyperparameters) are the caller's to check;
+  # numbers are checked here.
+  if isinstance(weight_bound, (int, float)) and weight_bound < 1.0:
+    raise ValueError(f'weight_bound must be >= 1 so that [1/C, C] is valid; got '
+                     f'{weight_bound}.')
   if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f'alpha (the projection relax factor) must be in [0, 1]; got {alpha}.')
   if num_tasks is not None and num_tasks < 1:
     raise ValueError(f'num_tasks must be positive; got {num_tasks}.')
-  diag_size = 0 if num_tasks is None else num_tasks
 
   def init_fn(params):
     del params
-    zeros = jnp.zeros((diag_size,), jnp.float32)
-    return HybridGradBalanceState(task_norms=zeros, core_cosine=zeros,
-                                  processed_norms=zeros, projected=zeros,
-                                  magnitude_factor=jnp.ones((diag_size,), jnp.float32))
+    return HybridGradBalanceState(stacked_lib.no_diagnostics(num_tasks, algorithm1=True))
 
   def update_fn(updates, state, params=None):
     del params
@@ -214,7 +246,7 @@ def hybrid_grad_balance(
     core = stacked_lib.task_position(core_index, size)
     leaves, treedef = jax.tree.flatten(updates)
     coeff_fn = functools.partial(_balance_coefficients, core=core, alpha=alpha,
-                                 gamma=gamma, clip=clip, conflict=conflict,
+                                 gamma=gamma, clip=weight_bound, conflict=conflict,
                                  magnitude=magnitude)
     groups = [[x] for x in leaves] if per_leaf else [leaves]
     out, processed_sq, projected, factor = [], 0.0, 0.0, 0.0
@@ -225,13 +257,8 @@ def hybrid_grad_balance(
       processed_sq = processed_sq + group_sq
       projected, factor = projected + group_projected, factor + group_factor
     if num_tasks is not None:
-      norms, cosines = stacked_lib.task_norms_and_cosines(updates, core)
-      dtype = state.task_norms.dtype
-      state = HybridGradBalanceState(
-          task_norms=norms.astype(dtype), core_cosine=cosines.astype(dtype),
-          processed_norms=jnp.sqrt(processed_sq).astype(dtype),
-          projected=(projected / len(groups)).astype(dtype),
-          magnitude_factor=(factor / len(groups)).astype(dtype))
+      state = HybridGradBalanceState(stacked_lib.diagnostics_of(
+          updates, core, processed_sq, projected / len(groups), factor / len(groups)))
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

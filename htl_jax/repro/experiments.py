@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from htl_jax.errors import ConfigError
+
 Overrides = dict[str, Any]
 
 # Fig. 8's axes: alpha and gamma both over {1e-5, 1e-4, ..., 1} (6 x 6, docs/design.md).
@@ -35,7 +37,7 @@ class Experiment:
   variants: dict[str, Overrides]
   ours: Optional[str] = None
   baselines: tuple[str, ...] = ()
-  figure: Optional[str] = None        # 'fig5' | 'fig7' | 'fig8'
+  figure: Optional[str] = None        # 'fig4' | 'fig5' | 'fig7' | 'fig8'
   trains: bool = True                 # table1 only describes the data
   tuned_as: dict[str, Overrides] = dataclasses.field(default_factory=dict)
 
@@ -83,7 +85,14 @@ TABLE5 = {'HTLNet': HTLNET,
 FIG5 = {'without gradient process': {'model': 'htlnet', 'grad_process': 'none',
                                      'grad_diagnostics': 'every_step'},
         'with gradient process': HTLNET}
-FIG8 = {f'alpha={a:g},gamma={g:g}': {'model': 'htlnet', 'alpha': a, 'gamma': g}
+
+
+def fig8_variant(alpha: float, gamma: float) -> str:
+  """Fig. 8's variant name of one cell of the grid (no comma: ``--variants`` splits on it)."""
+  return f'alpha={alpha:g}/gamma={gamma:g}'
+
+
+FIG8 = {fig8_variant(a, g): {'model': 'htlnet', 'alpha': a, 'gamma': g}
         for a in FIG8_ALPHAS for g in FIG8_GAMMAS}
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -104,7 +113,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         baselines=('w/o representation', 'w/o label embedding'), tuned_as=_as_htlnet(TABLE4)),
     'fig4': Experiment(
         'Fig. 4: attention fusion (IFU) against concatenation', FIG4, ours='attention',
-        baselines=('concat',), tuned_as=_as_htlnet(FIG4)),
+        baselines=('concat',), figure='fig4', tuned_as=_as_htlnet(FIG4)),
     'table5': Experiment(
         'Table 5: the gradient process', TABLE5, ours='HTLNet',
         baselines=tuple(v for v in TABLE5 if v != 'HTLNet'), tuned_as=_as_htlnet(TABLE5)),
@@ -135,7 +144,8 @@ def study_slug(overrides: Overrides) -> str:
 def get_experiment(name: str) -> Experiment:
   """The experiment called ``name``; unknown names list the known ones."""
   if name not in EXPERIMENTS:
-    raise ValueError(f'unknown experiment {name!r}; known: {", ".join(EXPERIMENTS)}')
+    raise ConfigError(f'unknown experiment {name!r} (--experiment); known: '
+                      f'{", ".join(EXPERIMENTS)}')
   return EXPERIMENTS[name]
 
 
@@ -145,8 +155,8 @@ def select_variants(experiment: Experiment, names: list[str]) -> dict[str, Overr
     return dict(experiment.variants)
   unknown = [n for n in names if n not in experiment.variants]
   if unknown:
-    raise ValueError(f'unknown variant(s) {unknown}; this experiment has '
-                     f'{list(experiment.variants)}')
+    raise ConfigError(f'unknown variant(s) {", ".join(map(repr, unknown))} (--variants); '
+                      f'this experiment has: {", ".join(experiment.variants)}')
   return {n: experiment.variants[n] for n in names}
 
 

@@ -2,7 +2,7 @@
 
 The reproduction and tuning entry points share their work through Optuna: each worker takes
 a cell or trial and trains it. When the worker is several processes started with
-``jax.distributed`` (several hosts, see ``htl_jax.train.distributed``), every one of them
+``jax.distributed`` (several hosts, see ``htl_jax.runtime.distributed``), every one of them
 must train the same run at the same time, since each training step is a collective over all
 of them. So only the primary process talks to Optuna, and it tells the others (the
 followers) what to do, in lockstep (each message is a broadcast from process 0,

@@ -1,17 +1,28 @@
-"""An experiment's results as the paper reports them: ``results.csv`` and ``table.md``.
+"""An experiment's results as the paper reports them: ``results.csv`` and the table.
 
 ``results.csv`` has one row per run, split, task and metric (variant, seed, split, task,
-metric, value, best_step, train_seconds_per_epoch). ``table.md`` gives, per variant and test
-metric, the mean ± std over seeds, the best variant in **bold** and the second <u>underlined</u>
-(direction from :data:`htl_jax.metrics.LOWER_IS_BETTER`), and a ``*`` on the experiment's own
-method where it differs from the best baseline with p <= 0.05 in a two-sample t-test
-(``scipy.stats.ttest_ind``), as in the paper's Table 2. Undefined metrics (``null``) are
-left out of means and tests.
+metric, value, best_step, train_seconds_per_epoch, stop); where a reference run exists
+(``selection='delta_m'``, or ``config.selection_reference`` set), every run also gets a row
+``task='all', metric='delta_m'``: its Delta_m against the reference's mean on that split
+(:func:`htl_jax.selection.delta_m`).
+
+The table (test split) gives, per variant and metric, the mean ± the sample std over seeds
+("n/a" for one seed), the best variant in bold and the second in italics (Markdown) or
+underlined (LaTeX), direction from :data:`htl_jax.metrics.LOWER_IS_BETTER`, and a ``*`` on
+the experiment's own method where it is better than the best baseline with p <= 0.05 in a
+two-sample t-test (``scipy.stats.ttest_ind``), as in the paper's Table 2. Undefined metrics
+(``null``) are left out of means and tests. It is written three ways: ``table.md`` (plain
+Markdown, with the selection rule, the runs that ended at the step cap, the p-values and
+the tuned configurations), ``table.tex`` (a booktabs ``tabular`` to ``\\input``) and
+``table.csv`` (wide: one row per variant, a mean and a std column per metric).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
+import json
 import math
 import os
 from typing import Any, Optional
@@ -21,37 +32,59 @@ from scipy import stats
 
 from htl_jax import metrics as metrics_lib
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro.runner import parse_cell, run_dir
+from htl_jax.repro.runner import parse_cell
+from htl_jax.selection import DELTA_M, delta_m, read_reference, selection
+from htl_jax.train.run_files import write_text
 
 SIGNIFICANCE = 0.05
 COLUMNS = ('variant', 'seed', 'split', 'task', 'metric', 'value', 'best_step',
-           'train_seconds_per_epoch')
+           'train_seconds_per_epoch', 'stop')
+ALL_TASKS = 'all'
 
 
-def rows(results: dict[str, dict]) -> list[dict[str, Any]]:
-  """``{cell: metrics.json dict}`` -> the rows of ``results.csv``."""
+@dataclasses.dataclass(frozen=True)
+class ReportContext:
+  """What the table says besides the runs: the rule, the reference, the tuned values."""
+
+  config: Any = None
+  tuned: Optional[dict[str, dict[str, Any]]] = None
+  tuned_dir: str = ''
+
+  @property
+  def reference(self) -> Optional[dict[str, Any]]:
+    path = str(self.config.selection_reference) if self.config is not None else ''
+    return read_reference(path) if path else None
+
+
+def rows(results: dict[str, dict], reference: Optional[dict[str, Any]] = None
+         ) -> list[dict[str, Any]]:
+  """``{cell: metrics.json dict}`` -> the rows of ``results.csv`` (module docstring)."""
   out = []
   for cell, result in results.items():
     variant, seed = parse_cell(cell)
     epochs = result.get('epochs') or 0
-    per_epoch = result.get('train_seconds', 0.0) / epochs if epochs else None
+    common = {'variant': variant, 'seed': seed, 'best_step': result.get('best_step'),
+              'train_seconds_per_epoch': (result.get('train_seconds', 0.0) / epochs
+                                          if epochs else None),
+              'stop': result.get('stop', '')}
     for split in ('valid', 'test'):
       for task, values in result[split].items():
         for metric, value in values.items():
-          out.append({'variant': variant, 'seed': seed, 'split': split, 'task': task,
-                      'metric': metric, 'value': value, 'best_step': result.get('best_step'),
-                      'train_seconds_per_epoch': per_epoch})
+          out.append({**common, 'split': split, 'task': task, 'metric': metric,
+                      'value': value})
+      if reference is not None:
+        out.append({**common, 'split': split, 'task': ALL_TASKS, 'metric': DELTA_M,
+                    'value': delta_m(result[split], reference[split])})
   return out
 
 
 def write_csv(path: str, table: list[dict[str, Any]]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in table:
-      writer.writerow({k: '' if row[k] is None else row[k] for k in COLUMNS})
-  os.replace(tmp, path)
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator='\n')
+  writer.writeheader()
+  for row in table:
+    writer.writerow({k: '' if row.get(k) is None else row[k] for k in COLUMNS})
+  write_text(path, buffer.getvalue())
 
 
 def values_by_variant(table: list[dict[str, Any]], task: str, metric: str,
@@ -95,26 +128,50 @@ def _pvalue(a: np.ndarray, b: np.ndarray) -> float:
   return float(stats.ttest_ind(a, b).pvalue)
 
 
-def _cell(mean: float, std: float, rank: int, star: bool) -> str:
-  text = f'{mean:.4f} ± {std:.4f}' + ('*' if star else '')
-  if rank == 0:
-    return f'**{text}**'
-  if rank == 1:
-    return f'<u>{text}</u>'
-  return text
+# ----------------------------------------------------------------------------- the table
 
 
-def markdown(table: list[dict[str, Any]], experiment: experiments_lib.Experiment,
-             variants: list[str]) -> str:
-  """The experiment's ``table.md``: variants as rows, test metrics of every task as columns."""
-  columns = []
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One variant's entry of one column."""
+
+  mean: Optional[float]
+  std: Optional[float]          # None: one seed
+  rank: int                     # 0 best, 1 second, ...
+  star: bool
+
+  def text(self, star: str = '*', pm: str = '±', digits: int = 4) -> str:
+    """``mean ± std`` (``n/a`` for a std of one seed), then ``star`` where significant."""
+    if self.mean is None:
+      return 'n/a'
+    std = 'n/a' if self.std is None else f'{self.std:.{digits}f}'
+    return f'{self.mean:.{digits}f} {pm} {std}' + (star if self.star else '')
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """The test table of an experiment: columns ``(task, metric)``, a cell per variant."""
+
+  columns: list[tuple[str, str]]
+  cells: dict[str, list[Cell]]
+  notes: list[str]
+  seeds: int
+
+  @staticmethod
+  def column_name(task: str, metric: str) -> str:
+    return 'Delta_m' if metric == DELTA_M else f'{task} {metric}'
+
+
+def build_table(table: list[dict[str, Any]], experiment: experiments_lib.Experiment,
+                variants: list[str]) -> Table:
+  """Means, stds, ranks and stars of every test column (module docstring)."""
+  columns: list[tuple[str, str]] = []
   for row in table:
     key = (row['task'], row['metric'])
     if row['split'] == 'test' and key not in columns:
       columns.append(key)
-  header = '| variant | ' + ' | '.join(f'{t} {m}' for t, m in columns) + ' |'
-  lines = [f'## {experiment.title}', '', header, '|---' * (len(columns) + 1) + '|']
-  cells: dict[str, list[str]] = {v: [] for v in variants}
+  columns.sort(key=lambda c: c[1] == DELTA_M)           # Delta_m last
+  cells: dict[str, list[Cell]] = {v: [] for v in variants}
   notes = []
   for task, metric in columns:
     values = values_by_variant(table, task, metric)
@@ -124,34 +181,119 @@ def markdown(table: list[dict[str, Any]], experiment: experiments_lib.Experiment
             if experiment.ours else None)
     if test is not None:
       relation = 'better than' if test[1] else 'not better than'
-      notes.append(f'{task} {metric}: p = {test[0]:.3g} ({experiment.ours} {relation} '
-                   f'{test[2]})')
+      notes.append(f'{Table.column_name(task, metric)}: p = {test[0]:.3g} '
+                   f'({experiment.ours} {relation} {test[2]})')
     for variant in variants:
       x = values.get(variant, [])
-      if not x:
-        cells[variant].append('n/a')
-        continue
       star = (variant == experiment.ours and test is not None and test[1]
               and test[0] <= SIGNIFICANCE)
-      std = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0    # the sample std
-      cells[variant].append(_cell(float(np.mean(x)), std, order.index(variant), star))
-  for variant in variants:
-    lines.append(f'| {variant} | ' + ' | '.join(cells[variant]) + ' |')
-  seeds = sorted({row['seed'] for row in table})
-  lines += ['', f'Test split; mean ± sample std (ddof = 1) over {len(seeds)} seed(s); best '
-            '**bold**, second <u>underlined</u>.']
+      cells[variant].append(Cell(
+          float(np.mean(x)) if x else None,
+          float(np.std(x, ddof=1)) if len(x) > 1 else None,       # the sample std
+          order.index(variant) if variant in order else len(order), star))
+  return Table(columns, cells, notes, len({row['seed'] for row in table}))
+
+
+def markdown(built: Table, experiment: experiments_lib.Experiment) -> str:
+  """The table in plain Markdown: best **bold**, second _italic_ (no HTML)."""
+  marks = {0: '**', 1: '_'}
+  header = '| variant | ' + ' | '.join(Table.column_name(*c) for c in built.columns) + ' |'
+  lines = [f'## {experiment.title}', '', header, '|---' * (len(built.columns) + 1) + '|']
+  for variant, cells in built.cells.items():
+    texts = []
+    for c in cells:
+      mark = marks.get(c.rank, '') if c.mean is not None else ''
+      texts.append(mark + c.text(star='\\*') + mark)
+    lines.append(f'| {variant} | ' + ' | '.join(texts) + ' |')
+  lines += ['', f'Test split; mean ± sample std (ddof = 1) over {built.seeds} seed(s) '
+            '("n/a": one seed); best **bold**, second _italic_.']
   if experiment.ours:
     lines.append(f'`*`: {experiment.ours} is better than the best baseline with p <= '
-                 f'{SIGNIFICANCE} (two-sample t-test). p-values: ' + '; '.join(notes))
+                 f'{SIGNIFICANCE} (two-sample t-test). p-values: ' + '; '.join(built.notes))
   return '\n'.join(lines) + '\n'
 
 
+_LATEX_ESCAPES = {'&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_', '{': r'\{',
+                  '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}',
+                  '\\': r'\textbackslash{}'}
+
+
+def latex_escape(text: str) -> str:
+  return ''.join(_LATEX_ESCAPES.get(c, c) for c in str(text))
+
+
+def latex(built: Table, experiment: experiments_lib.Experiment) -> str:
+  """The table as a booktabs ``tabular`` (``\\usepackage{booktabs}``): best bold, second
+  underlined, ``$\\pm$`` between mean and std."""
+  def cell(c: Cell) -> str:
+    if c.mean is None:
+      return 'n/a'
+    text = c.text(star='$^{*}$', pm='$\\pm$')
+    return {0: f'\\textbf{{{text}}}', 1: f'\\underline{{{text}}}'}.get(c.rank, text)
+
+  names = [latex_escape(Table.column_name(*c)) for c in built.columns]
+  lines = [f'% {latex_escape(experiment.title)}: test split, mean $\\pm$ sample std over '
+           f'{built.seeds} seed(s); best bold, second underlined',
+           '\\begin{tabular}{l' + 'c' * len(names) + '}', '\\toprule',
+           'Variant & ' + ' & '.join(names) + ' \\\\', '\\midrule']
+  for variant, cells in built.cells.items():
+    lines.append(latex_escape(variant) + ' & ' + ' & '.join(cell(c) for c in cells) + ' \\\\')
+  lines += ['\\bottomrule', '\\end{tabular}']
+  return '\n'.join(lines) + '\n'
+
+
+def wide_csv(built: Table) -> str:
+  """One row per variant, ``<column> mean`` and ``<column> std`` per column."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  names = [Table.column_name(*c) for c in built.columns]
+  writer.writerow(['variant'] + [f'{n} {k}' for n in names for k in ('mean', 'std')])
+  for variant, cells in built.cells.items():
+    writer.writerow([variant] + [('' if v is None else v) for c in cells
+                                 for v in (c.mean, c.std)])
+  return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- around it
+
+
+def rule_section(context: ReportContext, table: list[dict[str, Any]]) -> str:
+  """The selection rule, the reference, and the runs that ended at the step cap."""
+  lines = ['']
+  if context.config is not None:
+    lines.append(f'Model selection: {selection(context.config).describe()}.')
+  reference = context.reference
+  if reference is not None:
+    lines.append(f'Delta_m: against the reference run ({reference["model"]} at the '
+                 f'dataset\'s defaults over seeds {reference["seeds"]}), in %, higher is '
+                 'better.')
+  runs = {(r['variant'], r['seed']): r['stop'] for r in table}
+  at_cap = sum(1 for stop in runs.values() if stop == 'cap')
+  lines.append(f'Budgets: {at_cap} of {len(runs)} runs ended at the step cap, the others '
+               'by early stopping.' + _tuning_budget(context.tuned_dir))
+  return '\n'.join(lines) + '\n'
+
+
+def _tuning_budget(tuned_dir: str) -> str:
+  """The tuning studies' runs at the cap (their best.json files), as a sentence tail."""
+  if not tuned_dir or not os.path.isdir(tuned_dir):
+    return ''
+  runs = cap = 0
+  for name in sorted(os.listdir(tuned_dir)):
+    path = os.path.join(tuned_dir, name, 'best.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        best = json.load(f)
+      runs, cap = runs + int(best.get('runs', 0)), cap + int(best.get('runs_at_cap', 0))
+  return f' Tuning: {cap} of {runs} finished runs ended at the cap.' if runs else ''
+
+
 def tuned_section(tuned: dict[str, dict[str, Any]]) -> str:
-  """The overrides every variant started from (its tuning study's best configuration)."""
+  """The overrides every variant started from (its tuning studies' best configuration)."""
   if not any(tuned.values()):
     return ''
-  lines = ['', 'Tuned configurations (each variant\'s study over Table 6; the variant\'s own '
-           'overrides apply on top):', '']
+  lines = ['', 'Tuned configurations (each variant\'s studies over Table 6; the variant\'s '
+           'own overrides apply on top):', '']
   for variant, overrides in tuned.items():
     values = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}'
                        for k, v in sorted(overrides.items()))
@@ -161,13 +303,17 @@ def tuned_section(tuned: dict[str, dict[str, Any]]) -> str:
 
 def write_report(workdir: str, results: dict[str, dict],
                  experiment: experiments_lib.Experiment, variants: list[str],
-                 tuned: Optional[dict[str, dict[str, Any]]] = None) -> str:
-  """Writes ``results.csv`` and ``table.md`` into ``workdir``; returns the markdown."""
-  table = rows(results)
+                 context: ReportContext = ReportContext()) -> str:
+  """Writes ``results.csv``, ``table.md``, ``table.tex`` and ``table.csv``; returns the
+  Markdown."""
+  table = rows(results, context.reference)
   write_csv(os.path.join(workdir, 'results.csv'), table)
-  text = markdown(table, experiment, variants) + tuned_section(tuned or {})
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(text)
+  built = build_table(table, experiment, variants)
+  text = (markdown(built, experiment) + rule_section(context, table)
+          + tuned_section(context.tuned or {}))
+  write_text(os.path.join(workdir, 'table.md'), text)
+  write_text(os.path.join(workdir, 'table.tex'), latex(built, experiment))
+  write_text(os.path.join(workdir, 'table.csv'), wide_csv(built))
   return text
 
 
@@ -189,50 +335,6 @@ def dataset_table(data, title: str) -> str:
 
 
 def draw_figure(figure: str, workdir: str, results: dict[str, dict]) -> str:
-  """Draws ``figure`` ('fig5' | 'fig7' | 'fig8') from the runs in ``workdir``; its path."""
+  """Draws ``figure`` ('fig4' | 'fig5' | 'fig7' | 'fig8') from the runs; its path."""
   from htl_jax.repro import figures  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, f'{figure}.png')
-  cells = [parse_cell(c) for c in results]
-  if figure == 'fig5':
-    curves = {}
-    for variant, seed in cells:
-      if seed == min(s for v, s in cells if v == variant):
-        curves[variant] = _gradient_curves(run_dir(workdir, variant, seed))
-    figures.fig5(curves, path)
-  elif figure == 'fig7':
-    per_epoch: dict[str, list[float]] = {}
-    for cell, result in results.items():
-      if result.get('epochs'):
-        per_epoch.setdefault(parse_cell(cell)[0], []).append(
-            result['train_seconds'] / result['epochs'])
-    figures.fig7(per_epoch, path)
-  elif figure == 'fig8':
-    table = rows(results)
-    grid = {}
-    alphas, gammas = experiments_lib.FIG8_ALPHAS, experiments_lib.FIG8_GAMMAS
-    core = list(next(iter(results.values()))['test'])[-1]
-    for metric in ('nrmse', 'nmae'):
-      values = values_by_variant(table, core, metric)
-      grid[metric] = np.array([[np.mean(values[k]) if values.get(k) else np.nan
-                                for k in (f'alpha={a:g},gamma={g:g}' for g in gammas)]
-                               for a in alphas])
-    figures.fig8(grid, alphas, gammas, path)
-  else:
-    raise ValueError(f'unknown figure {figure!r}')
-  return path
-
-
-def _gradient_curves(directory: str) -> dict[str, dict[str, list[float]]]:
-  """Per task, Fig. 5's series from a run's ``metrics.jsonl``: the step of each evaluation
-  and the window means of its ``grad`` record (``norm_processed``, ``eq16_share``, ...)."""
-  import json  # pylint: disable=g-import-not-at-top
-  curves: dict[str, dict[str, list[float]]] = {}
-  with open(os.path.join(directory, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      for task, grad in record.get('grad', {}).items():
-        series = curves.setdefault(task, {'step': []})
-        series['step'].append(record['step'])
-        for name, value in grad.items():
-          series.setdefault(name, []).append(value)
-  return curves
+  return figures.draw(figure, workdir, results, rows(results))

@@ -21,6 +21,7 @@ lockstep (:mod:`htl_jax.repro.lockstep`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Optional
@@ -29,10 +30,10 @@ from absl import logging
 import optuna
 from optuna.trial import TrialState
 
-from htl_jax import metrics as metrics_lib
 from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax.repro import lockstep, table6
+from htl_jax.selection import selection
 from htl_jax.repro import storage as storage_lib
 from htl_jax.train import run_files
 from htl_jax.train.checks import check_config
@@ -102,6 +103,7 @@ class CellObjective:
                tuned: dict[str, dict[str, Any]], run_cell: RunCell):
     self.base, self.cells, self.workdir = base, cells, workdir
     self.tuned, self.run_cell = tuned, run_cell
+    self.rule = selection(base)
     self.current: Optional[int] = None      # the trial this process runs
 
   def __call__(self, trial: optuna.Trial) -> float:
@@ -119,7 +121,7 @@ class CellObjective:
       lockstep.announce({'cell': cell})
       result = self.train(cell)
     # A cell's value only informs the study's dashboard: the report reads the run dirs.
-    value = metrics_lib.selection_metric(self.base).value(result['valid'])
+    value = self.rule.value(result['valid'])
     return float(value) if value is not None else 0.0
 
   def train(self, cell: str) -> dict:
@@ -208,10 +210,29 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
   chosen = experiments_lib.select_variants(experiment, list(variants or []))
   if seeds < 1:
     raise ValueError(f'--seeds must be >= 1, got {seeds}')
-  cells = {cell_name(v, s): overrides for v, overrides in chosen.items()
-           for s in range(seeds)}
+  return run_cells(base, chosen, range(seeds), workdir,
+                   CellStudy(f'reproduce:{experiment_name}:{dataset_tag(base)}',
+                             storage_lib.storage_url(workdir, storage)),
+                   tuned=tuned, run_cell=run_cell)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellStudy:
+  """Where the cells of a set of runs are shared: the study's name and its storage URL."""
+
+  name: str
+  url: str
+
+
+def run_cells(base, variants: dict[str, dict[str, Any]], seeds, workdir: str,
+              study: CellStudy, *, tuned: Optional[dict[str, dict[str, Any]]] = None,
+              run_cell: RunCell = train_cell) -> dict[str, dict]:
+  """Runs (or joins) the cells ``variants x seeds`` in ``<workdir>/<variant>/seed<k>``;
+  returns ``{cell: metrics.json dict}`` (``{}`` in the non-primary processes of a
+  multi-process worker). Every cell's config is checked before any runs."""
+  cells = {cell_name(v, s): overrides for v, overrides in variants.items() for s in seeds}
   tuned = tuned or {}
-  for cell, overrides in cells.items():          # every cell's config is valid before any run
+  for cell, overrides in cells.items():
     variant, seed = parse_cell(cell)
     cell_config(base, overrides, seed, tuned.get(variant))
   objective = CellObjective(base, cells, workdir, tuned, run_cell)
@@ -219,11 +240,9 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
     lockstep.follow(lambda announced: objective.train(announced['cell']))
     return {}
   os.makedirs(workdir, exist_ok=True)
-  study_storage = storage_lib.open_storage(storage_lib.storage_url(workdir, storage))
-  name = f'reproduce:{experiment_name}:{dataset_tag(base)}'
-  study = open_cell_study(name, study_storage, list(cells),
-                          metrics_lib.selection_metric(base).direction)
-  work(study, objective)
+  optuna_study = open_cell_study(study.name, storage_lib.open_storage(study.url),
+                                 list(cells), objective.rule.direction)
+  work(optuna_study, objective)
   results = {}
   for cell in cells:
     variant, seed = parse_cell(cell)

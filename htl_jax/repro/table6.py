@@ -4,6 +4,8 @@
 the grids of the hyperparameters a config's model has: every model tunes D, bs, lr and
 lambda; HTLNet also L_d and tau_d (the paper: "for our HTLNet ... we further tune"), and
 alpha, gamma and C where Algorithm 1 runs (each only while its equation is switched on).
+Beyond the table, every method's own knob (:data:`OWN_KNOBS`: MetaBalance's relax factor)
+is searched where that method runs, so no method competes at a fixed setting.
 """
 
 from __future__ import annotations
@@ -40,11 +42,32 @@ LABEL_EMBEDDING = ('label_embed_dim', 'tau_decay_steps')
 # Eq. 17's, so each is searched only while its equation is switched on.
 CONFLICT = ('alpha',)
 MAGNITUDE = ('gamma', 'clip')
+# Not Table 6: every method's own knob is tuned too (docs/tuning.md). MetaBalance's relax
+# factor r is defined on [0, 1] (He et al., WWW 2022, Eq. 7); this grid brackets their
+# default 0.7. Runs of MetaBalance (the MB baseline, HTLNet-MetaBalance) search it.
+OWN_KNOBS: dict[str, tuple] = {
+    'metabalance_relax': (0.1, 0.3, 0.5, 0.7, 0.9),
+}
+METABALANCE = ('metabalance_relax',)
+
+
+def searched(config) -> tuple[str, ...]:
+  """The names of the hyperparameters that ``config``'s model has (module docstring)."""
+  names = list(COMMON)
+  if config.model in LABEL_EMBEDDING_MODELS and config.use_label_embedding:
+    names += LABEL_EMBEDDING
+  process = resolve_grad_process(config)
+  if process == 'htl':
+    names += CONFLICT if config.grad_conflict else ()
+    names += MAGNITUDE if config.grad_magnitude else ()
+  if process == 'metabalance':
+    names += METABALANCE
+  return tuple(names)
 
 
 def search_space(config, params: Sequence[str] = (), train_rows: int = 0
                  ) -> dict[str, tuple]:
-  """The Table 6 grids of the hyperparameters that ``config``'s model has.
+  """The Table 6 grids (and own knobs) of the hyperparameters that ``config``'s model has.
 
   Args:
     config: the experiment config (model, grad_process, use_label_embedding, ...).
@@ -53,23 +76,18 @@ def search_space(config, params: Sequence[str] = (), train_rows: int = 0
     train_rows: the training split's rows, for ``config.tau_grid_scale = 0`` (auto).
 
   Returns:
-    ``{config field: grid}`` in :data:`TABLE6`'s order.
+    ``{config field: grid}`` in :data:`TABLE6`'s order, then :data:`OWN_KNOBS`'.
 
   Raises:
     ConfigError: a name in ``params`` that the model does not have.
   """
-  names = list(COMMON)
-  if config.model in LABEL_EMBEDDING_MODELS and config.use_label_embedding:
-    names += LABEL_EMBEDDING
-  if resolve_grad_process(config) == 'htl':
-    names += CONFLICT if config.grad_conflict else ()
-    names += MAGNITUDE if config.grad_magnitude else ()
+  names = searched(config)
   unknown = [name for name in params if name not in names]
   if unknown:
     raise ConfigError(f'cannot search {", ".join(unknown)}: model {config.model!r} with '
                       f'this config has only {", ".join(names)}')
   chosen = set(params or names)
-  space = {name: grid for name, grid in TABLE6.items() if name in chosen}
+  space = {name: grid for name, grid in {**TABLE6, **OWN_KNOBS}.items() if name in chosen}
   if 'tau_decay_steps' in space:
     scale = tau_grid_scale(config, train_rows)
     space['tau_decay_steps'] = tuple(max(1, round(v * scale)) for v in space['tau_decay_steps'])

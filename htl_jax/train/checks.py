@@ -7,10 +7,11 @@ before their first run, so a bad value never costs a data load or a compile.
 
 from __future__ import annotations
 
-from htl_jax import metrics as metrics_lib
+from htl_jax import embedding
 from htl_jax.errors import ConfigError
 from htl_jax.losses import CORE_TRANSFORMS
 from htl_jax.models import MODELS, model_class
+from htl_jax.selection import RULES, selection
 from htl_jax.train import parallel
 from htl_jax.train.state import EMBEDDING_OPTIMIZERS, GRAD_PROCESSES, resolve_grad_process
 
@@ -22,7 +23,8 @@ def check_config(config) -> None:
   choices = {'model': tuple(MODELS), 'grad_process': GRAD_PROCESSES,
              'head': ('mse', 'ziln'), 'core_transform': CORE_TRANSFORMS,
              'fusion': ('attention', 'concat'), 'embedding_optimizer': EMBEDDING_OPTIMIZERS,
-             'feed': FEEDS, 'grad_diagnostics': ('eval', 'every_step')}
+             'feed': FEEDS, 'grad_diagnostics': ('eval', 'every_step'),
+             'embedding_init': embedding.EMBEDDING_INITS, 'selection': RULES}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ConfigError(f'config.{key}={config[key]!r} is not one of {list(allowed)}')
@@ -36,8 +38,7 @@ def check_config(config) -> None:
     raise ConfigError(f'batch_size={config.batch_size} and eval_batch_size='
                       f'{config.eval_batch_size} must be divisible by the {n} devices '
                       f'(of all processes)')
-  if config.best_metric and config.best_metric not in metrics_lib.CORE_METRICS:
-    raise ConfigError(f'config.best_metric must be one of {metrics_lib.CORE_METRICS}')
+  selection(config)        # the rule, its metric, delta_m's reference file
   _check_model_config(config)
 
 

@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from htl_jax import embedding
-from htl_jax.optim import per_task, task_norms_and_cosines
+from htl_jax.optim import TaskDiagnostics, per_task
+from htl_jax.optim import stacked as stacked_lib
 from htl_jax.train import parallel
 from htl_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
-Diagnostics = dict[str, jax.Array]
 
 
 class StepGradients(NamedTuple):
@@ -60,14 +60,14 @@ class StepGradients(NamedTuple):
       included); with ``lazy_adam`` the table's is :class:`embedding.RowGradients`.
     losses: ``[K]`` per-task losses (mean over devices).
     balance_state: the gradient process's new state.
-    diagnostics: the Fig. 5 diagnostics.
+    diagnostics: the Fig. 5 diagnostics (:class:`htl_jax.optim.TaskDiagnostics`).
     id_scratch: ``lazy_adam``'s id scratch to keep in the state (None with dense Adam).
   """
 
   grads: Any
   losses: jax.Array
   balance_state: Any
-  diagnostics: Diagnostics
+  diagnostics: TaskDiagnostics
   id_scratch: jax.Array | None
 
 
@@ -105,7 +105,7 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   else:
     combined, balance_state = setup.balance(state.hparams).update(
         stacked, state.opt_state['balance'])
-    diagnostics = _diagnostics(stacked, balance_state)
+    diagnostics = balance_state.diagnostics
   # 6. Back to the table, plus L2.
   table_grad = embedding.table_gradient(
       slots._replace(grads=combined['embedding']), ids, global_rows,
@@ -122,7 +122,8 @@ def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax
 
 def loss_terms_fn(setup: TrainSetup, state: TrainState, batch: Batch
                   ) -> per_task.LossTermsFn:
-  """``(model_params, embs) -> K`` task losses of the batch (Eq. 18's terms), training mode."""
+  """``(model_params, embs) -> K`` task losses of the batch, training mode: the terms of
+  the total loss ``L = L_core + sum_t L_t`` (BCE, Eq. 8; MSE, Eq. 10; or ZILN)."""
   key = jax.random.fold_in(state.rng, state.step)
 
   def loss_terms(model_params, embs):
@@ -183,23 +184,15 @@ def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ..
   return embedding.sum_rows_by_id(ids, row_grads, setup.layout.rows, first=first)
 
 
-def _diagnostics(stacked: Any, balance_state: Any = None) -> Diagnostics:
-  """Fig. 5's data: per-task norms on ``theta_s`` before / after the process (the raw ones
-  again without a process), the cosine with the core; with Algorithm 1 also where Eq. 16
-  fired and Eq. 17's factor (``HybridGradBalanceState``)."""
-  norms, cosines = task_norms_and_cosines(stacked, core_index=-1)
-  out = {'task_grad_norm': norms, 'task_grad_cos_core': cosines,
-         'task_grad_norm_processed': (norms if balance_state is None
-                                      else balance_state.processed_norms)}
-  if hasattr(balance_state, 'magnitude_factor'):
-    out['eq16_fired'] = balance_state.projected
-    out['eq17_factor'] = balance_state.magnitude_factor
-  return out
+def _raw_diagnostics(stacked: Any) -> TaskDiagnostics:
+  """Fig. 5's data without a gradient process: the raw per-task norms on ``theta_s`` (the
+  processed ones are the same) and the cosines with the core."""
+  return stacked_lib.diagnostics_of(stacked, -1, processed_sq=None)
 
 
 def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
                             rows: jax.Array, ids: jax.Array, first: jax.Array | None,
-                            with_diagnostics: jax.Array | bool) -> Diagnostics:
+                            with_diagnostics: jax.Array | bool) -> TaskDiagnostics:
   """Without a gradient process: steps 2-4 per task for Fig. 5, where asked (else zeros).
 
   Args:
@@ -210,12 +203,10 @@ def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
     row_grads, _ = _gather_rows(grads.rows, rows)
     slots = _sum_by_id(setup, ids, row_grads, first, by_id=True)
     stacked = {'embedding': slots.grads, 'shared': parallel.mean(grads.shared)}
-    return _diagnostics(stacked)
+    return _raw_diagnostics(stacked)
 
   def skip():
-    zeros = jnp.zeros((setup.spec.num_tasks,), jnp.float32)
-    return {'task_grad_norm': zeros, 'task_grad_norm_processed': zeros,
-            'task_grad_cos_core': zeros}
+    return stacked_lib.no_diagnostics(setup.spec.num_tasks)
 
   if isinstance(with_diagnostics, bool):    # static: trace only the branch that runs
     return diagnose() if with_diagnostics else skip()

@@ -2,18 +2,23 @@
 
 Writes the run's files into ``workdir`` (:mod:`htl_jax.train.run_files`): ``config.json``,
 ``preprocessing.json``, ``metrics.jsonl`` (one line per evaluation: train loss, temperature,
-examples/s, validation metrics per task, and the per-task gradient norms on ``theta_s``
-before and after the gradient process with their cosine to the core task's, the data of the
-paper's Fig. 5), ``metrics.json`` (the best checkpoint's metrics),
-``checkpoints/{latest,best}`` and TensorBoard events (the same numbers, and at the end the
-config next to the final metrics for the HParams tab). A restarted run resumes from the
-latest checkpoint and gives the same result as an uninterrupted one. Early stopping after
-``patience`` evaluations without improvement of the core task's model-selection metric
-(:func:`htl_jax.metrics.selection_metric`).
+examples/s, validation metrics per task and the selection value, and per task the gradient
+diagnostics on ``theta_s`` of the paper's Fig. 5, :class:`htl_jax.optim.TaskDiagnostics`),
+``metrics.json`` (the best checkpoint's metrics, the final temperature and why training
+ended), ``checkpoints/{latest,best}`` and TensorBoard events. A restarted run resumes from
+the latest checkpoint and gives the same result as an uninterrupted one. The selection rule
+(:func:`htl_jax.selection.selection`) picks the best checkpoint and stops the run early
+after ``patience`` evaluations without improvement.
 
-With several processes (``htl_jax.train.distributed``), every process prepares the same data,
-feeds its part of each global batch and evaluates its part of each evaluation batch (the
-predictions are gathered, so every row is evaluated once); all of them take part in the
+The loop is the shape of flax's examples: :meth:`Run.evaluations` runs the compiled steps
+one dispatch at a time and hands the periodic work to small actions
+(:mod:`htl_jax.train.hooks`: progress, evaluation with early stopping, checkpoints, a stop
+request). It yields after every evaluation, so a caller can run several runs side by side
+(the seeds of a tuning trial, :mod:`htl_jax.repro.tuning`) or stop one (a pruned trial).
+
+With several processes (``htl_jax.runtime.distributed``), every process prepares the same
+data, feeds its part of each global batch and evaluates its part of each evaluation batch
+(the predictions are gathered, so every row is evaluated once); all of them take part in the
 orbax checkpoints, and only the primary process writes the JSON files.
 """
 
@@ -25,65 +30,27 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
-import jax
 import numpy as np
 
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import default_cache_dir, load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
-from htl_jax.errors import ConfigError, DataError, NonFiniteError, PreemptedError
+from htl_jax.errors import ConfigError, DataError, PreemptedError
 from htl_jax.losses import CoreTransform
+from htl_jax.selection import Selection, selection
 from htl_jax.train import feed as feed_lib
-from htl_jax.train import malloc, parallel, preemption, run_files
+from htl_jax.train import parallel, run_files
 from htl_jax.train import step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.checks import check_config
+from htl_jax.train.hooks import EarlyStopping, Progress, preemption_signal
 from htl_jax.train.state import TrainSetup, init_state, make_setup
 from htl_jax.train.writers import RunWriter, defined_metrics
 
-
-@dataclasses.dataclass(frozen=True)
-class EarlyStopping:
-  """The loop's model-selection state, saved with every checkpoint.
-
-  Not ``flax.training.early_stopping``: ours has a direction (Gini is maximized), lets an
-  undefined value neither improve nor count, and stops after exactly ``patience``
-  evaluations without improvement.
-
-  Attributes:
-    best_value: the best validation value so far (None before the first defined one).
-    best_step: the step of that value's checkpoint.
-    bad_evals: evaluations since the last improvement.
-    stopped: True once ``bad_evals`` reached the patience.
-    train_seconds: training time so far (evaluations excluded), across restarts.
-  """
-
-  best_value: Optional[float] = None
-  best_step: int = 0
-  bad_evals: int = 0
-  stopped: bool = False
-  train_seconds: float = 0.0
-
-  def update(self, step: int, value: Optional[float], metric: metrics_lib.SelectionMetric,
-             patience: int) -> 'EarlyStopping':
-    """After an evaluation: improved (new best), or one more bad evaluation."""
-    if metric.better(value, self.best_value):
-      return dataclasses.replace(self, best_value=float(value), best_step=step, bad_evals=0)
-    if value is None:          # an undefined value neither improves nor counts
-      return self
-    bad = self.bad_evals + 1
-    return dataclasses.replace(self, bad_evals=bad, stopped=bad >= patience)
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_json(cls, d: dict[str, Any]) -> 'EarlyStopping':
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+__all__ = ['EarlyStopping', 'Evaluation', 'Run', 'prepare', 'train_and_evaluate']
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -109,11 +76,29 @@ def evaluate(setup: TrainSetup, p_eval, state, split: Split, batch_size: int,
   """Metrics of a whole split; undefined ones are ``None`` (see ``writers.defined_metrics``)."""
   probs, core_pred = predict(p_eval, state, split, batch_size)
   metrics = metrics_lib.evaluate_tasks(split.y, probs, split.core, core_pred,
-                                       setup.spec.tasks)
+                                       setup.spec.tasks, group=split.group)
   return defined_metrics(metrics, split_name, warned)
 
 
-# ----------------------------------------------------------------------------- bookkeeping
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """What :meth:`Run.evaluations` yields after each validation evaluation.
+
+  Attributes:
+    step: the step evaluated.
+    valid: ``{task: {metric: value}}`` (None where undefined).
+    value: the selection rule's value of ``valid`` (None where undefined).
+    stopping: the early-stopping state after this evaluation (best value and step, and
+      whether the run stops here).
+  """
+
+  step: int
+  valid: dict[str, dict[str, Optional[float]]]
+  value: Optional[float]
+  stopping: EarlyStopping
+
+
+# ----------------------------------------------------------------------------- preparation
 
 
 def _check_same_data(data: HybridData) -> None:
@@ -130,36 +115,11 @@ def _check_same_data(data: HybridData) -> None:
                     'same files with the same config')
 
 
-def _check_window(pending: list[tuple[Any, dict]], ckpt: Checkpoints, window: '_Window'
-                  ) -> dict[str, Any]:
-  """One host transfer of the dispatches since the last log: raise on the first
-  non-finite step, add the diagnostics to ``window``, return the last step's loss, task
-  losses and temperature."""
-  host = jax.device_get([m for _, m in pending])
-  for (dispatch, _), m in zip(pending, host):
-    finite = np.asarray(m['finite'])[:, :dispatch.num_steps]
-    if not bool(np.all(finite)):
-      bad = dispatch.first + 1 + int(np.argmin(np.all(finite, axis=0)))
-      ckpt.flush_best()          # a best state waiting in memory was checked finite: keep it
-      latest = ckpt.latest_step()
-      raise NonFiniteError(
-          f'non-finite loss or gradient at step {bad}; training stopped, last good '
-          f'checkpoint: {"none" if latest is None else f"step {latest}"}')
-    if dispatch.diagnosed:
-      window.add(m, dispatch.num_steps)
-  dispatch, m = pending[-1][0], host[-1]
-  i = dispatch.num_steps - 1
-  return {'loss': float(m['loss'][0][i]), 'tau': float(m['tau'][0][i]),
-          'task_losses': [float(v) for v in m['task_losses'][0][i]]}
-
-
-def _prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
+def prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
   """Checks, data and the static setup; nothing is written yet."""
   check_config(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
-  if parallel.platform() == 'cpu':
-    malloc.keep_scratch_memory()    # reuse XLA:CPU's per-step scratch (see malloc.py)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
   _check_same_data(data)
   if feed_lib.steps_per_epoch(data, config) < 1:
@@ -168,69 +128,6 @@ def _prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
   setup = make_setup(config, data.spec,
                      CoreTransform.fit(config.core_transform, data.train.core))
   return data, setup
-
-
-# ----------------------------------------------------------------------------- main loop
-
-
-def train_and_evaluate(config, workdir: str, *,
-                       on_eval: Optional[Callable[[int, dict], None]] = None
-                       ) -> dict[str, Any]:
-  """Train, evaluate and test ``config.model`` on ``config.dataset``; see module doc.
-
-  Args:
-    config: the experiment config (``htl_jax/configs/*.py``).
-    workdir: where checkpoints and metrics go; an existing run there is resumed.
-    on_eval: called as ``on_eval(step, valid)`` after every validation evaluation (``valid``
-      is ``{task: {metric: value}}``), after the latest checkpoint (when one was due); it may raise
-      (e.g. ``optuna.TrialPruned``) to stop the run, and the exception propagates.
-
-  Returns:
-    What ``metrics.json`` holds.
-
-  Raises:
-    WorkdirBusyError: another process trains in ``workdir``.
-    PreemptedError: SIGTERM / SIGINT stopped the run after saving a checkpoint.
-  """
-  data, setup = _prepare(config, workdir)
-  primary = parallel.is_primary()
-  with (run_files.owned(workdir) if primary else contextlib.nullcontext()), \
-      preemption.watch():
-    if primary:
-      run_files.write_config(workdir, config)
-      run_files.save_run_preprocessing(workdir, config, data, setup.objective.core_transform)
-    return _train(config, workdir, data, setup, on_eval)
-
-
-@dataclasses.dataclass
-class _Window:
-  """Fig. 5's per-task diagnostics summed over the steps since the last evaluation."""
-
-  sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-  steps: int = 0
-
-  def add(self, metrics: dict, num_steps: int) -> None:
-    """Adds the first ``num_steps`` steps of a dispatch's metrics (host, first device)."""
-    for key in DIAGNOSTICS:
-      if key in metrics:
-        values = np.asarray(metrics[key][0][:num_steps], np.float64)
-        self.sums[key] = self.sums.get(key, 0.0) + values.sum(axis=0)
-    self.steps += num_steps
-
-  def record(self, tasks) -> dict[str, dict[str, float]]:
-    """Per task, the window's means (``metrics.jsonl``'s ``grad``); empty without steps."""
-    if not self.steps:
-      return {}
-    names = {'task_grad_norm': 'norm', 'task_grad_norm_processed': 'norm_processed',
-             'task_grad_cos_core': 'cos_core', 'eq16_fired': 'eq16_share',
-             'eq17_factor': 'eq17_factor'}
-    return {t: {names[k]: float(v[i] / self.steps) for k, v in self.sums.items()}
-            for i, t in enumerate(tasks)}
-
-
-# The per-step diagnostics of a train step's metrics (gradient_path._diagnostics).
-DIAGNOSTICS = ('task_grad_norm', 'task_grad_norm_processed', 'task_grad_cos_core',
-               'eq16_fired', 'eq17_factor')
 
 
 class _Programs:
@@ -260,147 +157,232 @@ def _eval_example(split: Split, batch_size: int) -> dict:
   return parallel.shard(batch)
 
 
-def _train(config, workdir: str, data: HybridData, setup: TrainSetup,
-           on_eval: Optional[Callable[[int, dict], None]]) -> dict[str, Any]:
-  """The loop of :func:`train_and_evaluate`, in an owned workdir."""
-  spec = data.spec
-  per_epoch = feed_lib.steps_per_epoch(data, config)
-  total_steps = int(config.max_steps) or int(config.num_epochs) * per_epoch
-  metric = metrics_lib.selection_metric(config)
-  # Several processes write every checkpoint together: each must make the same choice, so
-  # no clock decides there.
-  ckpt = Checkpoints(workdir, metric.mode, min_seconds=(
-      config.checkpoint_seconds if parallel.process_count() == 1 else 0))
-  writer = None
-  try:
-    state = init_state(setup, config)
-    stopping = EarlyStopping()
-    restored = ckpt.restore_latest(state)
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+  """One training run in its workdir, advanced one evaluation at a time.
+
+  ::
+
+    with Run(config, workdir) as run:
+      for evaluation in run.evaluations():
+        ...                                 # e.g. report to a pruner, or stop
+      result = run.finish()                 # the best checkpoint's valid and test metrics
+
+  Entering takes the workdir (one owner), writes ``config.json`` and
+  ``preprocessing.json``, and builds or restores the state and compiles the programs;
+  leaving releases everything, also when the loop was left early.
+
+  Args:
+    config: the experiment config (``htl_jax/configs/*.py``).
+    workdir: where checkpoints and metrics go; an existing run there is resumed.
+    prepared: ``(data, setup)`` from :func:`prepare` for this config, when the caller has
+      them (runs of one trial share them); None prepares here.
+  """
+
+  def __init__(self, config, workdir: str,
+               prepared: Optional[tuple[HybridData, TrainSetup]] = None):
+    self.config, self.workdir = config, workdir
+    self.data, self.setup = prepared or prepare(config, workdir)
+    self.rule: Selection = selection(config)
+    self.per_epoch = feed_lib.steps_per_epoch(self.data, config)
+    self.total_steps = int(config.max_steps) or int(config.num_epochs) * self.per_epoch
+    self.primary = parallel.is_primary()
+    self._exit = contextlib.ExitStack()
+    self.warned: set = set()            # undefined metrics warned about once per run
+
+  # --------------------------------------------------------------------------- set-up
+
+  def __enter__(self) -> 'Run':
+    try:
+      if self.primary:
+        self._exit.enter_context(run_files.owned(self.workdir))
+        run_files.write_config(self.workdir, self.config)
+        run_files.save_run_preprocessing(self.workdir, self.config, self.data,
+                                         self.setup.objective.core_transform)
+      self._start()
+    except BaseException:
+      self._exit.close()
+      raise
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._exit.close()
+
+  def _start(self) -> None:
+    config = self.config
+    # Several processes write every checkpoint together: each must make the same choice,
+    # so no clock decides there.
+    self.ckpt = Checkpoints(self.workdir, self.rule.mode, min_seconds=(
+        config.checkpoint_seconds if parallel.process_count() == 1 else 0))
+    self._exit.callback(self.ckpt.close)
+    state = init_state(self.setup, config)
+    self.stopping = EarlyStopping()
+    restored = self.ckpt.restore_latest(state)
     if restored is not None:
       # The config's hyperparameters win over the checkpoint's (a resumed run may change
       # them on purpose; the same config resumes the same run).
       state = restored[0].replace(hparams=state.hparams)
-      stopping = EarlyStopping.from_json(restored[1])
+      self.stopping = EarlyStopping.from_json(restored[1])
       logging.info('resumed from step %d', int(state.step))
     start = int(state.step)
-    writer = RunWriter(workdir, start, total_steps, primary=parallel.is_primary())
-    logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
-                 '%d steps (%d per epoch), %d device(s) in %d process(es), gradient '
-                 'process: %s (%s path)', config.model, config.dataset, len(data.train),
-                 len(data.valid), len(data.test), spec.num_fields, spec.tasks, total_steps,
-                 per_epoch, parallel.device_count(), parallel.process_count(),
-                 setup.grad_process, setup.grad_path)
+    self.writer = RunWriter(self.workdir, start, self.total_steps, primary=self.primary)
+    self._exit.callback(self.writer.close)
+    self._log_start()
     # One step per dispatch with several processes: JAX's preemption sync sees every step.
     max_steps = 1 if parallel.process_count() > 1 else int(config.steps_per_dispatch)
-    at_eval = setup.grad_process == 'none' and config.grad_diagnostics == 'eval'
-    dispatches = list(feed_lib.schedule(config, start, total_steps, per_epoch, max_steps,
-                                        at_eval))
-    feeder = feed_lib.Feeder(data, config, dispatches, max_steps)
-    rstate = parallel.replicate(state)
+    at_eval = self.setup.grad_process == 'none' and config.grad_diagnostics == 'eval'
+    dispatches = list(feed_lib.schedule(config, start, self.total_steps, self.per_epoch,
+                                        max_steps, at_eval))
+    self.feeder = feed_lib.Feeder(self.data, config, dispatches, max_steps)
+    self.rstate = parallel.replicate(state)
     del state
-    programs = _Programs(step_lib.compiled_steps(setup), feeder, rstate, max_steps,
-                         at_eval or config.grad_diagnostics == 'every_step',
-                         _eval_example(data.valid, config.eval_batch_size))
-    warned: set = set()            # undefined metrics warned about once per run
-    rstate, stopping = _loop(config, workdir, data, setup, feeder, programs, rstate,
-                             stopping, ckpt, writer, metric, total_steps, per_epoch, on_eval,
-                             warned)
-    result = _final(config, workdir, data, setup, programs, rstate, stopping, ckpt, warned)
-    writer.hparams(config, result)
-  finally:
-    if writer is not None:
-      writer.close()
-    ckpt.close()
-  logging.info('test metrics (best step %d): %s', stopping.best_step,
-               json.dumps(result['test']))
-  return result
+    self.programs = _Programs(step_lib.compiled_steps(self.setup), self.feeder, self.rstate,
+                              max_steps, at_eval or config.grad_diagnostics == 'every_step',
+                              _eval_example(self.data.valid, config.eval_batch_size))
+    self.progress = Progress(self.writer, int(config.batch_size))
+
+  def _log_start(self) -> None:
+    data, setup, config = self.data, self.setup, self.config
+    logging.info('%s on %s: %d train / %d valid / %d test rows, %d fields, tasks %s, '
+                 '%d steps (%d per epoch), %d device(s) in %d process(es), gradient '
+                 'process: %s (%s path), %s', config.model, config.dataset, len(data.train),
+                 len(data.valid), len(data.test), data.spec.num_fields, data.spec.tasks,
+                 self.total_steps, self.per_epoch, parallel.device_count(),
+                 parallel.process_count(), setup.grad_process, setup.grad_path,
+                 self.rule.describe())
+
+  # --------------------------------------------------------------------------- the loop
+
+  def evaluations(self) -> Iterator[Evaluation]:
+    """Trains to the end (the last step or early stopping), yielding every evaluation.
+
+    Raises:
+      NonFiniteError: a step's loss or gradient is not finite (the best state kept).
+      PreemptedError: SIGTERM / SIGINT arrived; a checkpoint was saved.
+    """
+    if self.stopping.stopped:
+      return
+    train_start = time.perf_counter()
+    for dispatch, source in self.feeder:
+      self.rstate, metrics = self.programs.run(self.rstate, dispatch, source)
+      step = dispatch.last
+      self.progress.add(dispatch, metrics)
+      is_eval = feed_lib.is_eval_step(step, self.config, self.total_steps)
+      signal = preemption_signal(step)
+      if step % self.config.log_every == 0 or is_eval or signal:
+        self.progress.report(step, self._keep_best)
+      if signal:
+        self.stopping = self.stopping.trained(time.perf_counter() - train_start)
+        self._save_latest(step)
+        raise PreemptedError(f'{signal}: stopped after step {step} with a checkpoint in '
+                             f'{self.workdir}; run the same command again to resume')
+      if is_eval:
+        self.stopping = self.stopping.trained(time.perf_counter() - train_start)
+        evaluation = self._evaluate(step)
+        yield evaluation
+        if evaluation.stopping.stopped:
+          logging.info('early stopping at step %d: no improvement in %d evaluations', step,
+                       self.config.patience)
+          break
+        train_start = time.perf_counter()
+        self.progress.restart_timer()
+      elif step % self.config.checkpoint_every == 0 and self.ckpt.due():
+        self._save_latest(step)
+    self.progress.drain(self._keep_best)
+
+  def _evaluate(self, step: int) -> Evaluation:
+    """Validation metrics, the selection value, early stopping, the best checkpoint and
+    the ``metrics.jsonl`` line of ``step``; the latest checkpoint when one is due."""
+    valid = evaluate(self.setup, self.programs.evaluate, self.rstate, self.data.valid,
+                     self.config.eval_batch_size, 'valid', self.warned)
+    value = self.rule.value(valid)
+    improved = self.rule.better(value, self.stopping.best_value)
+    self.stopping = self.stopping.update(step, value, self.rule, self.config.patience)
+    # The state is copied to the host only for a checkpoint (a best one, or a due one).
+    due = self.ckpt.due()
+    host_state = parallel.unreplicate(self.rstate) if improved or due else None
+    if improved:
+      self.ckpt.save_best(step, host_state, self.stopping.to_json(), value)
+    last, window = self.progress.last, self.progress.take_window()
+    self.writer.evaluation({
+        'step': step, 'epoch': step / self.per_epoch, 'train_loss': last['loss'],
+        'task_losses': dict(zip(self.data.spec.tasks, last['task_losses'])),
+        'tau': last['tau'], 'examples_per_s': self.progress.examples_per_s, 'valid': valid,
+        'selection': {'rule': self.rule.rule, 'metric': self.rule.metric, 'value': value},
+        'grad': window.record(self.data.spec.tasks), 'grad_steps': window.steps})
+    logging.info('eval step %d: valid %s = %s (best %s at step %d)', step, self.rule.metric,
+                 value, self.stopping.best_value, self.stopping.best_step)
+    if due:
+      self.ckpt.save_latest(step, host_state, self.stopping.to_json())
+    return Evaluation(step, valid, value, self.stopping)
+
+  def _save_latest(self, step: int) -> None:
+    self.ckpt.save_latest(step, parallel.unreplicate(self.rstate), self.stopping.to_json())
+
+  def _keep_best(self) -> str:
+    """Before a non-finite stop: a best state waiting in memory was checked finite, so it
+    is written; returns the last good checkpoint's step for the message."""
+    self.ckpt.flush_best()
+    latest = self.ckpt.latest_step()
+    return 'none' if latest is None else f'step {latest}'
+
+  # --------------------------------------------------------------------------- the end
+
+  def finish(self) -> dict[str, Any]:
+    """The last checkpoint, then the best one's validation and test metrics.
+
+    Writes ``metrics.json`` (what it returns) and the HParams of TensorBoard.
+    """
+    host_state = parallel.unreplicate(self.rstate)
+    step = int(host_state.step)
+    self.ckpt.save_latest(step, host_state, self.stopping.to_json())
+    final = self.ckpt.restore_best(host_state)
+    final_state = parallel.replicate(final[0]) if final is not None else self.rstate
+    config = self.config
+    result = {'valid': evaluate(self.setup, self.programs.evaluate, final_state,
+                                self.data.valid, config.eval_batch_size, 'valid',
+                                self.warned),
+              'test': evaluate(self.setup, self.programs.evaluate, final_state,
+                               self.data.test, config.eval_batch_size, 'test', self.warned),
+              'best_step': self.stopping.best_step, 'steps': step,
+              'epochs': step / self.per_epoch,
+              'train_seconds': float(self.stopping.train_seconds),
+              'stop': 'early_stopping' if self.stopping.stopped else 'cap',
+              'final_tau': float(host_state.tau),
+              'selection': {'rule': self.rule.rule, 'metric': self.rule.metric,
+                            'best_value': self.stopping.best_value}}
+    if self.primary:
+      run_files.write_metrics(self.workdir, result)
+    self.writer.hparams(config, result)
+    logging.info('test metrics (best step %d): %s', self.stopping.best_step,
+                 json.dumps(result['test']))
+    return result
 
 
-def _loop(config, workdir, data, setup, feeder, programs, rstate, stopping, ckpt, writer,
-          metric, total_steps, per_epoch, on_eval, warned):
-  """Dispatches until the last step, an early stop or a stop request (module docstring)."""
-  spec = data.spec
-  pending: list[tuple[feed_lib.Dispatch, dict]] = []
-  window = _Window()
-  last = None
-  window_start, window_steps = time.perf_counter(), 0
-  examples_per_s = 0.0
-  train_start = time.perf_counter()
-  if stopping.stopped:
-    return rstate, stopping
-  for dispatch, source in feeder:
-    rstate, m = programs.run(rstate, dispatch, source)
-    step = dispatch.last
-    window_steps += dispatch.num_steps
-    pending.append((dispatch, m))
-    is_eval = feed_lib.is_eval_step(step, config, total_steps)
-    stop_signal = preemption.stop_requested(step)
-    if step % config.log_every == 0 or is_eval or stop_signal:
-      last = _check_window(pending, ckpt, window)
-      pending = []
-      elapsed = time.perf_counter() - window_start
-      examples_per_s = window_steps * config.batch_size / max(elapsed, 1e-9)
-      writer.progress(step, last['loss'], last['tau'], examples_per_s)
-      window_start, window_steps = time.perf_counter(), 0
-    if stop_signal:
-      stopping = dataclasses.replace(
-          stopping, train_seconds=stopping.train_seconds + time.perf_counter() - train_start)
-      ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
-      raise PreemptedError(f'{stop_signal}: stopped after step {step} with a checkpoint in '
-                           f'{workdir}; run the same command again to resume')
-    if is_eval:
-      stopping = dataclasses.replace(
-          stopping, train_seconds=stopping.train_seconds + time.perf_counter() - train_start)
-      valid = evaluate(setup, programs.evaluate, rstate, data.valid, config.eval_batch_size,
-                       'valid', warned)
-      value = metric.value(valid)
-      improved = metric.better(value, stopping.best_value)
-      stopping = stopping.update(step, value, metric, config.patience)
-      # The state is copied to the host only for a checkpoint (a best one, or a due one).
-      due = ckpt.due()
-      host_state = parallel.unreplicate(rstate) if improved or due else None
-      if improved:
-        ckpt.save_best(step, host_state, stopping.to_json(), value)
-      writer.evaluation({
-          'step': step, 'epoch': step / per_epoch, 'train_loss': last['loss'],
-          'task_losses': dict(zip(spec.tasks, last['task_losses'])), 'tau': last['tau'],
-          'examples_per_s': examples_per_s, 'valid': valid,
-          'grad': window.record(spec.tasks), 'grad_steps': window.steps})
-      window = _Window()
-      logging.info('eval step %d: valid %s %s = %s (best %s at step %d)', step,
-                   spec.core_task, metric.name, value, stopping.best_value,
-                   stopping.best_step)
-      if due:
-        ckpt.save_latest(step, host_state, stopping.to_json())
+def train_and_evaluate(config, workdir: str, *,
+                       on_eval: Optional[Callable[[int, dict], None]] = None
+                       ) -> dict[str, Any]:
+  """Train, evaluate and test ``config.model`` on ``config.dataset``; see module doc.
+
+  Args:
+    config: the experiment config (``htl_jax/configs/*.py``).
+    workdir: where checkpoints and metrics go; an existing run there is resumed.
+    on_eval: called as ``on_eval(step, valid)`` after every validation evaluation (``valid``
+      is ``{task: {metric: value}}``), after the latest checkpoint (when one was due); it
+      may raise (e.g. ``optuna.TrialPruned``) to stop the run, and the exception propagates.
+
+  Returns:
+    What ``metrics.json`` holds.
+
+  Raises:
+    WorkdirBusyError: another process trains in ``workdir``.
+    PreemptedError: SIGTERM / SIGINT stopped the run after saving a checkpoint.
+  """
+  with Run(config, workdir) as run:
+    for evaluation in run.evaluations():
       if on_eval is not None:
-        on_eval(step, valid)
-      if stopping.stopped:
-        logging.info('early stopping at step %d: no improvement in %d evaluations', step,
-                     config.patience)
-        break
-      window_start = train_start = time.perf_counter()
-    elif step % config.checkpoint_every == 0 and ckpt.due():
-      ckpt.save_latest(step, parallel.unreplicate(rstate), stopping.to_json())
-  if pending:
-    _check_window(pending, ckpt, window)
-  return rstate, stopping
+        on_eval(evaluation.step, evaluation.valid)
+    return run.finish()
 
-
-def _final(config, workdir, data, setup, programs, rstate, stopping, ckpt, warned
-           ) -> dict[str, Any]:
-  """The last checkpoint, then the best one's validation and test metrics."""
-  host_state = parallel.unreplicate(rstate)
-  step = int(host_state.step)
-  ckpt.save_latest(step, host_state, stopping.to_json())
-  final = ckpt.restore_best(host_state)
-  final_state = parallel.replicate(final[0]) if final is not None else rstate
-  per_epoch = feed_lib.steps_per_epoch(data, config)
-  result = {'valid': evaluate(setup, programs.evaluate, final_state, data.valid,
-                              config.eval_batch_size, 'valid', warned),
-            'test': evaluate(setup, programs.evaluate, final_state, data.test,
-                             config.eval_batch_size, 'test', warned),
-            'best_step': stopping.best_step, 'steps': step, 'epochs': step / per_epoch,
-            'train_seconds': float(stopping.train_seconds)}
-  if parallel.is_primary():
-    run_files.write_metrics(workdir, result)
-  return result

@@ -12,7 +12,7 @@ devices of all processes BEFORE the gradient process, so N devices give the same
 device with the same global batch. Evaluation outputs are gathered the same way, so every
 process ends up with the predictions of the whole global batch.
 
-With several processes (``jax.distributed``, see ``htl_jax.train.distributed``), ``pmap``
+With several processes (``jax.distributed``, see ``htl_jax.runtime.distributed``), ``pmap``
 maps over the local devices of each process and its collectives span every device of every
 process; on CPU they go through JAX's gloo collectives. This works with ``pmap`` as is, so
 nothing here needs ``shard_map``; a later move to it touches this file only.

@@ -42,7 +42,7 @@ import fcntl
 import json
 import os
 import socket
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 from absl import logging
 import ml_collections
@@ -62,12 +62,29 @@ LOCK = '.lock'
 PREPROCESSING_FORMAT = 1
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` atomically as strict JSON, under a temporary name of this process's."""
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically: a temporary name of this process's in the same
+  folder, then a rename, so a reader (or a signal) never sees a partial file. THE home of
+  atomic writes: every output file of htl-jax is written through here."""
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, allow_nan=False)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """:func:`write_bytes` of UTF-8 text."""
+  write_bytes(path, text.encode('utf-8'))
+
+
+def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> None:
+  """Writes ``obj`` atomically as strict JSON (NaN or inf raise ValueError)."""
+  write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- ownership
@@ -205,10 +222,7 @@ class Preprocessing:
 def save_preprocessing(workdir: str, preprocessing: Preprocessing) -> str:
   """Writes ``<workdir>/preprocessing.json`` atomically; returns its path."""
   path = os.path.join(workdir, PREPROCESSING)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(json.dumps(preprocessing.to_dict(), allow_nan=False))
-  os.replace(tmp, path)
+  write_json(path, preprocessing.to_dict(), indent=None)
   return path
 
 

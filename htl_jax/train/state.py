@@ -69,6 +69,7 @@ class Hyperparams(flax.struct.PyTreeNode):
   alpha: jax.Array             # Eq. 16's projection relax factor
   gamma: jax.Array             # Eq. 17's magnitude weight
   clip: jax.Array              # Eq. 17's clip C
+  metabalance_relax: jax.Array  # MetaBalance's relax factor
   tau_decay: jax.Array         # the temperature's staircase factor ...
   tau_decay_steps: jax.Array   # ... every this many steps (Table 6's tau_d) ...
   tau_min: jax.Array           # ... down to this floor
@@ -145,14 +146,14 @@ def make_balance(options, num_tasks: int, hparams: Hyperparams, seed: int = 0
   name = resolve_grad_process(options)
   if name == 'htl':
     return optim.hybrid_grad_balance(
-        alpha=hparams.alpha, gamma=hparams.gamma, clip=hparams.clip, core_index=-1,
+        alpha=hparams.alpha, gamma=hparams.gamma, weight_bound=hparams.clip, core_index=-1,
         per_leaf=options['per_leaf'], conflict=options['grad_conflict'],
         magnitude=options['grad_magnitude'], num_tasks=num_tasks)
   if name == 'pcgrad':
     return optim.pcgrad(seed=seed, num_tasks=num_tasks)
   if name == 'metabalance':
     return optim.metabalance(num_tasks, beta=options['metabalance_beta'],
-                             relax=options['metabalance_relax'], target_index=-1)
+                             relax=hparams.metabalance_relax, core_index=-1)
   if name == 'none':
     return None
   raise ConfigError(f'config.grad_process={name!r} is not one of {list(GRAD_PROCESSES)}')
@@ -194,7 +195,8 @@ _NOT_STEP_FIELDS = frozenset({
     'dataset', 'data_dir', 'cache_dir', 'data', 'split_seed', 'batch_size',
     'eval_batch_size', 'num_epochs', 'max_steps', 'eval_every', 'checkpoint_every',
     'patience', 'best_metric', 'log_every', 'feed', 'steps_per_dispatch', 'grad_diagnostics',
-    'tau_grid_scale', 'gpu_determinism', *HYPERPARAMS,
+    'tau_grid_scale', 'gpu_determinism', 'selection', 'selection_reference',
+    'checkpoint_seconds', *HYPERPARAMS,
     *INIT_FIELDS})
 
 
@@ -234,13 +236,15 @@ def _cached_setup(fields: tuple, model_cfg: ModelConfig, spec: HybridSpec,
 
 def init_params(setup: TrainSetup, embed_dim: int, tau0: float | jax.Array,
                 keys: tuple[jax.Array, ...]) -> Any:
-  """Fresh parameters: N(0, 0.01^2) embedding table, Xavier towers (``model.init``).
+  """Fresh parameters: the embedding table (:func:`htl_jax.embedding.init_table`, Xavier by
+  default), Xavier towers (``model.init``).
 
   Args:
     keys: the model's init key, the table's, and the Gumbel key of the init pass.
   """
   init_key, embed_key, gumbel_key = keys
-  table = embedding.init_table(embed_key, setup.layout.rows, embed_dim)
+  table = embedding.init_table(embed_key, setup.layout, embed_dim,
+                               setup.options['embedding_init'])
   dummy = jnp.zeros((2, len(setup.layout.offsets), embed_dim))
   variables = setup.model.init({'params': init_key, 'gumbel': gumbel_key},
                                (dummy,) * setup.spec.num_tasks, train=True, tau=tau0,

@@ -61,7 +61,7 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
       id_scratch=scratch)
   metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
              'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau,
-             **diag}
+             'diagnostics': diag}
   return new_state, metrics
 
 

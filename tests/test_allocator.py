@@ -19,7 +19,7 @@ from conftest import REPO
 _CHILD = """
 import ctypes, resource, sys
 sys.path.insert(0, {repo!r})
-from htl_jax.train.malloc import keep_scratch_memory
+from htl_jax.runtime.allocator import keep_scratch_memory
 tuned = keep_scratch_memory() if {tune} else False
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = ctypes.c_void_p

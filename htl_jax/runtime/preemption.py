@@ -1,7 +1,8 @@
 """Preemption: SIGTERM / SIGINT stop a run at a step boundary, after a checkpoint.
 
 SLURM, Kubernetes and spot machines send SIGTERM some time before they kill a job; Ctrl-C
-sends SIGINT. While :func:`watch` is active, the first of either only raises a flag: the
+sends SIGINT. The commands run inside :func:`watch` (a library function never installs a
+signal handler); while it is active, the first of either only raises a flag: the
 training loop finishes the step it is on, saves a checkpoint, writes its files and stops
 with :class:`htl_jax.errors.PreemptedError` (exit code 75), and running the same command
 again resumes the run exactly. A second signal acts as usual (Ctrl-C twice quits at once).
@@ -21,9 +22,8 @@ import threading
 from typing import Iterator
 
 from absl import logging
+import jax
 from jax.experimental import multihost_utils
-
-from htl_jax.train import parallel
 
 _requested: list[str] = []
 
@@ -37,11 +37,23 @@ def _handler(signum, frame) -> None:
   logging.warning('%s received: stopping after the current step, with a checkpoint', name)
 
 
+def install() -> bool:
+  """Turns SIGTERM / SIGINT into a stop request for the rest of the process (a command's
+  start, after ``jax.distributed``). False where it leaves them alone: not the main thread,
+  or several processes (JAX's preemption service has SIGTERM there)."""
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    return False
+  _requested.clear()
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _handler)
+  return True
+
+
 @contextlib.contextmanager
 def watch() -> Iterator[None]:
   """Turns SIGTERM / SIGINT into a stop request for the block (main thread only)."""
   if (threading.current_thread() is not threading.main_thread()
-      or parallel.process_count() > 1):
+      or jax.process_count() > 1):
     yield
     return
   signals = (signal.SIGTERM, signal.SIGINT)
@@ -63,6 +75,6 @@ def stop_requested(step: int) -> str:
   """
   if _requested:
     return _requested[0]
-  if parallel.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+  if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
     return 'SIGTERM'
   return ''

@@ -9,10 +9,11 @@ gradient process at batch 2048 has 33 MiB of scratch and takes ~8,400 page fault
 while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap and
 trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
-This is a process-wide setting, so nothing applies it on import: ``train_and_evaluate``
-(hence every command that trains) and ``tools/bench.py`` call :func:`keep_scratch_memory`
-when the default backend is the CPU (a GPU's scratch lives in device memory under XLA's own
-allocator, so there the host heap keeps glibc's defaults). Programs that run the steps with
+This is a process-wide setting, so nothing applies it on import and no library function
+calls it: the commands that train (:func:`htl_jax.cli.common.join_processes`) and
+``tools/bench.py`` call :func:`tune_for_cpu`, which applies it when the default backend is
+the CPU (a GPU's scratch lives in device memory under XLA's own allocator, so there the host
+heap keeps glibc's defaults). Programs that run the steps with
 their own loop on CPU can call it too (or preload tcmalloc/jemalloc, which reuse freed
 memory by default). The cost: up to 1 GiB of freed memory may stay with the process instead
 of going back to the OS.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+import jax
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -52,3 +55,9 @@ def keep_scratch_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 <
   ok_mmap = mallopt(_M_MMAP_THRESHOLD, min(int(mmap_threshold), limit))
   ok_trim = mallopt(_M_TRIM_THRESHOLD, min(int(trim_threshold), limit))
   return bool(ok_mmap and ok_trim)
+
+
+def tune_for_cpu() -> bool:
+  """:func:`keep_scratch_memory` when JAX's default backend is the CPU (it starts the
+  backend: call it after ``jax.distributed`` is up). True when applied."""
+  return jax.default_backend() == 'cpu' and keep_scratch_memory()
