@@ -53,11 +53,13 @@ setuptools.setup(
     extras_require={
         # The reproduction suite and tuning: Optuna studies in SQLite / PostgreSQL, the
         # t-test, figures, Optuna's trial tables.
-        'repro': ['optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9', 'scipy>=1.11',
+        'repro': ['optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg[binary]>=3.1',
+                  'psycopg2-binary>=2.9', 'scipy>=1.11',
                   'matplotlib>=3.7', 'pandas>=2.0'],
         # The suite and its linter (.ci/run: ruff check ., then pytest).
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scikit-learn>=1.4', 'scipy>=1.11',
-                 'wheel>=0.40', 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg2-binary>=2.9',
+                 'wheel>=0.40', 'optuna>=4.0', 'sqlalchemy>=2.0', 'psycopg[binary]>=3.1',
+                 'psycopg2-binary>=2.9',
                  'matplotlib>=3.7', 'pandas>=2.0', 'ruff>=0.6'],
         # NVIDIA GPUs (Linux): jaxlib's CUDA plugin with its CUDA libraries from pip, for the
         # CUDA major version of the machine's driver (README, "Install for a GPU").

@@ -137,6 +137,15 @@ def init_table(key: jax.Array, layout: TableLayout, dim: int, kind: str = 'xavie
   return jax.lax.fori_loop(0, -(-rows // block), write_block, jnp.zeros((rows, dim)))
 
 
+def known_ids(x: jax.Array, layout: TableLayout) -> jax.Array:
+  """Field ids ``[B, F]`` with every id outside its field's vocabulary (negative, or >= its
+  size: a value the run never saw, encoded by someone else) mapped to the OOV id 0, as the
+  run's own preprocessing maps unseen values. Serving (prediction, the exported model)
+  looks ids up through here, so both answer the same for the same ids."""
+  sizes = jnp.asarray(layout.vocab_sizes, x.dtype)[None, :]
+  return jnp.where((x >= 0) & (x < sizes), x, 0)
+
+
 def lookup(table: jax.Array, layout: TableLayout, x: jax.Array
            ) -> tuple[jax.Array, jax.Array]:
   """Field ids ``[B, F]`` -> table rows ``[B, F']`` and embeddings ``[B, F', d]``.

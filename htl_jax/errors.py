@@ -8,7 +8,8 @@ raise these.
 
 | exit code | meaning |
 |---|---|
-| 2 | bad input: config, data, flags, a workdir that holds no finished run or is in use |
+| 2 | bad input: config, data, flags, a workdir that holds no finished run or is in use or a |
+|   | run of another config, a storage that cannot be used |
 | 3 | the loss or a gradient became NaN / inf (the last good checkpoint is kept) |
 | 4 | another process of a multi-process run was lost (restart all of them to resume) |
 | 75 | stopped by SIGTERM / SIGINT after saving a checkpoint (run the same command again) |
@@ -41,6 +42,13 @@ class DataError(HtlError, ValueError):
 class RunError(HtlError, ValueError):
   """A workdir that cannot be used as asked: it holds no finished run, or no readable
   checkpoint, or it is not a directory."""
+
+  exit_code = 2
+
+
+class StorageError(HtlError, RuntimeError):
+  """The Optuna storage cannot be opened or used (down, a refused password, a missing
+  driver); the message names the storage with its password masked."""
 
   exit_code = 2
 

@@ -14,8 +14,8 @@ rank-based metric) returns ``nan``.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+import functools
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -215,6 +215,7 @@ def gauc(y_true: np.ndarray, y_pred: np.ndarray, group: np.ndarray) -> float:
   return float(np.sum(sizes[both] * aucs) / np.sum(sizes[both]))
 
 
+@functools.lru_cache(maxsize=8)
 def xauc_pairs(n: int, num_pairs: int = XAUC_PAIRS, seed: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
   """The pairs ``(i, j)``, ``i != j``, that :func:`xauc` compares among ``n`` rows: every
@@ -223,10 +224,12 @@ def xauc_pairs(n: int, num_pairs: int = XAUC_PAIRS, seed: int = 0
   if n < 2:
     return np.zeros(0, np.int64), np.zeros(0, np.int64)
   if n * (n - 1) // 2 <= num_pairs:
-    return np.triu_indices(n, k=1)
-  rng = np.random.default_rng(seed)
-  i = rng.integers(0, n, num_pairs)
-  j = (i + rng.integers(1, n, num_pairs)) % n           # uniform over the other rows
+    i, j = np.triu_indices(n, k=1)
+  else:
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, num_pairs)
+    j = (i + rng.integers(1, n, num_pairs)) % n         # uniform over the other rows
+  i.flags.writeable = j.flags.writeable = False          # cached: shared by every call
   return i, j
 
 
@@ -308,53 +311,3 @@ def evaluate_tasks(
       results[name]['gauc'] = gauc(y[:, t], probs[:, t], group)
   results[task_names[-1]] = {m: _METRIC_FNS[m](core, core_pred) for m in CORE_METRICS}
   return results
-
-
-# ----------------------------------------------------------------------------- model selection
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectionMetric:
-  """The core task's metric that picks the best checkpoint, stops early and ranks trials.
-
-  Attributes:
-    name: a core metric (:data:`CORE_METRICS`).
-    lower_is_better: its direction.
-  """
-
-  name: str
-  lower_is_better: bool
-
-  @property
-  def direction(self) -> str:
-    """Optuna's name of the direction: ``'minimize'`` or ``'maximize'``."""
-    return 'minimize' if self.lower_is_better else 'maximize'
-
-  @property
-  def mode(self) -> str:
-    """Orbax's ``best_mode``: ``'min'`` or ``'max'``."""
-    return 'min' if self.lower_is_better else 'max'
-
-  def value(self, metrics: Mapping[str, Mapping[str, Optional[float]]]) -> Optional[float]:
-    """This metric of the core task (the last task) in ``{task: {metric: value}}``."""
-    return list(metrics.values())[-1].get(self.name)
-
-  def better(self, value: Optional[float], best: Optional[float]) -> bool:
-    """True when ``value`` improves on ``best`` (None: undefined, never better; a defined
-    value beats an undefined best)."""
-    if value is None or not np.isfinite(value):
-      return False
-    if best is None:
-      return True
-    return value < best if self.lower_is_better else value > best
-
-
-def selection_metric(config: Any) -> SelectionMetric:
-  """THE model-selection metric of a run (docs/design.md): ``config.best_metric``, or by
-  default NRMSE for an MSE core head and Gini for a ZILN head.
-
-  Training (best checkpoint, early stopping), tuning (the objective and its direction), the
-  reproduction runner and serving all call this, so they agree.
-  """
-  name = config['best_metric'] or ('gini' if config['head'] == 'ziln' else 'nrmse')
-  return SelectionMetric(name, name in LOWER_IS_BETTER)

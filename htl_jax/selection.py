@@ -127,6 +127,19 @@ class Selection:
       return True
     return value < best if self.lower_is_better else value > best
 
+  def significant(self, value: Optional[float], anchor: Optional[float],
+                  min_improvement: float) -> bool:
+    """True when ``value`` improves on ``anchor`` by more than ``min_improvement``: relative
+    to ``|anchor|`` for a core metric, and in percentage points (``100 min_improvement``)
+    for Delta_m, which is a relative change already. A defined value beats a None anchor."""
+    if not self.better(value, anchor):
+      return False
+    if anchor is None:
+      return True
+    margin = (100.0 * min_improvement if self.rule == DELTA_M
+              else min_improvement * abs(anchor))
+    return abs(value - anchor) > margin
+
   def describe(self) -> str:
     """One line for reports: the rule, its metric and direction."""
     if self.rule == DELTA_M:

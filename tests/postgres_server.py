@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def postgres_url():
-  """``postgresql+psycopg2://postgres@127.0.0.1:PORT/postgres`` of a fresh server."""
+  """``postgresql://postgres@127.0.0.1:PORT/postgres`` of a fresh server (the form the docs show)."""
   binaries = _binaries()
   if binaries is None:
     pytest.skip('no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb); '
@@ -61,7 +61,7 @@ def postgres_url():
     shutil.rmtree(root, ignore_errors=True)
     pytest.skip(f'could not start PostgreSQL: {getattr(error, "stderr", error)}')
   try:
-    yield f'postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres'
+    yield f'postgresql://postgres@127.0.0.1:{port}/postgres'
   finally:
     subprocess.run([*as_postgres, pg_ctl, '-D', data, '-m', 'immediate', 'stop'],
                    capture_output=True, timeout=60)

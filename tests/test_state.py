@@ -138,7 +138,7 @@ def test_dnn_has_one_table_per_task_and_shares_nothing():
     ({'model': 'dnn', 'grad_process': 'htl'}, 'share no parameters'),
     ({'model': 'ziln', 'head': 'mse'}, "needs head='ziln'"),
     ({'model': 'mmoe', 'hidden_dims': (32,)}, 'at least 2 hidden_dims'),
-    ({'alpha': 1.5}, 'projection relax factor'),
+    ({'alpha': 1.5}, r'config\.alpha=1\.5 is out of range: it may be float in \[0, 1\]'),
 ])
 def test_impossible_model_settings_are_config_errors(bad, match):
   with pytest.raises(ConfigError, match=match):

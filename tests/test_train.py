@@ -180,12 +180,23 @@ def test_temperature_survives_checkpoint(straight_run):
   assert float(state.tau) == pytest.approx(2.5)
 
 
+def _nan_after_step_4(real_drain):
+  def drain(self, on_non_finite):
+    if self.pending and self.pending[-1][0].last > 4:
+      self.pending = [(d, {**m, 'finite': np.zeros_like(np.asarray(m['finite']))})
+                      for d, m in self.pending]
+    return real_drain(self, on_non_finite)
+  return drain
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(straight_run, tmp_path):
+  """Steps 1-4 finite and checkpointed, then a non-finite step: the run stops with the
+  step-4 checkpoint intact."""
   config, _, _ = straight_run
-  loop_lib.train_and_evaluate(tiny_config(config.cache_dir, max_steps=4), str(tmp_path))
-  exploding = tiny_config(config.cache_dir, learning_rate=1e38)
-  with pytest.raises(NonFiniteError, match='non-finite'):
-    loop_lib.train_and_evaluate(exploding, str(tmp_path))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hooks.Progress, 'drain', _nan_after_step_4(hooks.Progress.drain))
+    with pytest.raises(NonFiniteError, match='non-finite loss or gradient at step 5'):
+      loop_lib.train_and_evaluate(tiny_config(config.cache_dir), str(tmp_path))
   state, _ = _latest_state(config, str(tmp_path))
   assert int(state.step) == 4
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
@@ -196,16 +207,8 @@ def test_non_finite_loss_keeps_a_best_state_that_waited_in_memory(straight_run, 
   loop sees a non-finite step: it stops, and the waiting best state is on disk."""
   config, _, _ = straight_run
   explodes_late = tiny_config(config.cache_dir, checkpoint_seconds=3600.0)
-  real_drain = hooks.Progress.drain
-
-  def nan_after_step_4(self, on_non_finite):
-    if self.pending and self.pending[-1][0].last > 4:
-      self.pending = [(d, {**m, 'finite': np.zeros_like(np.asarray(m['finite']))})
-                      for d, m in self.pending]
-    return real_drain(self, on_non_finite)
-
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(hooks.Progress, 'drain', nan_after_step_4)
+    patch.setattr(hooks.Progress, 'drain', _nan_after_step_4(hooks.Progress.drain))
     with pytest.raises(NonFiniteError, match='non-finite'):
       loop_lib.train_and_evaluate(explodes_late, str(tmp_path))
   assert _steps(tmp_path, 'best') == [4] and _steps(tmp_path, 'latest') == []

@@ -20,7 +20,9 @@ trains, and runs its ``main`` with :func:`run`, which
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Any, Callable, NoReturn
 
 from absl import app
@@ -29,7 +31,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from htl_jax import configs
-from htl_jax.errors import ConfigError, HtlError
+from htl_jax.errors import ConfigError, HtlError, first_line
 from htl_jax.runtime import allocator, compilation_cache, determinism, distributed, preemption
 
 FLAGS = flags.FLAGS
@@ -124,14 +126,47 @@ def fail(message: str, code: int = 2) -> NoReturn:
   sys.exit(code)
 
 
+def _config_path(argv: list[str]) -> str:
+  """The file of ``--config`` in ``argv`` ('' without one)."""
+  for arg in argv:
+    if arg.startswith('--config='):
+      return os.path.realpath(arg[len('--config='):].partition(':')[0])
+  return ''
+
+
+def _config_code_error(error: BaseException, argv: list[str]) -> str:
+  """One line when ``error`` came from running the config file itself (a syntax error, or
+  anything its ``get_config`` raised), else ''. A config file is code: its errors are
+  the user's to fix, with the file and line named."""
+  path = _config_path(argv)
+  if not path:
+    return ''
+  if isinstance(error, SyntaxError) and error.filename:
+    if os.path.realpath(error.filename) == path:
+      return f'cannot load --config {path}: line {error.lineno}: {error.msg}'
+    return ''
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.realpath(f.filename) == path]
+  if not frames:
+    return ''
+  return (f'cannot load --config {path}: line {frames[-1].lineno}: '
+          f'{type(error).__name__}: {first_line(error)}')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; a bad flag, config file or ``--config.X`` is one line, exit 2."""
+  argv = _resolve_config_names(argv)
   try:
-    return FLAGS(_resolve_config_names(argv))
+    return FLAGS(argv)
   except ConfigError as error:
     fail(str(error))
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError) as error:
+  except (flags.Error, OSError) as error:       # config_flags wraps what a flag did wrong
     fail(_one_line(error))
+  except Exception as error:  # pylint: disable=broad-except
+    message = _config_code_error(error, argv)
+    if not message:
+      raise                                     # a bug of ours: its traceback stays
+    fail(message)
 
 
 def load_config() -> Any:
@@ -139,7 +174,10 @@ def load_config() -> Any:
   try:
     config = FLAGS.config
     config['model']            # config_flags defers a load failure to the first access
-  except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+  except OSError as error:             # config_flags defers a missing file's error to here
+    cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1:]
+    fail(f'cannot load --config: {cause[0] if cause else type(error).__name__}')
+  except (KeyError, AttributeError) as error:      # a file whose config lacks the fields
     fail(f'cannot load --config: {_one_line(error)}')
   if FLAGS.print_config:
     print(config)

@@ -42,10 +42,12 @@ def path_of(name: str) -> str:
 def resolve(value: str) -> str:
   """``NAME[:ARGS]`` of a built-in config -> ``PATH[:ARGS]``; a path is returned unchanged.
 
-  A value that names an existing file, or looks like a path (has a ``/`` or ends in
-  ``.py``), is a path.
+  A path has a ``/`` or ends in ``.py`` (``./kuairand.py``, ``configs/kuairand.py``); any
+  other value is a built-in name, so a file called ``kuairand`` in the current folder never
+  runs in place of the built-in. A config file is Python and runs when it is loaded (also
+  for ``--print_config``): run only config files you trust.
   """
   head, sep, args = value.partition(':')
-  if os.path.exists(head) or '/' in head or os.sep in head or head.endswith('.py'):
+  if '/' in head or os.sep in head or head.endswith('.py'):
     return value
   return path_of(head) + sep + args

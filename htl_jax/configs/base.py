@@ -91,7 +91,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                                 # step only when the last write is this old (0: at every
                                 # one); a new best waits in host memory for the next write;
                                 # SIGTERM and a run's end always write
-  c.patience = 3                # evals without validation improvement before stopping
+  c.patience = 3                # evals without a significant improvement before stopping
+  c.min_improvement = 1e-4      # significant: better by more than this, relative (Delta_m:
+                                # 100x this, in percentage points); 0 = any improvement
   c.selection = 'core'          # model selection (best checkpoint, early stopping, tuning):
                                 # core (the core task's best_metric) | delta_m (Delta_m of
                                 # every task's metrics against selection_reference)

@@ -21,7 +21,8 @@ from htl_jax.data.schema import FeatureChunk, HybridData, HybridSpec, RawTable, 
 from htl_jax.errors import DataError
 
 __all__ = ['DATASETS', 'FeatureChunk', 'HybridData', 'HybridSpec', 'RawTable', 'Split',
-           'default_cache_dir', 'load_dataset', 'read_features']
+           'check_columns', 'default_cache_dir', 'input_files', 'load_dataset',
+           'read_features']
 
 # config.dataset -> loader module (imported lazily, on first use).
 DATASETS = {
@@ -41,6 +42,23 @@ def _loader(name: str):
   if name not in DATASETS:
     raise DataError(f'unknown dataset {name!r}; known datasets: {sorted(DATASETS)}')
   return importlib.import_module(DATASETS[name])
+
+
+def input_files(config: Any) -> list[str]:
+  """The files ``config``'s loader reads (DataError when the config names none)."""
+  return list(_loader(config.dataset).input_files(config))
+
+
+def check_columns(config: Any) -> None:
+  """The data config's own consistency, no file read (the loader's ``check_columns``,
+  where it has one: a tabular file's column roles).
+
+  Raises:
+    DataError: an unknown dataset, or columns that cannot play their roles.
+  """
+  check = getattr(_loader(config.dataset), 'check_columns', None)
+  if check is not None:
+    check(config)
 
 
 def _file_stamp(path: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ column is not an error there: it becomes missing (id 0) and is counted per colum
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from typing import Iterator, Optional
@@ -149,6 +150,11 @@ def read_features(config: ml_collections.ConfigDict, passthrough: tuple[str, ...
     raise DataError(f'{path}: cannot read the file: {first_line(error)}') from None
 
 
+def check_columns(config: ml_collections.ConfigDict) -> None:
+  """The column roles of ``config.data``, without reading the file (the config check)."""
+  _declared_columns(config)
+
+
 def _declared_columns(config: ml_collections.ConfigDict) -> _Columns:
   """Parses and cross-checks the column lists of ``config.data``."""
   data = config.data
@@ -205,7 +211,7 @@ def _read(path: str, needed: tuple[str, ...], max_rows: int) -> pl.DataFrame:
       frame = pl.read_parquet(path, columns=list(needed), n_rows=n_rows)
     else:
       kwargs = dict(separator=_CSV_SEPARATORS[suffix], infer_schema=False)
-      available = pl.read_csv(path, n_rows=0, **kwargs).columns
+      available = _csv_header(path, _CSV_SEPARATORS[suffix])
       _check_present(path, needed, available)
       frame = pl.read_csv(path, columns=list(needed), n_rows=n_rows, **kwargs)
   except pl.exceptions.NoDataError:
@@ -217,7 +223,20 @@ def _read(path: str, needed: tuple[str, ...], max_rows: int) -> pl.DataFrame:
   return frame
 
 
+def _csv_header(path: str, separator: str) -> list[str]:
+  """The header's names as written (polars renames a repeated name ``a_duplicated_0``)."""
+  with open(path, newline='', encoding='utf-8', errors='replace') as f:
+    header = next(csv.reader(f, delimiter=separator), [])
+  if not header:
+    raise DataError(f'{path}: the file is empty (0 rows, no header)')
+  return header
+
+
 def _check_present(path: str, needed: tuple[str, ...], available: list[str]) -> None:
+  repeated = sorted({name for name in available if available.count(name) > 1})
+  if repeated:
+    raise DataError(f'{path}: the header names column(s) {", ".join(map(repr, repeated))} '
+                    'more than once; every column needs its own name')
   missing = [name for name in needed if name not in available]
   if missing:
     shown = ', '.join(available[:30]) + (', ...' if len(available) > 30 else '')

@@ -44,6 +44,7 @@ from htl_jax.repro import storage as storage_lib
 from htl_jax.repro.table6 import searched
 from htl_jax.selection import RULES
 from htl_jax.train import run_files
+from htl_jax.train.checks import check_config
 
 TUNED = 'tuned.json'
 
@@ -196,7 +197,17 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str,
     ``table.md``'s text ('' in the non-primary processes of a multi-process worker).
   """
   experiment = experiments_lib.get_experiment(experiment_name)
-  os.makedirs(workdir, exist_ok=True)
+  check_config(config)
+  if options.selection not in RULES:
+    raise ConfigError(f'--selection={options.selection!r} is not one of {list(RULES)}')
+  if options.tuned_dir and not options.tune_trials and not os.path.isdir(options.tuned_dir):
+    raise ConfigError(f'--tuned={options.tuned_dir}: no such directory (the tune/ folder of '
+                      'a reproduction, or a folder of htl-tune workdirs)')
+  chosen = list(experiments_lib.select_variants(experiment, list(options.variants)))
+  if not lockstep.is_follower():
+    run_files.claim(workdir, run_files.REPRODUCTION, {
+        'experiment': experiment_name, 'selection': options.selection,
+        'data': runner.dataset_tag(config)})
   if not experiment.trains:
     if lockstep.is_follower():
       return ''
@@ -204,9 +215,6 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str,
     text = report.dataset_table(data, f'{experiment.title} ({runner.dataset_tag(config)})')
     run_files.write_text(os.path.join(workdir, 'table.md'), text)
     return text
-  if options.selection not in RULES:
-    raise ConfigError(f'--selection={options.selection!r} is not one of {list(RULES)}')
-  chosen = list(experiments_lib.select_variants(experiment, list(options.variants)))
   storage_url = storage_lib.storage_url(workdir, options.storage)
   tuned_dir = options.tuned_dir or (os.path.join(workdir, 'tune') if options.tune_trials
                                     else '')

@@ -116,7 +116,9 @@ class CellObjective:
       trial.set_user_attr('note', f'{cell} is running in another process')
       raise optuna.TrialPruned()
     variant, seed = parse_cell(cell)
-    result = run_files.read_metrics(run_dir(self.workdir, variant, seed))
+    directory = run_dir(self.workdir, variant, seed)
+    run_files.check_owner(directory, self.config_of(cell))   # a finished run of this config
+    result = run_files.read_metrics(directory)
     if result is None:
       lockstep.announce({'cell': cell})
       result = self.train(cell)
@@ -124,13 +126,16 @@ class CellObjective:
     value = self.rule.value(result['valid'])
     return float(value) if value is not None else 0.0
 
+  def config_of(self, cell: str):
+    variant, seed = parse_cell(cell)
+    return cell_config(self.base, self.cells[cell], seed, self.tuned.get(variant))
+
   def train(self, cell: str) -> dict:
     """Trains one cell in its run dir (every process of a multi-process worker)."""
     variant, seed = parse_cell(cell)
     directory = run_dir(self.workdir, variant, seed)
     logging.info('reproduce: running %s in %s', cell, directory)
-    config = cell_config(self.base, self.cells[cell], seed, self.tuned.get(variant))
-    return self.run_cell(config, directory)
+    return self.run_cell(self.config_of(cell), directory)
 
   @staticmethod
   def _running_elsewhere(trial: optuna.Trial, cell: str) -> bool:
@@ -229,13 +234,14 @@ def run_cells(base, variants: dict[str, dict[str, Any]], seeds, workdir: str,
               run_cell: RunCell = train_cell) -> dict[str, dict]:
   """Runs (or joins) the cells ``variants x seeds`` in ``<workdir>/<variant>/seed<k>``;
   returns ``{cell: metrics.json dict}`` (``{}`` in the non-primary processes of a
-  multi-process worker). Every cell's config is checked before any runs."""
+  multi-process worker). Every cell's config is checked before any runs, and so is every
+  existing run dir: it must hold a run of its cell's config (a workdir belongs to one)."""
   cells = {cell_name(v, s): overrides for v, overrides in variants.items() for s in seeds}
   tuned = tuned or {}
-  for cell, overrides in cells.items():
-    variant, seed = parse_cell(cell)
-    cell_config(base, overrides, seed, tuned.get(variant))
   objective = CellObjective(base, cells, workdir, tuned, run_cell)
+  for cell in cells:               # every cell's config is valid, and its own run dir's
+    variant, seed = parse_cell(cell)
+    run_files.check_owner(run_dir(workdir, variant, seed), objective.config_of(cell))
   if lockstep.is_follower():        # the primary process of this worker takes the cells
     lockstep.follow(lambda announced: objective.train(announced['cell']))
     return {}

@@ -14,13 +14,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import time
 import warnings
 from typing import Iterator
 
 import optuna
 from optuna.trial import TrialState
+import sqlalchemy.engine
 import sqlalchemy.exc
+
+from htl_jax.errors import StorageError, first_line
 
 HEARTBEAT_ENV = 'HTL_JAX_HEARTBEAT_SECONDS'
 MAX_RETRY = 3
@@ -45,27 +49,57 @@ def quiet_experimental() -> Iterator[None]:
     yield
 
 
+def masked(url: str) -> str:
+  """``url`` with its password replaced by ``***`` (for messages and logs)."""
+  try:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+  except (sqlalchemy.exc.ArgumentError, ValueError):
+    return re.sub(r'(://[^:/@]*:)[^@]*@', r'\1***@', url)
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+  """Turns what the storage raises (the server down or gone, a refused password, a missing
+  driver) into ONE :class:`htl_jax.errors.StorageError` naming the masked URL."""
+  try:
+    yield
+  except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+    detail = first_line(getattr(error, 'orig', None) or error)
+    if url and '://' in url:
+      detail = detail.replace(url, masked(url))
+    raise StorageError(f'storage {masked(url)}: {detail[:300]}') from None
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
   """An RDB storage with heartbeat and retry of dead trials, for ``url``.
 
   SQLite gets a 60 s busy timeout so several processes can share one file; the creation of
   the schema is retried, as two processes may race to create it.
+
+  Raises:
+    StorageError: the storage cannot be opened (one line, the password masked).
   """
   engine_kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
   interval = heartbeat_seconds()
   last_error: Exception | None = None
-  for _ in range(10):
-    try:
-      with quiet_experimental():
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-            grace_period=2 * interval,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY))
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
-      last_error = error
-      time.sleep(0.5)
-  raise RuntimeError(f'cannot open the Optuna storage {url}: {last_error}')
+  with storage_errors(url):
+    for _ in range(10):
+      try:
+        with quiet_experimental():
+          return optuna.storages.RDBStorage(
+              url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+              grace_period=2 * interval,
+              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                  max_retry=MAX_RETRY))
+      except sqlalchemy.exc.IntegrityError as error:     # two processes created the schema
+        last_error = error
+        time.sleep(0.5)
+      except sqlalchemy.exc.OperationalError as error:
+        if 'locked' not in str(error):                 # only a busy SQLite file is retried
+          raise
+        last_error = error
+        time.sleep(0.5)
+    raise last_error
 
 
 def retry_now(study: optuna.Study, number: int) -> None:

@@ -342,11 +342,12 @@ def run_study(base, workdir: str, storage, options: StudyOptions) -> dict[str, A
     follow_trials(base, options.trial_seeds)
     return {'study': study_name, 'counts': {}, 'best': None,
             'wall_seconds': time.perf_counter() - start}
+  run_files.claim(workdir, run_files.STUDY, {'study': study_name, 'model': base.model,
+                                              'selection': base.selection})
   study = open_study(base, storage, study_name=study_name, space=space,
                      pruner_startup_trials=options.pruner_startup_trials,
                      pruner_warmup_evals=options.pruner_warmup_evals,
                      trial_seeds=options.trial_seeds)
-  os.makedirs(workdir, exist_ok=True)
   objective = TrialObjective(study, base, workdir, space, options.n_trials,
                              options.trial_seeds)
 

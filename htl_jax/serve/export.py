@@ -24,7 +24,6 @@ Loading needs only ``jax`` (and ``flatbuffers``), not htl_jax::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,8 +32,9 @@ import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 
-from htl_jax.errors import first_line
+from htl_jax.errors import ConfigError, first_line
 from htl_jax.serve.run import TrainedRun, load_run
+from htl_jax.train import run_files
 from htl_jax.train import step as step_lib
 
 MODEL_FILE = 'model.jax_export'
@@ -92,7 +92,8 @@ def signature(run: TrainedRun, exported: jax_export.Exported, fallback: str = ''
           'name': 'ids', 'dtype': 'int32', 'shape': ['b', spec.num_fields],
           'fields': list(spec.fields), 'vocab_sizes': list(spec.vocab_sizes),
           'contract': ('ids[:, j] is the id of fields[j] given by the preprocessing below; '
-                       '0 <= ids[:, j] < vocab_sizes[j]; 0 = null or unseen in training'),
+                       '0 <= ids[:, j] < vocab_sizes[j]; 0 = null or unseen in training; an '
+                       'id outside that range is read as 0, as htl-predict reads it'),
       },
       'outputs': [
           {'name': 'probs', 'dtype': 'float32', 'shape': ['b', spec.num_binary],
@@ -114,11 +115,16 @@ class ExportSummary:
   model_bytes: int
 
 
-def _write(path: str, payload: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(payload)
-  os.replace(tmp, path)
+def check_out_dir(out_dir: str, workdir: str) -> None:
+  """ConfigError (one line) unless ``out_dir`` can take the export: not an existing file, not
+  the training run's workdir nor inside it (a read command never changes a run)."""
+  if os.path.isfile(out_dir):
+    raise ConfigError(f'--out {out_dir}: is an existing file; --out names the directory of '
+                      f'{MODEL_FILE} and {SIGNATURE_FILE}')
+  target, run = os.path.realpath(out_dir), os.path.realpath(workdir)
+  if target == run or target.startswith(run.rstrip(os.sep) + os.sep):
+    raise ConfigError(f'--out {out_dir}: lies in the training run {workdir}, which export '
+                      'never changes; give another --out')
 
 
 def export_run(workdir: str, out_dir: str, *, platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -137,16 +143,17 @@ def export_run(workdir: str, out_dir: str, *, platforms: Sequence[str] = DEFAULT
 
   Raises:
     RunError: ``workdir`` holds no finished run.
+    ConfigError: ``out_dir`` is a file, or lies in the training run.
   """
+  check_out_dir(out_dir, workdir)
   run = run or load_run(workdir)
   exported, fallback = _lower(run, platforms)
   os.makedirs(out_dir, exist_ok=True)
   model_path = os.path.join(out_dir, MODEL_FILE)
   signature_path = os.path.join(out_dir, SIGNATURE_FILE)
   payload = bytes(exported.serialize())
-  _write(model_path, payload)
-  _write(signature_path, json.dumps(signature(run, exported, fallback), indent=1,
-                                    allow_nan=False).encode())
+  run_files.write_bytes(model_path, payload)
+  run_files.write_json(signature_path, signature(run, exported, fallback), indent=1)
   logging.info('exported %s (best step %d) for %s: %s (%d bytes), %s', run.workdir,
                run.best_step, list(exported.platforms), model_path, len(payload),
                signature_path)

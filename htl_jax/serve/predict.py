@@ -63,12 +63,21 @@ def output_columns(spec) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- input
 
 
-def check_out(out: str) -> None:
+def check_out(out: str, inputs: Sequence[str] = (), workdir: str = '') -> None:
   """Raises a one-line ConfigError unless a predictions file can be written at ``out``.
 
-  ``out`` must not be a directory (nor end in a separator), and its directory must exist and
-  be writable (the file is written there under a temporary name, then renamed).
+  ``out`` must not be a directory (nor end in a separator), nor one of the ``inputs`` (the
+  files scored) nor a file of the training run's ``workdir`` (a read command never changes
+  it), and its directory must exist and be writable (the file is written there under a
+  temporary name, then renamed).
   """
+  target = os.path.realpath(out)
+  if any(os.path.realpath(p) == target for p in inputs):
+    raise ConfigError(f'{out}: is an input of this command (--data); write the predictions '
+                      'to another --out')
+  if workdir and _inside(target, os.path.realpath(workdir)):
+    raise ConfigError(f'{out}: lies in the training run {workdir}, which scoring never '
+                      'changes; write the predictions to another --out')
   if os.path.isdir(out) or out.endswith(os.sep):
     raise ConfigError(f'{out}: is a directory; --out names the predictions file '
                       '(.parquet, or .csv)')
@@ -78,6 +87,10 @@ def check_out(out: str) -> None:
     raise ConfigError(f'{out}: the directory {parent} {what} (--out)')
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ConfigError(f'{out}: the directory {parent} is not writable (--out)')
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def config_for_input(config: Any, path: str) -> Any:
@@ -339,17 +352,19 @@ def predict_file(workdir: str, data: str, out: str, *,
       numeric cell that is not a number.
   """
   start = time.perf_counter()
-  check_out(out)                      # before any work: a bad --out fails at once
+  check_out(out, workdir=workdir)     # before any work: a bad --out fails at once
   if run is None:                     # the cheap parts first: bad input fails in seconds
     run_files.finished_metrics(workdir)
     config, prep = run_files.load_config(workdir), run_files.load_preprocessing(workdir)
   else:
     config, prep = run.config, run.preprocessing
+  source_config = config_for_input(config, data)
+  check_out(out, inputs=data_lib.input_files(source_config), workdir=workdir)
   spec = prep.spec
   columns = passthrough_columns(config, passthrough)
   _check_names(spec, columns)
   counts = _Counts()
-  chunks = data_lib.read_features(config_for_input(config, data), columns, chunk_rows)
+  chunks = data_lib.read_features(source_config, columns, chunk_rows)
   pieces = _full_batches(_encoded(prep.encoder, chunks, counts, strict),
                          int(config.eval_batch_size))
   first = next(pieces, None)          # bad input fails here, before any output exists

@@ -152,8 +152,8 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
     shapes = {jax.tree_util.keystr(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
               if hasattr(leaf, 'shape')}
-  except Exception:  # pylint: disable=broad-except
-    return
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return                     # unreadable metadata: the restore says what is wrong
   for path, leaf in jax.tree_util.tree_leaves_with_path(like):
     key = jax.tree_util.keystr(path)
     if key in shapes and shapes[key] != tuple(leaf.shape):
@@ -203,10 +203,11 @@ def quiet_abandoned_io() -> None:
   std_logging.getLogger('asyncio').addFilter(_AbandonedOrbaxTasks())
 
 
-def _last_readable(manager: ocp.CheckpointManager, steps: list[int], like: Any, args: Any
-                   ) -> Optional[tuple[Any, int]]:
+def _last_readable(manager: ocp.CheckpointManager, steps: list[int], like: Any, args: Any,
+                   move_damaged: bool = True) -> Optional[tuple[Any, int]]:
   """The items of the last of ``steps`` that reads completely, restored with ``args``, and
-  its step; the damaged ones are set aside on the way. None without steps.
+  its step; the damaged ones are set aside on the way (``move_damaged``; a reader that
+  must not change the workdir only skips them, with a warning). None without steps.
 
   Raises:
     RunError: ``like``'s shapes are not the checkpoint's, or no step reads completely.
@@ -215,12 +216,18 @@ def _last_readable(manager: ocp.CheckpointManager, steps: list[int], like: Any, 
     _check_shapes(manager, step, like)
     try:
       return manager.restore(step, args=args), int(step)
-    except Exception as error:  # pylint: disable=broad-except
-      set_aside(manager, step, error)
+    except Exception as error:  # pylint: disable=broad-except   # any damage orbax meets
+      if move_damaged:
+        set_aside(manager, step, error)
+      else:
+        logging.warning('checkpoint step %d in %s does not read (%s); using the one before',
+                        step, manager.directory, first_line(error)[:300])
   if steps:
     directory = os.path.abspath(str(manager.directory))
-    raise RunError(f'{directory}: no checkpoint reads completely (the damaged ones were '
-                   f'moved to {os.path.join(os.path.dirname(directory), "damaged")})')
+    where = (f'the damaged ones were moved to '
+             f'{os.path.join(os.path.dirname(directory), "damaged")}' if move_damaged
+             else 'nothing was changed')
+    raise RunError(f'{directory}: no checkpoint reads completely ({where})')
   return None
 
 
@@ -244,7 +251,8 @@ def set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -
 def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   """The best checkpoint's parameters and temperature, and its step; None without one.
 
-  A damaged best checkpoint is set aside and the one before it used (with a warning).
+  A damaged best checkpoint is skipped and the one before it used (with a warning); nothing
+  in the workdir is changed (prediction and export only read it).
 
   Args:
     workdir: a training run's workdir.
@@ -255,7 +263,8 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   if not os.path.isdir(directory):
     return None
   quiet_abandoned_io()
-  manager = _manager(directory, ocp.PyTreeCheckpointHandler())
+  manager = _manager(directory, ocp.PyTreeCheckpointHandler(),
+                     ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -264,7 +273,8 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
     # Each save there was a new best: the newest first.
-    found = _last_readable(manager, sorted(manager.all_steps()), like, args)
+    found = _last_readable(manager, sorted(manager.all_steps()), like, args,
+                           move_damaged=False)
     return None if found is None else (found[0]['state'], found[1])
   finally:
     manager.close()

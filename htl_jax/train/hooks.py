@@ -34,16 +34,22 @@ from htl_jax.selection import Selection
 class EarlyStopping:
   """The loop's model-selection state, saved with every checkpoint.
 
-  Not ``flax.training.early_stopping``: ours has a direction (Gini and Delta_m are
-  maximized), lets an undefined value neither improve nor count, and stops after exactly
-  ``patience`` evaluations without improvement.
+  The best value (and its checkpoint) follows every improvement; the patience counts the
+  evaluations since the last SIGNIFICANT one, an improvement by more than
+  ``min_improvement`` (relative; :meth:`htl_jax.selection.Selection.significant`) over the
+  value that last reset it, as keras' and flax's ``min_delta`` do. So a run that creeps (a
+  learning rate of 1e-5) stops instead of running to its epoch cap, while its best
+  checkpoint is still its best. ``min_improvement=0`` counts every improvement. Ours has a
+  direction (Gini and Delta_m are maximized), and lets an undefined value neither improve
+  nor count.
 
   Attributes:
     best_value: the best validation value so far (None before the first defined one).
     best_step: the step of that value's checkpoint.
-    bad_evals: evaluations since the last improvement.
+    bad_evals: evaluations since the last significant improvement.
     stopped: True once ``bad_evals`` reached the patience.
     train_seconds: training time so far (evaluations excluded), across restarts.
+    anchor: the value of the last significant improvement.
   """
 
   best_value: Optional[float] = None
@@ -51,16 +57,20 @@ class EarlyStopping:
   bad_evals: int = 0
   stopped: bool = False
   train_seconds: float = 0.0
+  anchor: Optional[float] = None
 
-  def update(self, step: int, value: Optional[float], rule: Selection,
-             patience: int) -> 'EarlyStopping':
-    """After an evaluation: improved (new best), or one more bad evaluation."""
-    if rule.better(value, self.best_value):
-      return dataclasses.replace(self, best_value=float(value), best_step=step, bad_evals=0)
+  def update(self, step: int, value: Optional[float], rule: Selection, patience: int,
+             min_improvement: float = 0.0) -> 'EarlyStopping':
+    """After an evaluation: a new best and / or one more bad evaluation."""
     if value is None:          # an undefined value neither improves nor counts
       return self
+    new = self
+    if rule.better(value, self.best_value):
+      new = dataclasses.replace(new, best_value=float(value), best_step=step)
+    if rule.significant(value, self.anchor, min_improvement):
+      return dataclasses.replace(new, anchor=float(value), bad_evals=0)
     bad = self.bad_evals + 1
-    return dataclasses.replace(self, bad_evals=bad, stopped=bad >= patience)
+    return dataclasses.replace(new, bad_evals=bad, stopped=bad >= patience)
 
   def trained(self, seconds: float) -> 'EarlyStopping':
     """``seconds`` more of training time."""

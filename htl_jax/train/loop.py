@@ -120,6 +120,7 @@ def prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
   check_config(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is an existing file, not a directory')
+  run_files.check_owner(workdir, config)
   data = load_dataset(config, config.cache_dir or default_cache_dir())
   _check_same_data(data)
   if feed_lib.steps_per_epoch(data, config) < 1:
@@ -195,12 +196,17 @@ class Run:
   # --------------------------------------------------------------------------- set-up
 
   def __enter__(self) -> 'Run':
+    preprocessing = run_files.run_preprocessing(self.config, self.data,
+                                                self.setup.objective.core_transform)
     try:
       if self.primary:
         self._exit.enter_context(run_files.owned(self.workdir))
+        run_files.check_owner(self.workdir, self.config)      # again, with the lock held
+        if preprocessing is not None:
+          run_files.check_same_data(self.workdir, preprocessing)
         run_files.write_config(self.workdir, self.config)
-        run_files.save_run_preprocessing(self.workdir, self.config, self.data,
-                                         self.setup.objective.core_transform)
+        if preprocessing is not None:
+          run_files.save_preprocessing(self.workdir, preprocessing)
       self._start()
     except BaseException:
       self._exit.close()
@@ -299,7 +305,8 @@ class Run:
                      self.config.eval_batch_size, 'valid', self.warned)
     value = self.rule.value(valid)
     improved = self.rule.better(value, self.stopping.best_value)
-    self.stopping = self.stopping.update(step, value, self.rule, self.config.patience)
+    self.stopping = self.stopping.update(step, value, self.rule, self.config.patience,
+                                         self.config.min_improvement)
     # The state is copied to the host only for a checkpoint (a best one, or a due one).
     due = self.ckpt.due()
     host_state = parallel.unreplicate(self.rstate) if improved or due else None

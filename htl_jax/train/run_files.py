@@ -49,7 +49,7 @@ import ml_collections
 
 from htl_jax.data.encoding import Encoder
 from htl_jax.data.schema import HybridData
-from htl_jax.errors import RunError, WorkdirBusyError
+from htl_jax.errors import ConfigError, DataError, RunError, WorkdirBusyError, first_line
 from htl_jax.losses import CoreTransform
 from htl_jax.spec import HybridSpec
 
@@ -59,6 +59,10 @@ METRICS_LOG = 'metrics.jsonl'
 METRICS = 'metrics.json'
 CHECKPOINTS = 'checkpoints'
 LOCK = '.lock'
+# The marks of the other kinds of workdir: an htl-tune study, an htl-reproduce experiment.
+STUDY = 'study.json'
+REPRODUCTION = 'reproduction.json'
+_KINDS = {CONFIG: 'a training run', STUDY: 'a tuning study', REPRODUCTION: 'a reproduction'}
 PREPROCESSING_FORMAT = 1
 
 
@@ -121,9 +125,88 @@ def owned(workdir: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- config.json
 
+# Config fields a resumed run may change: its budget, patience, cadence and logging, how the
+# steps are fed and dispatched (the same run by design), and where things are on this
+# machine (the data are checked by their fitted preprocessing instead). Every other field
+# decides the trained state, so a workdir belongs to one value of each (docs/training.md).
+MAY_CHANGE = frozenset({
+    'num_epochs', 'max_steps', 'patience', 'eval_every', 'checkpoint_every',
+    'checkpoint_seconds', 'log_every', 'steps_per_dispatch', 'feed', 'grad_diagnostics',
+    'eval_batch_size', 'cache_dir', 'data_dir', 'data.path', 'data.passthrough'})
+
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   write_json(os.path.join(workdir, CONFIG), json.loads(config.to_json_best_effort()))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def differing_fields(stored: Mapping[str, Any], config: ml_collections.ConfigDict
+                     ) -> list[tuple[str, Any, Any]]:
+  """``(field, stored value, config's value)`` of every field that decides the trained
+  state and differs (a field one side lacks counts, as ``None`` there)."""
+  old = _flat(stored)
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return [(name, old.get(name), new.get(name)) for name in sorted(set(old) | set(new))
+          if name not in MAY_CHANGE and old.get(name) != new.get(name)]
+
+
+def claim(workdir: str, mark: str, identity: Mapping[str, Any]) -> None:
+  """``workdir`` holds one thing: a training run (``config.json``), a tuning study
+  (``study.json``) or a reproduction (``reproduction.json``). Writes ``mark`` with
+  ``identity`` (e.g. the study's name) the first time; ConfigError, one line and nothing
+  changed, when it holds another kind of thing or another ``identity``."""
+  _refuse_other_kinds(workdir, mark)
+  path = os.path.join(workdir, mark)
+  wanted = json.loads(json.dumps(dict(identity)))
+  if os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)
+    if stored != wanted:
+      diffs = '; '.join(f'{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here'
+                        for k in sorted(set(stored) | set(wanted))
+                        if stored.get(k) != wanted.get(k))
+      raise ConfigError(f'{workdir} holds {_KINDS[mark]} of its own ({diffs}); use another '
+                        '--workdir')
+    return
+  os.makedirs(workdir, exist_ok=True)
+  write_json(path, wanted)
+
+
+def _refuse_other_kinds(workdir: str, mark: str) -> None:
+  for other, kind in _KINDS.items():
+    if other != mark and os.path.isfile(os.path.join(workdir, other)):
+      raise ConfigError(f'{workdir} holds {kind} ({other}); use another --workdir')
+
+
+def check_owner(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir belongs to one config: ConfigError (one line naming the fields that differ)
+  when ``workdir`` holds a run of another config, or is a study's or a reproduction's.
+  Reads only; nothing is changed."""
+  _refuse_other_kinds(workdir, CONFIG)
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    raise ConfigError(f'{workdir}: its {CONFIG} does not read; this is not a run this '
+                      'command can resume (give it another --workdir)') from None
+  diffs = differing_fields(stored, config)
+  if diffs:
+    shown = '; '.join(f'{name}: {old!r} there, {new!r} here' for name, old, new in diffs[:6])
+    more = f' (and {len(diffs) - 6} more)' if len(diffs) > 6 else ''
+    raise ConfigError(f'{workdir} holds a run of another config ({shown}{more}); resume it '
+                      'with its own config, or use another --workdir')
 
 
 def _tuples(value: Any) -> Any:
@@ -226,6 +309,26 @@ def save_preprocessing(workdir: str, preprocessing: Preprocessing) -> str:
   return path
 
 
+def check_same_data(workdir: str, preprocessing: Preprocessing) -> None:
+  """ConfigError when ``workdir``'s run fitted other preprocessing (other data under the
+  same names: another file, other rows): its checkpoints would mean other values."""
+  path = os.path.join(workdir, PREPROCESSING)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return                      # unreadable: the run is resumed and the file written again
+  fitted = json.loads(json.dumps(preprocessing.to_dict()))
+  if stored != fitted:
+    what = ('its fields and vocabulary sizes' if stored.get('spec') != fitted['spec']
+            else 'its vocabularies, numeric buckets or core transform')
+    raise ConfigError(f'{workdir} holds a run trained on other data ({what} differ from what '
+                      'this data fits: another file or other rows); resume it with its own '
+                      'data, or use another --workdir')
+
+
 def load_preprocessing(workdir: str) -> Preprocessing:
   """The run's stored preprocessing; RunError when absent or unreadable."""
   try:
@@ -238,19 +341,30 @@ def load_preprocessing(workdir: str) -> Preprocessing:
     raise RunError(f'{workdir}: unreadable {PREPROCESSING}: {e}') from None
 
 
-def save_run_preprocessing(workdir: str, config: Any, data: HybridData,
-                           core_transform: CoreTransform) -> None:
-  """The trainer's hook: stores the run's preprocessing next to its checkpoints.
+def run_preprocessing(config: Any, data: HybridData, core_transform: CoreTransform
+                      ) -> Optional[Preprocessing]:
+  """What a run stores for scoring, checked to be storable before training starts.
 
-  Never stops training: a vocabulary that JSON cannot hold (e.g. dates as categories, which
-  no built-in loader produces) is logged and the file is not written.
+  Returns None only for data built by hand without an encoder (tests).
+
+  Raises:
+    DataError: a fitted value that JSON cannot hold exactly (an infinite bucket edge or
+      statistic from extreme values, a category of another type), naming the column: a
+      run that trains has everything ``htl-predict`` needs.
   """
   if data.encoder is None:
     logging.warning('no fitted encoder with the data; %s not written', PREPROCESSING)
-    return
-  try:
-    save_preprocessing(workdir, Preprocessing(dataset=str(config.dataset), spec=data.spec,
-                                              encoder=data.encoder,
-                                              core_transform=core_transform))
-  except (TypeError, ValueError) as e:   # a vocabulary JSON cannot hold; training goes on
-    logging.warning('%s not written (%s); this run cannot score new data', PREPROCESSING, e)
+    return None
+  preprocessing = Preprocessing(dataset=str(config.dataset), spec=data.spec,
+                                encoder=data.encoder, core_transform=core_transform)
+  record = preprocessing.to_dict()
+  parts = [(f'column {f["name"]!r}', f) for f in record['encoder']['fields']]
+  parts.append((f'the core {data.spec.core_task!r} (its transform)', record['core_transform']))
+  for name, part in parts:
+    try:
+      json.dumps(part, allow_nan=False)
+    except (TypeError, ValueError) as error:
+      raise DataError(f'{name}: its encoding fitted on the training rows cannot be stored '
+                      f'({first_line(error)}): values too large or of a type JSON cannot '
+                      'hold; clip or convert that column') from None
+  return preprocessing

@@ -95,9 +95,11 @@ def eval_step(setup: TrainSetup, state: TrainState | ServingState, batch: Batch
               ) -> dict[str, jax.Array]:
   """Predictions of one batch: binary probabilities and the core on the original scale.
 
-  Reads only ``state.params`` and ``state.tau``: a :class:`ServingState` will do.
+  Reads only ``state.params`` and ``state.tau``: a :class:`ServingState` will do. An id
+  outside its field's vocabulary is the OOV id 0 (:func:`htl_jax.embedding.known_ids`).
   """
-  _, rows = embedding.lookup(state.params['embedding']['table'], setup.layout, batch['x'])
+  ids = embedding.known_ids(batch['x'], setup.layout)
+  _, rows = embedding.lookup(state.params['embedding']['table'], setup.layout, ids)
   out = setup.model.apply({'params': state.params['model']}, (rows,) * setup.spec.num_tasks,
                           train=False, tau=state.tau, example_index=batch['index'])
   return {'probs': out.probs, 'core': setup.objective.predict_core(out),
