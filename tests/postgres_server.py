@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def postgres_url():
-  """``postgresql://postgres@127.0.0.1:PORT/postgres`` of a fresh server (the form the docs show)."""
+  """``postgresql://postgres@127.0.0.1:PORT/postgres`` of a fresh server (the docs' form)."""
   binaries = _binaries()
   if binaries is None:
     pytest.skip('no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb); '

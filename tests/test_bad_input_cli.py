@@ -61,8 +61,7 @@ def _prepopulate(workdir: str, cache_dir: str) -> None:
   """A workdir and a cache of an earlier run, which a failed run must leave alone."""
   os.makedirs(os.path.join(workdir, 'checkpoints', '100'))
   os.makedirs(os.path.join(cache_dir, 'abc123'))
-  for path, text in [(os.path.join(workdir, 'config.json'), '{"model": "htlnet"}'),
-                     (os.path.join(workdir, 'metrics.jsonl'), '{"step": 100}\n'),
+  for path, text in [(os.path.join(workdir, 'metrics.jsonl'), '{"step": 100}\n'),
                      (os.path.join(workdir, 'checkpoints', '100', 'state'), 'weights'),
                      (os.path.join(cache_dir, 'abc123', 'spec.json'), '{}')]:
     with open(path, 'w') as f:

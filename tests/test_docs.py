@@ -13,6 +13,8 @@ import re
 import subprocess
 
 import ml_collections
+
+from htl_jax.train import checks
 import pytest
 
 from htl_jax.configs.base import get_base_config
@@ -21,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
 CONFIGS_DOC = DOCS / 'configs.md'
 # The header of the tables in docs/configs.md that list fields.
-FIELD_HEADER = '| field | default | what it does |'
+FIELD_HEADER = '| field | default | range | what it does |'
 
 
 def base_fields(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, object]:
@@ -35,8 +37,9 @@ def base_fields(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str
   return fields
 
 
-def documented_fields(text: str) -> list[tuple[str, str]]:
-  """``(name, default cell)`` of every row of the field tables (FIELD_HEADER) in ``text``."""
+def documented_fields(text: str) -> list[tuple[str, str, str]]:
+  """``(name, default cell, range cell)`` of every row of the field tables (FIELD_HEADER)
+  in ``text`` (cells split on unescaped ``|``)."""
   rows, in_table = [], False
   for line in text.splitlines():
     if line.strip() == FIELD_HEADER:
@@ -47,36 +50,47 @@ def documented_fields(text: str) -> list[tuple[str, str]]:
     if not line.startswith('|'):
       in_table = False
       continue
-    cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+    cells = [cell.strip() for cell in re.split(r'(?<!\\)\|', line.strip().strip('|'))]
     if set(cells[0]) <= set('-: '):            # the separator row
       continue
     match = re.fullmatch(r'`([\w.]+)`', cells[0])
     assert match, f'docs/configs.md: a field row must start with `name`: {line!r}'
-    rows.append((match.group(1), cells[1]))
+    rows.append((match.group(1), cells[1], cells[2]))
   return rows
 
 
 def test_documented_fields_parses_only_field_tables():
   text = '\n'.join([
       '| config | changes |', '|---|---|', '| `kuairand` | batch |', '',
-      FIELD_HEADER, '|---|---|---|', "| `model` | `'htlnet'` | which model |",
-      '| `data.path` | `\'\'` | the file |', '', 'prose'])
-  assert documented_fields(text) == [('model', "`'htlnet'`"), ('data.path', "`''`")]
+      FIELD_HEADER, '|---|---|---|---|', "| `model` | `'htlnet'` | `a` \\| `b` | which model |",
+      '| `data.path` | `\'\'` | text | the file |', '', 'prose'])
+  assert documented_fields(text) == [('model', "`'htlnet'`", '`a` \\| `b`'),
+                                     ('data.path', "`''`", 'text')]
 
 
 def test_configs_doc_lists_every_field_with_its_default():
   fields = base_fields(get_base_config())
   rows = documented_fields(CONFIGS_DOC.read_text(encoding='utf-8'))
-  names = [name for name, _ in rows]
+  names = [name for name, _, _ in rows]
   duplicated = sorted({name for name in names if names.count(name) > 1})
   assert not duplicated, f'docs/configs.md lists these fields twice: {duplicated}'
   missing = sorted(set(fields) - set(names))
   assert not missing, f'fields of get_base_config() missing from docs/configs.md: {missing}'
   unknown = sorted(set(names) - set(fields))
   assert not unknown, f'docs/configs.md documents fields that do not exist: {unknown}'
-  for name, default in rows:
+  for name, default, allowed in rows:
     assert default == f'`{fields[name]!r}`', (
         f'docs/configs.md: {name} defaults to {fields[name]!r}, the doc says {default}')
+    assert allowed == checks.FIELDS[name].describe(), (
+        f'docs/configs.md: {name} may be {checks.FIELDS[name].describe()}, the doc says '
+        f'{allowed}')
+
+
+def test_every_field_has_a_range_and_its_default_is_in_it():
+  fields = base_fields(get_base_config())
+  assert set(checks.FIELDS) == set(fields)
+  for name, allowed in checks.FIELDS.items():
+    assert not allowed.problem(fields[name]), (name, fields[name])
 
 
 def _user_files() -> list[pathlib.Path]:

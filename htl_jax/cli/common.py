@@ -217,6 +217,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv: list[str]) -> None:
     start(argv)
+    preemption.exit_cleanly_on_sigterm()      # training commands replace it (join_processes)
     compilation_cache.enable(FLAGS.compilation_cache)
     with distributed.stop_all_on_failure():
       try:

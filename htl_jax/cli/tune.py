@@ -35,8 +35,10 @@ flags.DEFINE_string('storage', '', 'Optuna storage URL ("" = sqlite:///<workdir>
 flags.DEFINE_string('study_name', '', 'Study name ("" = <dataset>-<model>).')
 flags.DEFINE_list('params', [], 'Subset of the model\'s Table 6 hyperparameters to search '
                   '(default: all; the others keep the config\'s values).')
-flags.DEFINE_integer('pruner_startup_trials', 5,
+flags.DEFINE_integer('pruner_startup_trials', 3,
                      'Completed trials before the median pruner starts pruning.')
+flags.DEFINE_integer('random_trials', 0, 'TPE\'s random startup trials (0: a third of '
+                     '--trials, 3 to 10).', lower_bound=0)
 flags.DEFINE_integer('pruner_warmup_evals', 1,
                      'Evaluations every trial runs before the pruner may stop it.')
 common.define_config_flags()
@@ -53,7 +55,8 @@ def main(argv: list[str]) -> None:
     config.model = FLAGS.model
   options = tuning.StudyOptions(
       n_trials=FLAGS.trials, trial_seeds=FLAGS.trial_seeds, study_name=FLAGS.study_name,
-      params=tuple(FLAGS.params), pruner_startup_trials=FLAGS.pruner_startup_trials,
+      params=tuple(FLAGS.params), random_trials=FLAGS.random_trials,
+      pruner_startup_trials=FLAGS.pruner_startup_trials,
       pruner_warmup_evals=FLAGS.pruner_warmup_evals)
   summary = tuning.tune(config, FLAGS.workdir, options, storage=FLAGS.storage)
   if lockstep.is_follower():

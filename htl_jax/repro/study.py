@@ -83,8 +83,8 @@ def study_fingerprint(base, space: dict[str, tuple], trial_seeds: int = 1) -> st
 
 
 def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
-               pruner_startup_trials: int = 5, pruner_warmup_evals: int = 1,
-               trial_seeds: int = 1) -> optuna.Study:
+               pruner_startup_trials: int = 3, pruner_warmup_evals: int = 1,
+               trial_seeds: int = 1, random_trials: int = 10) -> optuna.Study:
   """Create or load the study; refuse one that was created for a different config.
 
   The median pruner prunes a trial whose best value so far is worse than the median of the
@@ -97,7 +97,7 @@ def open_study(base, storage, *, study_name: str, space: dict[str, tuple],
   study = optuna.create_study(
       storage=storage, study_name=study_name, load_if_exists=True,
       direction=selection(base).direction,
-      sampler=TrialSeededTPESampler(base.seed),
+      sampler=TrialSeededTPESampler(base.seed, n_startup_trials=random_trials),
       pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                          n_warmup_steps=pruner_warmup_evals + 1))
   expected = study_fingerprint(base, space, trial_seeds)

@@ -78,3 +78,20 @@ def stop_requested(step: int) -> str:
   if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
     return 'SIGTERM'
   return ''
+
+
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+  """SIGTERM ends a command that does not train (prediction, export) as an exception, exit
+  code 143, so its ``finally`` blocks remove what it had half written (its temporary files)
+  instead of the process vanishing mid-write. Commands that train replace this with
+  :func:`install` (a checkpoint first). Main thread only."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -364,7 +364,8 @@ def run_preprocessing(config: Any, data: HybridData, core_transform: CoreTransfo
     try:
       json.dumps(part, allow_nan=False)
     except (TypeError, ValueError) as error:
-      raise DataError(f'{name}: its encoding fitted on the training rows cannot be stored '
-                      f'({first_line(error)}): values too large or of a type JSON cannot '
-                      'hold; clip or convert that column') from None
+      source = config.data.path or config.data_dir or config.dataset
+      raise DataError(f'{source}: {name}: its encoding fitted on the training rows cannot '
+                      f'be stored ({first_line(error)}): values too large, or of a type JSON '
+                      'cannot hold; clip or convert that column') from None
   return preprocessing

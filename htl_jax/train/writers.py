@@ -94,6 +94,15 @@ def final_metrics(result: dict[str, Any]) -> dict[str, float]:
           for name, value in values.items() if value is not None}
 
 
+def _step_of(line: str) -> float:
+  """A ``metrics.jsonl`` line's step; infinite for a blank or partial line (a process killed
+  mid-write leaves the last line cut), so it is dropped on resume."""
+  try:
+    return float(json.loads(line).get('step', 0))
+  except ValueError:
+    return math.inf
+
+
 class RunWriter:
   """The run's ``metrics.jsonl``, TensorBoard events and progress display."""
 
@@ -108,8 +117,7 @@ class RunWriter:
     lines = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        lines = [line for line in f if line.strip()
-                 and json.loads(line).get('step', 0) <= resume_step]
+        lines = [line for line in f if _step_of(line) <= resume_step]
     with open(self.path, 'w') as f:
       f.writelines(lines)
     self.events = tensorboardX.SummaryWriter(logdir=workdir, purge_step=resume_step + 1)
