@@ -65,8 +65,13 @@ setuptools.setup(
         # CUDA major version of the machine's driver (README, "Install for a GPU").
         'cuda12': [f'jax[cuda12]{JAX_RANGE}'],
         'cuda13': [f'jax[cuda13]{JAX_RANGE}'],
-        # tools/bench_torch.py only (the PyTorch peer); never imported by the package.
+        # tools/bench_torch.py only (the PyTorch peer); never imported by the package. On a
+        # machine without a GPU, install the CPU torch first (docs/benchmarks.md), or pip
+        # takes the CUDA build and its ~20 nvidia-* wheels.
         'bench_torch': ['torch>=2.0', 'torch-rechub==0.9.0', 'pandas>=2.0'],
+        # TensorBoard itself, to read the event files every run writes (tensorboardX writes
+        # them without it).
+        'tensorboard': ['tensorboard>=2.14'],
     },
     classifiers=['License :: OSI Approved :: Apache Software License',
                  'Programming Language :: Python :: 3'],

@@ -8,4 +8,4 @@ Floors, each importing only the ones below it:
   ``optim`` (gradient processes as Optax transforms), ``metrics``, ``spec``, ``errors``.
 """
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'

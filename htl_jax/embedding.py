@@ -1,49 +1,40 @@
-"""The shared embedding table ``E in R^{M x d}``: layout, lookup, sums by id, row-wise Adam.
+"""The shared embedding table ``E in R^{M x d}``: layout, lookup, sums by id, its gradient.
 
 One home for the table (the README's Layout; torchrec keeps ``modules/embedding_*`` and its
-row-wise optimizers apart the same way). In order of use in a train step:
+row-wise optimizers apart the same way: ours is :mod:`htl_jax.optim.row_adam`). In order of
+use in a train step:
 
 - **Layout** (:class:`TableLayout`): every field's ids sit at an offset in ONE table; a model
   with independent tasks (DNN) has one copy of the fields per task, stacked as blocks of
   rows. :func:`init_table` draws each field's block Xavier-uniform (Appendix B.1), or
   ``0.01 N(0, 1)`` entries with ``embedding_init='normal'``.
 - **Lookup** (:func:`lookup`): field ids ``[B, F]`` -> table rows ``[B, F']`` and their
-  embeddings ``[B, F', d]``. Training and serving both use it.
+  embeddings ``[B, F', d]``. Training and serving both use it; serving first reads an id
+  outside its vocabulary as OOV (:func:`known_ids`).
 - **Sums by id** (:func:`sum_rows_by_id`): per-task gradients of the looked-up rows summed
-  per distinct id, as :class:`RowGradients`. Their dot products and norms equal those of the
-  dense ``[K, M, d]`` table gradients (so Algorithm 1 on them is Algorithm 1 on the table),
-  at a cost that grows with the batch, never with the vocabulary. Each id's first position
-  in the batch comes from a scatter-min into a persistent int32 scratch
-  (:func:`first_occurrence_in`), never a sort.
+  per distinct id, as :class:`~htl_jax.optim.row_adam.RowSums`. Their dot products and norms
+  equal those of the dense ``[K, M, d]`` table gradients (so Algorithm 1 on them is
+  Algorithm 1 on the table), at a cost that grows with the batch, never with the vocabulary.
+  Each id's first position in the batch comes from a scatter-min into a persistent int32
+  scratch (:func:`first_occurrence_in`), never a sort.
 - **Back to the table** (:func:`table_gradient`): the combined gradient plus the L2 term,
-  as the dense table gradient (dense Adam) or as :class:`RowGradients` (row-wise Adam).
-- **Row-wise Adam** (:func:`row_adam`, ``embedding_optimizer='lazy_adam'``, docs/design.md): an
-  optax-shaped transform that reads and writes only the rows of the batch, as TF's LazyAdam and
-  PyTorch's SparseAdam do; :func:`apply_updates` scatters its row updates into the (donated) table
-  in place.
+  as the dense table gradient (dense Adam) or as ``RowSums`` (row-wise Adam, which reads
+  and writes only the batch's rows).
 
-**Row-wise Adam's bias correction uses a per-row step count** ``c`` (the number of batches
-the row has been in), not the global step of TF's LazyAdam and PyTorch's SparseAdam. A row
-in the batch gets its summed gradient ``g`` and exactly Adam's update::
-
-    m <- b1 m + (1 - b1) g,     v <- b2 v + (1 - b2) g^2,     c <- c + 1
-    row <- row - lr * (m / (1 - b1^c)) / (sqrt(v / (1 - b2^c)) + eps)
-
-and a row not in the batch keeps its value, moments and count. So every row runs exactly
-Adam on its own gradients: a row seen for the first time at step 10,000 takes a first step
-of ``lr``, where a global count (``1 - b^10000 = 1``) would give ``lr (1 - b1) /
-sqrt(1 - b2) = 3.16 lr``, and rare ids (most of a 1e8-id vocabulary) would take steps of up
-to 3x the learning rate. The cost is one int32 per row.
+A table's gradient takes one of three forms (:data:`TableGradient`): the dense ``[M, d]``
+array, slots summed by id (``RowSums``), or one slot per occurrence
+(:class:`RowOccurrences`, for a dense table whose sums nobody reads per id).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from htl_jax.optim.row_adam import RowSums, RowUpdates, is_first
 
 # ----------------------------------------------------------------------------- layout
 
@@ -178,7 +169,7 @@ def first_occurrence_in(flat_ids: jax.Array, scratch: jax.Array
   everywhere on entry; the positions are scatter-min'ed into the slots of ``flat_ids``,
   gathered, and those slots reset, so it is unwritten everywhere again on return. Pass the
   scratch in a donated buffer and use only the returned one: XLA then updates it in place.
-  No sort: XLA:CPU sorts 92k ids in ~27 ms, which this avoids.
+  No sort (on XLA:CPU a sort of a batch's ids is a large part of a step).
 
   Returns:
     ``(first [N], scratch)``.
@@ -198,9 +189,26 @@ def first_occurrence(flat_ids: jax.Array, num_ids: int) -> jax.Array:
   return first_occurrence_in(flat_ids, new_id_scratch(num_ids))[0]
 
 
-def is_first(first: jax.Array) -> jax.Array:
-  """``[N]`` bool: True at exactly one slot of every distinct id (its first occurrence)."""
-  return first == jnp.arange(first.shape[0], dtype=first.dtype)
+# ----------------------------------------------------------------------------- gradients
+
+
+class RowOccurrences(NamedTuple):
+  """A table's gradient as slots of the rows one batch looked up, NOT summed by id: each
+  slot holds one occurrence's gradient. What a dense table's summed gradient needs (the
+  scatter adds the occurrences up); nothing reads per-id sums from it.
+
+  Attributes:
+    ids: ``[N]`` int32 table rows, one slot per looked-up row (ids repeat).
+    grads: ``[..., N, d]``.
+  """
+
+  ids: jax.Array
+  grads: jax.Array
+
+
+# A table's gradient: the dense ``[M, d]`` array, slots summed by id (RowSums), or one slot
+# per occurrence (RowOccurrences).
+TableGradient = Union[jax.Array, RowSums, RowOccurrences]
 
 
 def occurrences(first: jax.Array) -> jax.Array:
@@ -208,30 +216,9 @@ def occurrences(first: jax.Array) -> jax.Array:
   return jnp.zeros(first.shape, jnp.float32).at[first].add(1.0, mode='promise_in_bounds')
 
 
-# ----------------------------------------------------------------------------- gradients
-
-
-class RowGradients(NamedTuple):
-  """Gradients of the table as slots of the looked-up rows of one batch.
-
-  Attributes:
-    ids: ``[N]`` int32 table rows, one slot per looked-up row (ids repeat). None: ``grads``
-      is the dense table gradient.
-    grads: ``[..., N, d]`` (a leading task axis when per-task).
-    first: ``[N]`` each slot's id's first position (:func:`first_occurrence_in`): the slot
-      of an id's first occurrence holds the sum of all its rows' gradients and its other
-      slots hold zeros. None: the slots are not summed by id (each holds one occurrence's
-      gradient; only :func:`scatter_to_table` reads them).
-  """
-
-  ids: jax.Array | None
-  grads: jax.Array
-  first: jax.Array | None = None
-
-
 def sum_rows_by_id(ids: jax.Array, row_grads: Sequence[jax.Array], num_ids: int,
                    dense: bool | None = None, first: jax.Array | None = None
-                   ) -> RowGradients:
+                   ) -> jax.Array | RowSums:
   """Sum row gradients that hit the same table id, per task.
 
   Args:
@@ -247,8 +234,8 @@ def sum_rows_by_id(ids: jax.Array, row_grads: Sequence[jax.Array], num_ids: int,
       nothing of size ``num_ids`` is touched).
 
   Returns:
-    :class:`RowGradients` with ``grads`` ``[K, slots, d]``: the dense table gradients
-    (``ids`` None), or N slots summed by id.
+    The dense ``[K, num_ids, d]`` table gradients, or :class:`RowSums` with ``grads``
+    ``[K, N, d]``.
   """
   flat = ids.reshape(-1)
   n = flat.shape[0]
@@ -268,164 +255,73 @@ def sum_rows_by_id(ids: jax.Array, row_grads: Sequence[jax.Array], num_ids: int,
     summed = summed.at[slots + k * num_slots].add(grads.reshape(n, dim),
                                                   mode='promise_in_bounds')
   summed = summed.reshape(len(sets), num_slots, dim)
-  return RowGradients(None, summed) if is_dense else RowGradients(flat, summed, first)
+  return summed if is_dense else RowSums(flat, summed, first)
 
 
-def scatter_to_table(table: jax.Array, grads: RowGradients) -> jax.Array:
-  """The dense ``[M, d]`` gradient of ``table`` from task-free slot gradients."""
-  if grads.ids is None:
-    return grads.grads
-  return jnp.zeros_like(table).at[grads.ids].add(grads.grads)
+def split_slots(grads: TableGradient) -> tuple[jax.Array, Any]:
+  """A table gradient as its array (the dense table's, or its slots') and where the slots
+  go (``grads`` with ``grads=None``; None for the dense form)."""
+  if isinstance(grads, (RowSums, RowOccurrences)):
+    return grads.grads, grads._replace(grads=None)
+  return grads, None
 
 
-def table_gradient(combined: RowGradients, ids: jax.Array, rows: jax.Array,
+def scatter_to_table(table: jax.Array, grads: TableGradient) -> jax.Array:
+  """The dense ``[M, d]`` gradient of ``table`` from a task-free table gradient."""
+  if isinstance(grads, (RowSums, RowOccurrences)):
+    return jnp.zeros_like(table).at[grads.ids].add(grads.grads)
+  return grads
+
+
+def table_gradient(combined: TableGradient, ids: jax.Array, rows: jax.Array,
                    table: jax.Array, l2: float | jax.Array | None, sparse: bool
-                   ) -> jax.Array | RowGradients:
-  """The table's gradient from the combined (task-free) slots, plus the L2 term's.
+                   ) -> jax.Array | RowSums:
+  """The table's gradient from the combined (task-free) one, plus the L2 term's.
 
   The L2 term is ``l2 * mean_b sum_f ||e_bf||^2`` over the looked-up rows
   (docs/design.md: not a task, so added after the gradient process): each occurrence adds
   ``(2 l2 / B) e``, so an id's sum is its count in the batch times that.
 
   Args:
-    combined: ``[slots, d]`` after the gradient process (``ids`` None: the dense table
-      gradient already).
+    combined: ``[M, d]`` (dense) or ``[N, d]`` slots after the gradient process.
     ids, rows: the global batch's ``[B, F]`` table rows and ``[B, F, d]`` embeddings.
     table: the ``[M, d]`` table.
     l2: the L2 weight lambda (a number or a scalar array); None leaves the term out.
-    sparse: True for row-wise Adam (``combined`` is then summed by id).
+    sparse: True for row-wise Adam (``combined`` is then :class:`RowSums`).
 
   Returns:
-    ``sparse``: :class:`RowGradients` (never O(vocab)); else the dense ``[M, d]`` gradient.
+    ``sparse``: :class:`RowSums` (never O(vocab)); else the dense ``[M, d]`` gradient.
   """
   flat = ids.reshape(-1)
   coef = 2.0 * l2 / ids.shape[0] if l2 is not None else None
   flat_rows = rows.reshape(flat.shape[0], -1)
-  grads = combined.grads
   if sparse:
-    if coef is not None:
-      grads = grads + coef * occurrences(combined.first)[:, None] * flat_rows
-    return combined._replace(grads=grads)
-  if combined.ids is None:
     if coef is None:
-      return grads
+      return combined
+    return combined._replace(grads=combined.grads
+                             + coef * occurrences(combined.first)[:, None] * flat_rows)
+  if not isinstance(combined, (RowSums, RowOccurrences)):
+    if coef is None:
+      return combined
     counts = jnp.zeros(table.shape[:1], table.dtype).at[flat].add(
         1.0, mode='promise_in_bounds')
-    return grads + coef * counts[:, None] * table
+    return combined + coef * counts[:, None] * table
   if coef is not None:     # per slot: the scatter adds every occurrence's term
-    grads = grads + coef * flat_rows
-  return scatter_to_table(table, combined._replace(grads=grads))
+    combined = combined._replace(grads=combined.grads + coef * flat_rows)
+  return scatter_to_table(table, combined)
 
 
-def squared_norm(grads: Any) -> jax.Array:
-  """``||g||^2`` over every leaf; a :class:`RowGradients` counts each id once."""
+def squared_norm(tree: Any) -> jax.Array:
+  """``||g||^2`` over every leaf: a gradient, or an update; :class:`RowSums` count each id
+  once, :class:`~htl_jax.optim.row_adam.RowUpdates` count their deltas."""
   def leaf_sq(g):
-    if isinstance(g, RowGradients) and g.first is not None:
+    if isinstance(g, RowSums):
       return jnp.sum(jnp.where(is_first(g.first)[:, None], jnp.square(g.grads), 0.0))
-    if isinstance(g, RowGradients):
+    if isinstance(g, RowOccurrences):
       return jnp.sum(jnp.square(g.grads))
+    if isinstance(g, RowUpdates):
+      return jnp.sum(jnp.square(g.deltas))
     return jnp.sum(jnp.square(g))
 
   return sum(leaf_sq(g) for g in jax.tree.leaves(
-      grads, is_leaf=lambda x: isinstance(x, RowGradients)))
-
-
-# ----------------------------------------------------------------------------- row-wise Adam
-
-
-class RowAdamState(NamedTuple):
-  """Adam's moments and per-row step counts for every row of the table.
-
-  Attributes:
-    mu: ``[M, d]`` first moments.
-    nu: ``[M, d]`` second moments.
-    count: ``[M]`` int32, the number of updates each row has had (its bias correction).
-  """
-
-  mu: jax.Array
-  nu: jax.Array
-  count: jax.Array
-
-
-class RowUpdates(NamedTuple):
-  """What :func:`row_adam` returns for a table: additive updates of some of its rows.
-
-  Attributes:
-    rows: ``[N]`` table rows to update; slots that must not write point past the table.
-    deltas: ``[N, d]`` the value added to each of those rows.
-  """
-
-  rows: jax.Array
-  deltas: jax.Array
-
-
-def _is_row_leaf(x: Any) -> bool:
-  return isinstance(x, (RowGradients, RowUpdates, RowAdamState, optax.MaskedNode))
-
-
-def row_adam(learning_rate: float | jax.Array, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8) -> optax.GradientTransformation:
-  """Adam on the rows of a batch only (module docstring); defaults are ``optax.adam``'s.
-
-  An optax transform over a tree of tables (``optax.partition`` hands it the embedding's
-  part of the parameters): ``init`` holds a :class:`RowAdamState` per table; ``update``
-  takes a :class:`RowGradients` summed by id per table and returns :class:`RowUpdates`,
-  which :func:`apply_updates` adds into the table. Every other row is neither read nor
-  written: O(N d) work for N looked-up rows.
-
-  Args:
-    learning_rate: Adam's step size (the same as the dense parameters').
-    b1, b2, eps: Adam's decays and epsilon.
-  """
-  def init_fn(params):
-    def init_one(table):
-      if isinstance(table, optax.MaskedNode):
-        return table
-      return RowAdamState(mu=jnp.zeros_like(table), nu=jnp.zeros_like(table),
-                          count=jnp.zeros(table.shape[:1], jnp.int32))
-    return jax.tree.map(init_one, params, is_leaf=_is_row_leaf)
-
-  def update_one(grads: RowGradients, state: RowAdamState
-                 ) -> tuple[RowUpdates, RowAdamState]:
-    ids, g = grads.ids, grads.grads
-    # Every slot computes an update, but only the first slot of each id (the one holding
-    # its summed gradient) writes: the others point past the table and are dropped.
-    write = jnp.where(is_first(grads.first), ids, state.count.shape[0])
-    mu = b1 * state.mu[ids] + (1.0 - b1) * g
-    nu = b2 * state.nu[ids] + (1.0 - b2) * jnp.square(g)
-    count = optax.safe_int32_increment(state.count[ids])
-    steps = count.astype(g.dtype)[:, None]
-    mu_hat = mu / (1.0 - b1 ** steps)
-    nu_hat = nu / (1.0 - b2 ** steps)
-
-    def put(buffer: jax.Array, values: jax.Array) -> jax.Array:
-      return buffer.at[write].set(values, mode='drop')
-
-    return (RowUpdates(write, -(learning_rate * mu_hat / (jnp.sqrt(nu_hat) + eps))),
-            RowAdamState(mu=put(state.mu, mu), nu=put(state.nu, nu),
-                         count=put(state.count, count)))
-
-  def update_fn(updates, state, params=None):
-    del params
-    grads, treedef = jax.tree.flatten(updates, is_leaf=_is_row_leaf)
-    states = jax.tree.leaves(state, is_leaf=_is_row_leaf)
-    pairs = [(g, s) if isinstance(g, optax.MaskedNode) else update_one(g, s)
-             for g, s in zip(grads, states)]
-    return (treedef.unflatten([u for u, _ in pairs]),
-            treedef.unflatten([s for _, s in pairs]))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def apply_updates(params: Any, updates: Any) -> Any:
-  """``optax.apply_updates`` where a table's update may be :class:`RowUpdates`.
-
-  Row updates are scatter-added into the (donated) table in place; every other leaf is
-  ``param + update`` as in optax.
-  """
-  def apply(p, u):
-    if isinstance(u, RowUpdates):
-      return p.at[u.rows].add(u.deltas, mode='drop')
-    return optax.apply_updates(p, u)
-
-  return jax.tree.map(apply, params, updates, is_leaf=lambda x: isinstance(x, RowUpdates))
+      tree, is_leaf=lambda x: isinstance(x, (RowSums, RowOccurrences, RowUpdates))))

@@ -1,9 +1,10 @@
-"""The training objective: task losses, core heads and transforms, the per-task loss vector.
+"""The training objective: task losses, core heads and transforms, the per-task loss terms.
 
 One home for everything the loss is made of (docs/design.md: ``L = L_core + sum_t L_t``).
 Losses are pure ``jax.numpy``, jit-able, with scalar outputs:
 
-* ``bce`` / ``bce_with_logits``: the binary task losses ``L_t`` (paper Eq. 8).
+* ``bce``: the binary task losses ``L_t`` on clamped probabilities (paper Eq. 8; optax's
+  ``sigmoid_binary_cross_entropy`` takes logits, and our towers give probabilities).
 * ``mse``: the core loss ``L_core`` of the MSE head.
 * ``ziln_loss`` / ``ziln_mean``: the zero-inflated lognormal head of Wang, Liu,
   Miao 2019 (arXiv 1912.07753, Eq. 2-4), with the reference code's scale floor
@@ -15,10 +16,9 @@ Losses are pure ``jax.numpy``, jit-able, with scalar outputs:
 * ``pairwise_ranking_loss`` / ``pairwise_ranking_total``: the in-batch pairwise
   ranking loss of Durmus et al. 2024 for every binary step after the first.
 
-Every loss averages over the leading batch axis. ``bce``, ``bce_with_logits``,
-``mse`` and ``ziln_loss`` (and the auxiliary losses) take an optional
-``weight`` of shape ``[B]`` (1 for real rows, 0 for padding) and then return
-the weighted mean; a batch whose weights are all zero gives 0.
+Every loss averages over the leading batch axis. ``bce``, ``mse`` and ``ziln_loss`` (and
+the auxiliary losses) take an optional ``weight`` of shape ``[B]`` (1 for real rows, 0 for
+padding) and then return the weighted mean; a batch whose weights are all zero gives 0.
 
 The core head (docs/design.md): :class:`CoreTransform` (``none`` | ``standardize`` |
 ``log1p``, fitted on train) with :func:`core_loss` (MSE on the transformed target, or ZILN on
@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from htl_jax.metrics import PROB_EPS
 from htl_jax.models.interface import HybridModel, ModelOutput
 
 Array = jax.Array
 
-PROB_EPS = 1e-7
-ZILN_EPS = 1e-7
+ZILN_EPS = 1e-7     # the reference code's variance floor (module docstring)
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -86,15 +86,10 @@ def bce(probs: Array, labels: Array, weight: Array | None = None) -> Array:
 
 
 def _bce_with_logits_elementwise(logits: Array, labels: Array) -> Array:
-  """``softplus(z) - y z``; ``jax.nn.softplus`` is stable with exact gradients."""
+  """``softplus(z) - y z``, ZILN's classification term; ``jax.nn.softplus`` is stable with
+  exact gradients (optax's sigmoid BCE writes the same function with two log-sigmoids, which
+  rounds differently)."""
   return jax.nn.softplus(logits) - labels * logits
-
-
-def bce_with_logits(logits: Array, labels: Array, weight: Array | None = None) -> Array:
-  """Numerically stable binary cross-entropy on logits; finite for any finite logit."""
-  logits = _float(logits)
-  labels = _float(labels, logits.dtype)
-  return _batch_mean(_bce_with_logits_elementwise(logits, labels), weight)
 
 
 def mse(pred: Array, target: Array, weight: Array | None = None) -> Array:
@@ -349,10 +344,6 @@ class TrainingObjective:
                                 if model.auxiliary_loss == 'tafe_dtl' else 0.0),
                lambda_pair=float(config['lambda_pair']),
                binary_losses=model.trains_binary_tasks)
-
-  def loss_vector(self, out: ModelOutput, batch: dict[str, jax.Array]) -> jax.Array:
-    """Per-task losses ``[K]`` of one batch: :meth:`loss_terms` stacked."""
-    return jnp.stack(self.loss_terms(out, batch))
 
   def loss_terms(self, out: ModelOutput, batch: dict[str, jax.Array]
                  ) -> tuple[jax.Array, ...]:

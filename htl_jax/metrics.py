@@ -26,7 +26,8 @@ LOWER_IS_BETTER = frozenset({'logloss', 'nrmse', 'nmae'})
 # XAUC's pairs: every pair of a split up to this many, else this many sampled pairs.
 XAUC_PAIRS = 1_000_000
 
-_PROB_EPS = 1e-7
+# The probability clamp of the binary losses (Eq. 8), the towers' outputs and log loss.
+PROB_EPS = 1e-7
 _NAN = float('nan')
 
 
@@ -90,7 +91,7 @@ def logloss(y_true: np.ndarray, y_pred: np.ndarray) -> float:
   y_true, y_pred = _as_pair(y_true, y_pred)
   if y_true.size == 0:
     return _NAN
-  p = np.clip(y_pred, _PROB_EPS, 1.0 - _PROB_EPS)
+  p = np.clip(y_pred, PROB_EPS, 1.0 - PROB_EPS)
   return float(-np.mean(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p)))
 
 

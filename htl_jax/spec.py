@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +51,6 @@ class HybridSpec:
   @property
   def num_fields(self) -> int:
     return len(self.fields)
-
-  @property
-  def field_offsets(self) -> tuple[int, ...]:
-    """Offset of each field's ids in the one shared embedding table."""
-    return tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.vocab_sizes)[:-1]]))
 
   @property
   def total_vocab(self) -> int:

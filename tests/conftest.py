@@ -78,3 +78,43 @@ def trained_run(tmp_path_factory, cache_dir) -> str:
   workdir = str(tmp_path_factory.mktemp('trained_run'))
   train_and_evaluate(tiny_config(cache_dir), workdir)
   return workdir
+
+
+def row_adam_state(state):
+  """The table's row-wise Adam state inside a train state's optax chain (lazy_adam runs):
+  inject_hyperparams -> the chain's Adam -> partition 'rows' -> the table's."""
+  rows = state.opt_state.inner_state[1].inner_states['rows'].inner_state
+  return rows['embedding']['table']
+
+
+def trainer_gradient(setup, state, batch):
+  """The gradient the trainer's Adam gets for one batch (one device): the per-task gradients
+  (``gradient_path.compute``) through the chain's gradient steps with the state's values."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from htl_jax.train import gradient_path  # pylint: disable=g-import-not-at-top
+  from htl_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  def one(state, batch):
+    grads = gradient_path.compute(setup, state, batch)
+    values = state.opt_state.hyperparams
+    steps = optimizer_lib.gradient_steps(setup.chain_shape, values)
+    combined, _ = steps.update(grads.stacked, state.opt_state.inner_state[0], state.params,
+                               table_batch=grads.table_batch)
+    return combined
+
+  out = jax.pmap(one, axis_name='batch')(*jax.tree.map(lambda v: v[None], (state, batch)))
+  return jax.tree.map(lambda v: v[0], out)
+
+
+def snapshot(root) -> dict[str, bytes]:
+  """Every file's bytes and every folder (as ``b'<dir>'``) under ``root``: what a refused
+  command must leave as it was."""
+  found = {}
+  for folder, folders, files in os.walk(root):
+    for name in folders:
+      found[os.path.relpath(os.path.join(folder, name), root)] = b'<dir>'
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        found[os.path.relpath(path, root)] = f.read()
+  return found

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from conftest import snapshot
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARALLEL = 4
 _HEADER = 'user,item,price,click,buy,amount\n'
@@ -42,19 +44,6 @@ CONFIG_CASES = {
     'unknown_key_flag': ('', ['--config.bogus_key=1'], 'bogus_key'),
     'bad_value': ('', ['--config.batch_size=abc'], 'batch_size'),
 }
-
-
-def _snapshot(root: str) -> dict[str, bytes]:
-  """Every file's bytes and every folder (as ``b'<dir>'``) under ``root``."""
-  found = {}
-  for folder, folders, files in os.walk(root):
-    for name in folders:
-      found[os.path.relpath(os.path.join(folder, name), root)] = b'<dir>'
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, 'rb') as f:
-        found[os.path.relpath(path, root)] = f.read()
-  return found
 
 
 def _prepopulate(workdir: str, cache_dir: str) -> None:
@@ -95,7 +84,7 @@ def runs(tmp_path_factory):
           f.write(text)
       workdir, cache_dir = os.path.join(root, 'workdir'), os.path.join(root, 'cache')
       _prepopulate(workdir, cache_dir)
-      before = (_snapshot(workdir), _snapshot(cache_dir))
+      before = (snapshot(workdir), snapshot(cache_dir))
       log = os.path.join(root, 'output.txt')  # a file, not a pipe that could fill up
       with open(log, 'w') as output:
         process = subprocess.Popen(
@@ -139,7 +128,7 @@ def test_config_error_is_clear(runs, name):
 @pytest.mark.parametrize('name', sorted(DATA_CASES) + sorted(CONFIG_CASES))
 def test_existing_workdir_and_cache_untouched(runs, name):
   _, output, (workdir, cache_dir), before = runs[name]
-  assert (_snapshot(workdir), _snapshot(cache_dir)) == before, output
+  assert (snapshot(workdir), snapshot(cache_dir)) == before, output
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):

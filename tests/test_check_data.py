@@ -106,6 +106,27 @@ def test_missing_read_column_is_one_error_line_with_exit_code_2(tmp_path):
   assert kuairand_data.LOG_FILE in errors[0] and "'play_time_ms'" in errors[0]
 
 
+@pytest.mark.parametrize('column, value', [('is_click', '7'), ('long_view', 'nan'),
+                                           ('play_time_ms', '-5')])
+def test_a_label_training_rejects_is_the_same_error_here(tmp_path, column, value):
+  """is_click=7 (a count of clicks, say): training stops with exit 2, and so does this
+  check, with training's line (not a click rate of 1.3 and exit 1)."""
+  (tmp_path / 'data').mkdir()
+  root = _fake_kuairand(tmp_path / 'data')
+  log = os.path.join(root, kuairand_data.LOG_FILE)
+  frame = pl.read_csv(log, infer_schema=False)
+  frame.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit(value))
+                     .otherwise(pl.col(column)).alias(column)).write_csv(log)
+  result = _cli('--config=kuairand', f'--config.data_dir={root}')
+  assert result.returncode == 2, result.stdout
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and f"column '{column}': 1 rows" in errors[0]
+  from htl_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError) as training:
+    load_dataset(kuairand.get_config(f'data_dir={root}'), str(tmp_path / 'cache'))
+  assert errors[0] == f'error: {training.value}'
+
+
 def test_missing_unread_column_differs(tmp_path):
   config = kuairand.get_config(f'data_dir={_fake_kuairand(tmp_path, drop=("is_hate",))}')
   report = check.check_dataset(config)

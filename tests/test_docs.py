@@ -150,3 +150,14 @@ def test_doc_links_resolve_and_name_no_design_notes(page):
     if anchor:
       assert anchor in heading_anchors(path.read_text(encoding='utf-8')), (
           f'{page.name} links to {target}#{anchor}, which has no such heading')
+
+
+def test_the_optax_guide_runs_as_written(capsys):
+  """docs/optax.md's code blocks, in order, in one namespace (its asserts are the checks)."""
+  text = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'optax.md').read_text()
+  blocks = re.findall(r'```python\n(.*?)```', text, re.S)
+  assert len(blocks) >= 6
+  namespace: dict = {}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f'docs/optax.md, block {i + 1}', 'exec'), namespace)  # noqa: S102
+  assert 'cos_core' in capsys.readouterr().out

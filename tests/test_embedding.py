@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from htl_jax import embedding
+from htl_jax.optim import row_adam as row_adam_lib
 from htl_jax.configs.base import get_base_config
 from htl_jax.errors import ConfigError
 from htl_jax.spec import HybridSpec
@@ -27,8 +28,12 @@ from htl_jax.losses import CoreTransform
 from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
 from htl_jax.train.checks import check_config
-from htl_jax.train.state import init_state, make_setup, row_adam_state
+from htl_jax.train.state import init_state, make_setup
+from conftest import row_adam_state
 from test_transforms import ref_algorithm1
+
+# One step of any setup, data-parallel (the setup static), no donation.
+STEP = parallel.pmap_program(step_lib.train_step, static=(0,))
 
 LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8
 SPEC = HybridSpec(('user', 'item'), (40, 30), ('click', 'long_view'), 'watch_time')
@@ -69,7 +74,7 @@ def test_row_adam_matches_float64_reference_over_steps():
   """Ids repeat within a step and across steps; rows outside a step are not touched."""
   rng = np.random.default_rng(0)
   vocab, dim, n = 50, 3, 24
-  row_adam = embedding.row_adam(LR)
+  row_adam = row_adam_lib.row_adam(LR)
   table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
   state = row_adam.init(table)
   scratch = embedding.new_id_scratch(vocab)
@@ -77,7 +82,7 @@ def test_row_adam_matches_float64_reference_over_steps():
   @jax.jit
   def update(table, state, grads):
     updates, state = row_adam.update(grads, state)
-    return embedding.apply_updates(table, updates), state
+    return row_adam_lib.apply_row_updates(table, updates), state
 
   for step in range(5):
     ids = rng.integers(0, 12 if step < 3 else vocab, n).astype(np.int32)
@@ -85,7 +90,7 @@ def test_row_adam_matches_float64_reference_over_steps():
     first, scratch = embedding.first_occurrence_in(jnp.asarray(ids), scratch)
     summed = embedding.sum_rows_by_id(jnp.asarray(ids), (jnp.asarray(row_grads),), vocab,
                                       first=first).grads[0]
-    grads = embedding.RowGradients(jnp.asarray(ids), summed, first)
+    grads = row_adam_lib.RowSums(jnp.asarray(ids), summed, first)
     new_table, new_state = update(table, state, grads)
     by_id = _sum_by_id(ids, row_grads)
     assert len(by_id) < n                                    # ids repeat
@@ -98,14 +103,14 @@ def test_row_adam_matches_float64_reference_over_steps():
 
 def test_first_step_count_gives_a_step_of_lr_for_a_late_row():
   """Per-row bias correction: a row first seen late moves by ``lr`` per coordinate."""
-  row_adam = embedding.row_adam(LR)
+  row_adam = row_adam_lib.row_adam(LR)
   table = jnp.zeros((4, 2))
   state = row_adam.init(table)._replace(count=jnp.array([0, 9999, 0, 0], jnp.int32))
-  grads = embedding.RowGradients(jnp.array([2, 2], jnp.int32), jnp.array([[3.0, -0.5],
-                                                                          [0.0, 0.0]]),
-                                 jnp.array([0, 0], jnp.int32))
+  grads = row_adam_lib.RowSums(jnp.array([2, 2], jnp.int32), jnp.array([[3.0, -0.5],
+                                                                        [0.0, 0.0]]),
+                               jnp.array([0, 0], jnp.int32))
   updates, state = row_adam.update(grads, state)
-  table = embedding.apply_updates(table, updates)
+  table = row_adam_lib.apply_row_updates(table, updates)
   np.testing.assert_allclose(table[2], [-LR, LR], rtol=1e-5)
   np.testing.assert_array_equal(state.count, [0, 9999, 1, 0])
   np.testing.assert_array_equal(np.asarray(table)[[0, 1, 3]], 0.0)
@@ -147,7 +152,7 @@ def _task_table_grads_fn(setup):
                               (table[ids],) * setup.spec.num_tasks, train=True,
                               tau=state.tau, example_index=batch['index'],
                               rngs={'gumbel': key})
-      return setup.objective.loss_vector(out, batch)
+      return jnp.stack(setup.objective.loss_terms(out, batch))
 
     return jax.jacrev(losses)(state.params['embedding']['table'])
 
@@ -192,7 +197,7 @@ def test_lazy_step_matches_float64_reference(model, grad_process):
     for actual, ref, prev in zip(after, expected, before):
       _assert_rows(actual, ref, touched, prev)
     np.testing.assert_array_equal(new.id_scratch, embedding.new_id_scratch(setup.layout.rows))
-    assert np.isfinite(metrics['grad_norm']) and metrics['diagnostics'].norm[-1] > 0
+    assert np.isfinite(metrics['update_norm']) and metrics['diagnostics'].norm[-1] > 0
     state = new
 
 
@@ -207,13 +212,13 @@ def test_first_lazy_step_equals_dense_adam():
     config = _config(model, grad_process, optimizer)
     setup = make_setup(config, SPEC, CoreTransform('none'))
     state = parallel.replicate(init_state(setup, config))
-    step = parallel.pmap_step(functools.partial(step_lib.train_step, setup))
-    state, metrics = step(state, parallel.shard(_batch(0)), parallel.replicate(np.bool_(True)))
+    state, metrics = STEP(setup, state, parallel.shard(_batch(0)),
+                          parallel.replicate(np.bool_(True)))
     results[optimizer] = parallel.unreplicate((state.params, metrics))
   (dense, dense_m), (lazy, lazy_m) = results['adam'], results['lazy_adam']
   for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(lazy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-  for key in ('grad_norm', 'loss'):
+  for key in ('update_norm', 'loss'):
     np.testing.assert_allclose(dense_m[key], lazy_m[key], rtol=1e-5)
   for name in ('norm', 'cos_core'):
     np.testing.assert_allclose(getattr(dense_m['diagnostics'], name),
@@ -226,7 +231,7 @@ def test_model_parameters_keep_dense_adam():
   setup = make_setup(config, SPEC, CoreTransform('none'))
   state = init_state(setup, config)
   assert setup.sparse_table
-  dense_state = state.opt_state['optimizer'].inner_states['dense'].inner_state
+  dense_state = state.opt_state.inner_state[1].inner_states['dense'].inner_state
   expected = optax.adam(LR).init(state.params['model'])
   assert ([x.shape for x in jax.tree.leaves(dense_state)]
           == [x.shape for x in jax.tree.leaves(expected)])
@@ -249,8 +254,7 @@ def _temp_bytes(model: str, grad_process: str, optimizer: str, vocab: int) -> in
   config = _config(model, grad_process, optimizer)
   setup = make_setup(config, spec, CoreTransform('none'))
   state = parallel.replicate(init_state(setup, config))
-  step = parallel.pmap_step(functools.partial(step_lib.train_step, setup))
-  compiled = step.lower(state, parallel.shard(_batch(0)),
+  compiled = STEP.lower(setup, state, parallel.shard(_batch(0)),
                         parallel.replicate(np.bool_(False))).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -38,6 +39,16 @@ _LOADER = textwrap.dedent('''
 ''')
 
 
+def _run_alone(folder, script: str, *args) -> None:
+  """``script`` in a fresh interpreter, in ``folder``, without the repository on its path."""
+  path = folder / f'script_{abs(hash(script))}.py'
+  path.write_text(script)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, str(path), *map(str, args)], cwd=str(folder),
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+
+
 def _eval_step_outputs(run, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """The trainer's eval step on ``ids`` (all rows real)."""
   batch = {'x': ids, 'index': np.arange(ids.shape[0], dtype=np.int32),
@@ -65,13 +76,8 @@ def test_export_runs_in_a_fresh_process_without_htl_jax(trained_run, tmp_path):
 
   ids = _random_ids(spec.vocab_sizes, 41)
   np.save(tmp_path / 'ids.npy', ids)
-  (tmp_path / 'load.py').write_text(_LOADER)
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  result = subprocess.run(
-      [sys.executable, str(tmp_path / 'load.py'), summary.model_path,
-       str(tmp_path / 'ids.npy'), str(tmp_path / 'out.npz')],
-      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
+  _run_alone(tmp_path, _LOADER, summary.model_path, tmp_path / 'ids.npy',
+             tmp_path / 'out.npz')
   served = np.load(tmp_path / 'out.npz')
   assert tuple(served['platforms']) == ('cpu', 'cuda')
   for size in (3, 41):
@@ -82,10 +88,55 @@ def test_export_runs_in_a_fresh_process_without_htl_jax(trained_run, tmp_path):
 
 
 def test_cli_without_a_finished_run_is_one_line_with_exit_code_2(tmp_path):
+  (tmp_path / 'run').mkdir()
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.export', f'--workdir={tmp_path}',
+      [sys.executable, '-m', 'experiments.export', f'--workdir={tmp_path / "run"}',
        f'--out={tmp_path / "out"}'], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and 'no finished run' in errors[0]
   assert not os.path.exists(tmp_path / 'out')
+
+
+def _raw_rows(encoder, rows: int) -> list[dict]:
+  """Raw rows over every field: training values, unseen ones, nulls, NaN and infinities."""
+  rng = np.random.default_rng(1)
+  columns = {}
+  for field in encoder.fields:
+    if hasattr(field, 'values'):                       # categorical
+      known = field.values.tolist()
+      unseen = max(known) + 1000 if field.values.dtype.kind == 'i' else 'never seen'
+      pool = known + [unseen, None]
+    else:
+      edges = list(field.edges) or [field.mean]
+      pool = [float(v) for v in rng.normal(np.mean(edges), np.std(edges) + 1, 20)]
+      pool += list(edges[:3]) + [None, float('nan'), float('inf'), -1e12, 1e12]
+    columns[field.name] = [pool[i] for i in rng.integers(0, len(pool), rows)]
+  return [{name: column[r] for name, column in columns.items()} for r in range(rows)]
+
+
+def test_the_documented_raw_row_encoder_gives_the_trainers_ids(trained_run, tmp_path):
+  """docs/serving.md's encoder, in a process with only jax and numpy, on raw rows of every
+  kind, gives the ids of the trainer's encoder (htl_jax.data.encoding)."""
+  import polars as pl  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  run = load_run(trained_run)
+  summary = export_lib.export_run(trained_run, str(tmp_path / 'served'), run=run)
+  encoder = run.preprocessing.encoder
+  rows = _raw_rows(encoder, 300)
+  (tmp_path / 'rows.json').write_text(json.dumps(rows))      # NaN / Infinity: Python's JSON
+  doc = (pathlib.Path(REPO) / 'docs' / 'serving.md').read_text()
+  snippet = next(b for b in re.findall(r'```python\n(.*?)```', doc, re.S)
+                 if 'def make_encoder' in b)
+  script = snippet + textwrap.dedent('''
+      import sys
+      ids = make_encoder(sys.argv[1])(json.load(open(sys.argv[2])))
+      np.save(sys.argv[3], ids)
+      assert not any(name.startswith(('htl_jax', 'polars')) for name in sys.modules)
+  ''')
+  _run_alone(tmp_path, script, summary.signature_path, tmp_path / 'rows.json',
+             tmp_path / 'ids.npy')
+  frame = pl.DataFrame({f.name: [r[f.name] for r in rows] for f in encoder.fields},
+                       strict=False)
+  expected = np.stack(encoder.encode(frame)[0], axis=1)
+  np.testing.assert_array_equal(np.load(tmp_path / 'ids.npy'), expected)

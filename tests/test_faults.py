@@ -26,7 +26,7 @@ from conftest import REPO, TINY_ARG, cli_overrides, tiny_config
 from htl_jax.errors import RunError, WorkdirBusyError
 from htl_jax.serve.run import load_run
 from htl_jax.train import loop as loop_lib
-from htl_jax.train import run_files
+from htl_jax import run_files
 
 
 @pytest.fixture(scope='module')

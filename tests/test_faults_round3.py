@@ -19,6 +19,7 @@ exit code, and that nothing already written changed (every file's bytes):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,22 +31,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import REPO, TINY_ARG, cli_overrides
+from conftest import REPO, TINY_ARG, cli_overrides, snapshot
 from htl_jax.data import kuairand
 
 _ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HTL_JAX_HEARTBEAT_SECONDS': '1'}
-
-
-def _snapshot(root) -> dict[str, bytes]:
-  found = {}
-  for folder, folders, files in os.walk(root):
-    for name in folders:
-      found[os.path.relpath(os.path.join(folder, name), root)] = b'<dir>'
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, 'rb') as f:
-        found[os.path.relpath(path, root)] = f.read()
-  return found
 
 
 def _run(args: list[str], cwd: str = REPO, timeout: float = 300
@@ -131,11 +120,11 @@ def test_a_column_in_two_roles_is_one_line_before_the_file_is_read(tmp_path):
 ], ids=['shapes', 'seed', 'split_and_batch'])
 def test_another_config_is_refused_and_the_workdir_is_untouched(finished, cache_dir, flags,
                                                                 named):
-  before = _snapshot(finished)
+  before = snapshot(finished)
   line = _one_error_line(_train(finished, cache_dir, *flags), 2, named,
                          'use another --workdir')
   assert 'damaged' not in line
-  assert _snapshot(finished) == before
+  assert snapshot(finished) == before
   assert not os.path.exists(os.path.join(finished, 'checkpoints', 'damaged'))
 
 
@@ -156,10 +145,10 @@ def test_other_data_under_the_same_name_is_refused(tmp_path, cache_dir):
   command = ['experiments.main', '--config=configs/tabular.py', f'--workdir={tmp_path}/r',
              f'--config.data.path={source}', *columns]
   assert _run(command).returncode == 0
-  before = _snapshot(tmp_path / 'r')
+  before = snapshot(tmp_path / 'r')
   write(50)                                    # another file under the same name
   _one_error_line(_run(command), 2, 'trained on other data', 'use another --workdir')
-  assert _snapshot(tmp_path / 'r') == before
+  assert snapshot(tmp_path / 'r') == before
 
 
 def test_the_original_command_still_resumes(finished, cache_dir):
@@ -176,25 +165,25 @@ def test_predict_never_writes_over_its_data_or_into_the_run(finished, tmp_path):
   data.mkdir()
   for name in (kuairand.LOG_FILE, kuairand.USER_FILE, kuairand.VIDEO_FILE):
     shutil.copy(os.path.join(kuairand.SAMPLE_DIR, name), data / name)
-  before, run_before = _snapshot(data), _snapshot(finished)
+  before, run_before = snapshot(data), snapshot(finished)
   over_input = _run(['experiments.predict', f'--workdir={finished}', f'--data={data}',
                      f'--out={data / kuairand.LOG_FILE}'])
   _one_error_line(over_input, 2, 'is an input of this command')
   into_run = _run(['experiments.predict', f'--workdir={finished}', f'--data={data}',
                    f'--out={finished}/predictions.csv'])
   _one_error_line(into_run, 2, 'lies in the training run')
-  assert _snapshot(data) == before and _snapshot(finished) == run_before
+  assert snapshot(data) == before and snapshot(finished) == run_before
 
 
 def test_export_never_writes_over_a_file_or_into_the_run(finished, tmp_path):
   existing = tmp_path / 'notes.txt'
   existing.write_text('mine')
-  run_before = _snapshot(finished)
+  run_before = snapshot(finished)
   _one_error_line(_run(['experiments.export', f'--workdir={finished}', f'--out={existing}']),
                   2, 'is an existing file')
   _one_error_line(_run(['experiments.export', f'--workdir={finished}',
                         f'--out={finished}/exported']), 2, 'lies in the training run')
-  assert existing.read_text() == 'mine' and _snapshot(finished) == run_before
+  assert existing.read_text() == 'mine' and snapshot(finished) == run_before
 
 
 def test_sigterm_during_predict_leaves_no_partial_output(finished, tmp_path):
@@ -228,10 +217,10 @@ def test_a_second_study_in_a_tuning_workdir_is_refused(tmp_path, cache_dir):
           *cli_overrides(cache_dir), f'--workdir={workdir}', '--trials=1',
           '--params=learning_rate']
   assert _run([*base, '--model=shared_bottom']).returncode == 0
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   _one_error_line(_run([*base, '--model=mmoe']), 2, 'holds a tuning study of its own',
                   "model: 'shared_bottom' there, 'mmoe' here")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 # ----------------------------------------------------------------------------- 4. storage
@@ -316,3 +305,70 @@ def test_a_file_named_like_a_built_in_config_never_runs_in_its_place(tmp_path, c
               cwd=str(tmp_path))
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'dataset: kuairand' in done.stdout and 'the local file ran' not in done.stderr
+
+
+# ----------------------------------------------------------------------------- own cases
+# Slips found by trying the commands as a new user would (the closing note lists them).
+
+
+def test_tau_min_above_tau0_is_one_line(tmp_path, cache_dir):
+  """A floor above the start would make the temperature jump up at the first decay."""
+  workdir = tmp_path / 'run'
+  _one_error_line(_train(workdir, cache_dir, '--config.tau_min=20', '--config.tau0=10'), 2,
+                  'config.tau_min=20', 'above config.tau0=10')
+  assert not workdir.exists()
+
+
+def test_a_repeated_column_name_in_the_header_is_one_line(tmp_path):
+  """polars would rename the second 'x' to 'x_duplicated_0' and read the first silently."""
+  source = tmp_path / 'dup.csv'
+  source.write_text('c,x,x,y,v\na,1,2,0,0.5\nb,2,3,1,1.5\n' * 20)
+  done = _run(['experiments.main', '--config=configs/tabular.py', f'--workdir={tmp_path}/r',
+               f'--config.data.path={source}', '--config.data.categorical=c',
+               '--config.data.numeric=x', '--config.data.tasks=y', '--config.data.core=v',
+               f'--config.cache_dir={tmp_path}/cache'])
+  _one_error_line(done, 2, "'x'", 'more than once')
+  assert not (tmp_path / 'r' / 'checkpoints').exists()
+
+
+def test_a_partial_last_line_of_metrics_jsonl_is_dropped_on_resume(finished, tmp_path,
+                                                                   cache_dir):
+  """A kill in the middle of writing metrics.jsonl leaves half a line; the resumed run
+  drops it (and every line after its checkpoint) and the file is valid JSON lines again."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  for name in ('metrics.json', 'log.txt'):
+    if (workdir / name).exists():
+      (workdir / name).unlink()
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 12, "train_loss": 0.5, "va')          # the half line of a kill
+  assert _train(workdir, cache_dir).returncode == 0
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  steps = [json.loads(line)['step'] for line in lines]       # every line reads
+  assert steps and steps == sorted(set(steps))               # once each, in order
+
+
+def test_seeds_zero_without_tuning_is_one_line(tmp_path):
+  """--seeds=0 means "only tune"; without --tune_trials it ran the reference, tuned nothing
+  and wrote an empty tuned.json, exit 0."""
+  _one_error_line(_run(['experiments.reproduce', '--config=configs/kuairand.py:smoke=True',
+                        '--experiment=table3', '--seeds=0', f'--workdir={tmp_path}/w']),
+                  2, '--seeds=0 only tunes', '--tune_trials')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_export_for_an_unknown_platform_is_one_line(finished, tmp_path):
+  """--platforms=tpux exported a model for a platform that does not exist, exit 0."""
+  before = snapshot(finished)
+  _one_error_line(_run(['experiments.export', f'--workdir={finished}',
+                        f'--out={tmp_path}/out', '--platforms=cpu,tpux']),
+                  2, "'tpux'", 'cpu, cuda, rocm, tpu')
+  assert not (tmp_path / 'out').exists() and snapshot(finished) == before
+
+
+def test_a_workdir_inside_another_run_is_refused(finished, cache_dir):
+  """--workdir=<run>/checkpoints/b trained a second run among the first one's checkpoints."""
+  before = snapshot(finished)
+  nested = os.path.join(finished, 'checkpoints', 'b')
+  _one_error_line(_train(nested, cache_dir), 2, 'lies inside the training run', finished)
+  assert snapshot(finished) == before

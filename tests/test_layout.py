@@ -19,7 +19,7 @@ FLOORS = (
     ('htl_jax.errors', 'htl_jax.spec', 'htl_jax.metrics'),
     ('htl_jax.optim', 'htl_jax.embedding', 'htl_jax.configs', 'htl_jax.selection'),
     ('htl_jax.models', 'htl_jax.losses', 'htl_jax.data'),
-    ('htl_jax.runtime',),
+    ('htl_jax.runtime', 'htl_jax.run_files'),
     ('htl_jax.train',),
     ('htl_jax.repro', 'htl_jax.serve'),
     ('htl_jax.cli',),

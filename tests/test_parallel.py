@@ -36,7 +36,7 @@ out['batch_devices'] = [str(s.device) for s in batch['x'].addressable_shards]
 def step(s, b):
   return {'table': s['table'] + jnp.sum(b['x']), 'step': s['step'] + 1, 'tau': s['tau']}
 
-p_step = parallel.pmap_step(step)
+p_step = parallel.pmap_program(step, donate=0)
 with jax.transfer_guard('disallow'):
   new = p_step(rstate, batch)
   new = p_step(new, batch)

@@ -14,7 +14,7 @@ import pytest
 
 from htl_jax import embedding, optim
 from htl_jax.spec import HybridSpec
-from conftest import model_config
+from conftest import model_config, trainer_gradient
 from htl_jax.models import get_model
 from htl_jax.optim import per_task
 
@@ -65,10 +65,13 @@ def test_row_grads_summed_by_id_equal_dense(path, dense):
   fn = per_task.row_grads_general if path == 'general' else per_task.row_grads_isolated
   losses, row_grads, _, _ = fn(loss_vector, params, table[ids], K)
   id_grads = embedding.sum_rows_by_id(ids, row_grads, SPEC.total_vocab, dense=dense)
-  dense = _dense_task_grads(params, table, ids, loss_vector)
-  rebuilt = jax.vmap(lambda g: embedding.scatter_to_table(
-      table, id_grads._replace(grads=g)))(id_grads.grads)
-  np.testing.assert_allclose(rebuilt, dense, rtol=1e-5, atol=1e-7)
+  if dense:   # already the [K, M, d] table gradients
+    rebuilt = id_grads
+  else:
+    rebuilt = jax.vmap(lambda g: embedding.scatter_to_table(
+        table, id_grads._replace(grads=g)))(id_grads.grads)
+  expected = _dense_task_grads(params, table, ids, loss_vector)
+  np.testing.assert_allclose(rebuilt, expected, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(losses, loss_vector(params, (table[ids],) * K), rtol=1e-6)
 
 
@@ -141,7 +144,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   """
   from htl_jax.configs.base import get_base_config
   from htl_jax.losses import CoreTransform
-  from htl_jax.train import gradient_path
+  from htl_jax.train import optimizer as optimizer_lib
   from htl_jax.train.state import init_state, make_setup
 
   model_name, grad_process, vocab, *overrides = TRAINER_CASES[case]
@@ -162,9 +165,7 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   batch = {'x': x, 'y': jnp.stack([y0, y0 * (x[:, 0] > 0)], 1), 'core': 2.0 * y0 + x[:, 1],
            'index': jnp.arange(B), 'weight': jnp.ones(B)}
 
-  got = jax.pmap(lambda s, b: gradient_path.compute(setup, s, b).grads, axis_name='batch')(
-      *jax.tree.map(lambda v: v[None], (state, batch)))
-  got = jax.tree.map(lambda v: v[0], got)
+  got = trainer_gradient(setup, state, batch)
 
   ids, _ = embedding.lookup(table, setup.layout, x)
   key = jax.random.fold_in(state.rng, state.step)
@@ -174,11 +175,11 @@ def test_trainer_gradient_is_the_process_on_the_full_jacobian(case):
   def task_losses(t, shared, rest):
     out = setup.model.apply({'params': {**shared, **rest}}, (t[ids],) * K, train=True,
                             tau=state.tau, example_index=batch['index'], rngs={'gumbel': key})
-    return setup.objective.loss_vector(out, batch)
+    return jnp.stack(setup.objective.loss_terms(out, batch))
 
   jac_table, jac_shared = jax.jacrev(task_losses, argnums=(0, 1))(table, shared, rest)
   theta_s = {'embedding': table, 'shared': shared}
-  balance = setup.balance(state.hparams)
+  balance = optimizer_lib.gradient_process(setup.chain_shape, config)
   combined, _ = balance.update({'embedding': jac_table, 'shared': jac_shared},
                                balance.init(theta_s))
   l2 = jax.grad(lambda t: config.l2 * jnp.mean(jnp.sum(t[ids] ** 2, axis=(1, 2))))(table)

@@ -22,7 +22,7 @@ from htl_jax.configs import tabular as tabular_config
 from htl_jax import metrics as metrics_lib
 from htl_jax.data import kuairand, load_dataset, pipeline, tabular
 from htl_jax.errors import ConfigError, DataError, RunError
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.serve.predict import predict_file
 from htl_jax.serve.run import load_run
 from htl_jax.train.loop import train_and_evaluate
@@ -183,7 +183,8 @@ def _leftovers(directory) -> list[str]:
 @pytest.mark.parametrize('case', ['no_run', 'missing_column'])
 def test_cli_errors_are_one_line_with_exit_code_2(trained_run, tmp_path, case):
   if case == 'no_run':
-    workdir, data = str(tmp_path), str(tmp_path)
+    (tmp_path / 'run').mkdir()
+    workdir, data = str(tmp_path / 'run'), str(tmp_path / 'run')
   else:
     test = _kuairand_test_rows(tmp_path / 'in')
     test.drop('tab').write_csv(tmp_path / 'in' / kuairand.LOG_FILE)

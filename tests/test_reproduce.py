@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
 from htl_jax import selection
 from htl_jax.repro import figures, report, runner
-from htl_jax.train import run_files
+from htl_jax import run_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -89,6 +91,40 @@ def test_report_marks_best_second_and_significance():
   wide = list(csv.reader(report.wide_csv(built).splitlines()))
   assert wide[0][:3] == ['variant', 'click auc mean', 'click auc std']
   assert float(wide[1][3]) == pytest.approx(0.8) and float(wide[1][4]) == pytest.approx(0.01)
+
+
+def _booktabs_grammar(tex: str) -> None:
+  """What pdflatex + booktabs need of a table body: one column spec for every cell of every
+  row, the three rules in order, and no unescaped special character in a cell."""
+  lines = [line for line in tex.splitlines() if line and not line.startswith('%')]
+  spec = re.match(r'\\begin\{tabular\}\{([lcr]+)\}$', lines[0])
+  assert spec and lines[-1] == '\\end{tabular}', lines[:1] + lines[-1:]
+  assert [ln for ln in lines if ln.endswith('rule')] == ['\\toprule', '\\midrule',
+                                                         '\\bottomrule']
+  for row in (ln for ln in lines[1:-1] if not ln.endswith('rule')):
+    assert row.endswith(' \\\\') and row.count(' & ') == len(spec.group(1)) - 1, row
+    assert not re.search(r'(?<!\\)[_#%&]', row.replace(' & ', ' ')), row
+
+
+def test_table_tex_compiles_with_booktabs(tmp_path):
+  """table.tex is a booktabs tabular: checked against its grammar here, and compiled with
+  pdflatex where TeX is installed."""
+  nrmse = {'HTLNet': [0.80, 0.81], 'w/o Architecture': [0.90, 0.92]}
+  results = {runner.cell_name(v, s): _result(nrmse[v][s], 0.7) for v in nrmse for s in (0, 1)}
+  experiment = experiments_lib.EXPERIMENTS['table3']
+  tex = report.latex(report.build_table(report.rows(results), experiment, list(nrmse)),
+                     experiment)
+  _booktabs_grammar(tex)
+  if shutil.which('pdflatex') is None:
+    return
+  (tmp_path / 'table.tex').write_text(tex)
+  (tmp_path / 'doc.tex').write_text(
+      '\\documentclass{article}\\usepackage{booktabs}\\begin{document}\\tiny\n'
+      '\\input{table.tex}\n\\end{document}\n')
+  done = subprocess.run(['pdflatex', '-interaction=nonstopmode', '-halt-on-error', 'doc.tex'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stdout[-2000:]
+  assert (tmp_path / 'doc.pdf').stat().st_size > 0
 
 
 def test_one_seed_shows_na_for_its_std():
@@ -247,7 +283,11 @@ def test_killed_suite_resumes_and_matches_an_uninterrupted_one(tmp_path, cache_d
     done = subprocess.run(_suite(workdir) + flags, env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert '## Table 3' in done.stdout
+    lines = done.stdout.strip().splitlines()           # progress lines, then the summary
+    assert lines[-1].startswith('table3: 2 of 2 runs in the table'), lines
+    assert lines[-1].endswith(os.path.join(workdir, 'table.md')), lines
+    with open(os.path.join(workdir, 'table.md')) as f:
+      assert '## Table 3' in f.read()
   assert _csv_without_times(os.path.join(killed, 'results.csv')) == _csv_without_times(
       os.path.join(straight, 'results.csv'))
   url = f'sqlite:///{killed}/optuna.db'

@@ -23,7 +23,7 @@ from htl_jax import selection as selection_lib
 from htl_jax.errors import ConfigError
 from htl_jax.repro import seeds as seeds_lib
 from htl_jax.repro import table6, tuning
-from htl_jax.train import run_files
+from htl_jax import run_files
 
 REFERENCE = {'click': {'auc': 0.70, 'logloss': 0.40},
              'watch_time': {'nrmse': 0.95, 'gini': 0.60}}

@@ -19,7 +19,9 @@ from htl_jax.losses import CoreTransform
 from htl_jax.errors import ConfigError
 from htl_jax.train.checks import check_config
 from htl_jax.train import gradient_path
+from htl_jax.train import optimizer as optimizer_lib
 from htl_jax.train import step as step_lib
+from conftest import trainer_gradient
 from htl_jax.train.state import init_state, make_setup, resolve_grad_process
 
 SPEC = HybridSpec(('user', 'item'), (7, 5), ('click', 'long_view'), 'watch_time')
@@ -49,9 +51,7 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
 def _gradients(config, core=CoreTransform('none')):
   setup = make_setup(config, SPEC, core)
   state = init_state(setup, config)
-  grads = jax.pmap(lambda s, b: gradient_path.compute(setup, s, b).grads, axis_name='batch')(
-      *jax.tree.map(lambda v: v[None], (state, _batch())))
-  return setup, state, jax.tree.map(lambda v: v[0], grads)
+  return setup, state, trainer_gradient(setup, state, _batch())
 
 
 @pytest.mark.parametrize('model,expected', [
@@ -64,14 +64,15 @@ def test_gradient_process_defaults_per_model(model, expected):
   setup = make_setup(config, SPEC, CoreTransform('none'))
   state = init_state(setup, config)
   assert setup.grad_process == expected
-  assert (setup.balance(state.hparams) is None) == (expected == 'none')
+  process = optimizer_lib.process_state(state.opt_state)
+  assert (process == optax.EmptyState()) == (expected == 'none')
 
 
 def test_shared_bottom_trains_without_a_process_unless_asked():
   """The baseline's gradient is the plain summed gradient; 'htl' changes the shared part."""
   setup, state, plain = _gradients(_config(model='shared_bottom'))
-  assert setup.balance(state.hparams) is None
-  assert state.opt_state['balance'] == optax.EmptyState()
+  assert setup.grad_process == 'none'
+  assert optimizer_lib.process_state(state.opt_state) == optax.EmptyState()
   _, _, balanced = _gradients(_config(model='shared_bottom', grad_process='htl'))
   # The towers are not in theta_s: same gradient; the bottom and the table are.
   np.testing.assert_allclose(plain['model']['tower_0']['out']['kernel'],
@@ -89,8 +90,9 @@ def test_alpha_is_never_a_learning_rate(model, process):
   adam = optax.adam(0.01)
   state = init_state(setup, config)
   params = state.params
-  assert (jax.tree.structure(setup.optimizer(state.hparams).init(params))
+  assert (jax.tree.structure(state.opt_state.inner_state[1])      # the chain's Adam
           == jax.tree.structure(adam.init(params)))
+  assert float(state.opt_state.hyperparams['learning_rate']) == pytest.approx(0.01)
   steps = {}
   for alpha in (1e-6, 1.0):
     config.alpha = alpha
@@ -123,7 +125,7 @@ def test_dnn_has_one_table_per_task_and_shares_nothing():
     out = setup.model.apply({'params': state.params['model']},
                             (table[ids],) * SPEC.num_tasks, train=True, tau=state.tau,
                             example_index=batch['index'])
-    return setup.objective.loss_vector(out, batch)
+    return jnp.stack(setup.objective.loss_terms(out, batch))
 
   jacobian = np.asarray(jax.jacrev(task_losses)(state.params['embedding']['table']))
   for t in range(SPEC.num_tasks):

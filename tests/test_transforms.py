@@ -582,3 +582,45 @@ def test_old_argument_and_state_names_still_work_with_a_deprecation_warning():
   with pytest.warns(DeprecationWarning, match='core_index'):
     old_mb = metabalance(3, target_index=0)
   _assert_tree_close(_run(old_mb, tree)[0], _run(metabalance(3, core_index=0), tree)[0], 1.0)
+
+
+# ----------------------------------------------------------------------------- inject_hyperparams
+
+_INJECTED = {
+    # transform, its static arguments, the values of two updates (the second changes them)
+    'hybrid': (hybrid_grad_balance,
+               ('core_index', 'per_leaf', 'conflict', 'magnitude', 'num_tasks'),
+               [dict(alpha=1.0, gamma=0.1, weight_bound=10.0),
+                dict(alpha=0.3, gamma=0.9, weight_bound=2.0)]),
+    'pcgrad': (pcgrad, ('num_tasks', 'core_index'), [dict(seed=0), dict(seed=0)]),
+    'metabalance': (metabalance, ('num_tasks', 'core_index'),
+                    [dict(relax=0.7, beta=0.9), dict(relax=0.2, beta=0.9)]),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_INJECTED))
+def test_injected_values_equal_the_transform_built_with_them(name):
+  """Under optax.inject_hyperparams (values in the state, one jitted update for all of
+  them), each update equals the transform built with that update's values directly; a value
+  changed in the state is used from the next update on."""
+  factory, static, values = _INJECTED[name]
+  fixed = {'num_tasks': 3}
+  tree = {k: jnp.asarray(v) for k, v in _stacked(7).items()}
+  injected = optax.inject_hyperparams(factory, static_args=static)(**values[0], **fixed)
+  state = injected.init(_params())
+  update = jax.jit(injected.update)
+  outputs, direct_state = [], None
+  for current in values:
+    for key, value in current.items():
+      state.hyperparams[key] = jnp.asarray(value)
+    got, state = update(tree, state)
+    direct = factory(**current, **fixed)
+    # A stateful transform (MetaBalance's averages, PCGrad's key) carries its direct state
+    # from the previous update, as the injected one does.
+    if direct_state is None:
+      direct_state = direct.init(_params())
+    want, direct_state = direct.update(tree, direct_state)
+    _assert_tree_close(got, want, _scale(tree))
+    outputs.append(got)
+  if values[0] != values[1]:
+    assert not np.allclose(outputs[0]['emb'], outputs[1]['emb'])     # the new values acted

@@ -233,11 +233,15 @@ def _wait(process: subprocess.Popen, log_path, timeout: float = 300) -> str:
   with open(log_path) as f:
     output = f.read()
   assert process.returncode == 0, output[-3000:]
+  logs = re.search(r'^logs: (.*)$', output, re.M)          # the library's logs
+  if logs:
+    with open(logs.group(1)) as f:
+      output += f.read()
   return output
 
 
-def _load_study(storage_url: str) -> optuna.Study:
-  return optuna.load_study(study_name='kuairand-sample-shared_bottom', storage=storage_url)
+def _load_study(storage) -> optuna.Study:
+  return optuna.load_study(study_name='kuairand-sample-shared_bottom', storage=storage)
 
 
 def test_killed_study_resumes_and_reaches_its_trials(cache_dir, tmp_path, tune_env):
@@ -318,7 +322,7 @@ def test_a_preempted_worker_marks_its_trial_for_an_immediate_retry(cache_dir, tm
 
 
 def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
-                   trials: int = 4) -> optuna.Study:
+                   trials: int = 4) -> None:
   command = _tune_command(workdir, cache_dir, trials=trials, storage=storage)
   processes = [_start(command, env, tmp_path / f'worker{i}.log') for i in range(2)]
   try:
@@ -329,8 +333,12 @@ def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
       if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-  study = _load_study(storage or f'sqlite:///{workdir}/optuna.db')
-  trials_run = [t for t in study.trials if not t.user_attrs.get('surplus')]
+  rdb = optuna.storages.RDBStorage(storage or f'sqlite:///{workdir}/optuna.db')
+  try:
+    found = _load_study(rdb).trials
+  finally:
+    rdb.engine.dispose()            # its connections closed now, not at some later GC
+  trials_run = [t for t in found if not t.user_attrs.get('surplus')]
   assert [t.state.name for t in trials_run] == ['COMPLETE'] * trials
   run_dirs = [t.user_attrs['run_dir'] for t in trials_run]
   assert len(set(run_dirs)) == trials                      # no trial ran twice
@@ -338,7 +346,6 @@ def _two_processes(workdir, cache_dir: str, tmp_path, env: dict, storage: str,
   for run_dir in run_dirs:
     with open(workdir / run_dir / 'seed0' / 'metrics.jsonl') as f:
       assert [json.loads(line)['step'] for line in f] == list(range(20, 161, 20))
-  return study
 
 
 def test_two_processes_share_a_sqlite_study(cache_dir, tmp_path, tune_env):

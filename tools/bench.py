@@ -108,10 +108,10 @@ class Runner:
       setup = dataclasses.replace(setup, grad_path=grad_path)
     self.setup = setup
     # The pure step: one train step per call, without Fig. 5's diagnostics.
-    self.step = parallel.pmap_step(functools.partial(step_lib.train_step, setup))
+    self.step = parallel.pmap_program(functools.partial(step_lib.train_step, setup), donate=0)
     # Built by one compiled program per device: a 1e8-row table and its moments are
     # written once, with no host copy and no temporaries.
-    self.state = parallel.pmap_step(lambda _: init_state(setup, config), False)(
+    self.state = parallel.pmap_program(lambda _: init_state(setup, config))(
         np.zeros(parallel.device_count()))
     self.batch = parallel.put_sharded(parallel.shard(make_batch(spec, batch_size)))
     self.times: list[float] = []

@@ -64,7 +64,8 @@ try:
   from torch_rechub.utils.mtl import MetaBalance, shared_task_layers
 except ImportError as error:  # pragma: no cover - optional dependency
   sys.exit(f'error: tools/bench_torch.py needs torch and torch-rechub ({error}); '
-           'pip install torch torch-rechub==0.9.0 pandas')
+           'pip install -e ".[bench_torch]" (without a GPU, first: pip install torch '
+           '--index-url https://download.pytorch.org/whl/cpu)')
 
 TASK_TYPES = ['classification', 'classification', 'regression']
 # name -> (our model, our gradient process)

@@ -20,7 +20,10 @@ trains, and runs its ``main`` with :func:`run`, which
 
 from __future__ import annotations
 
+import io
+import logging as std_logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, NoReturn
@@ -32,7 +35,8 @@ from ml_collections import config_flags
 
 from htl_jax import configs
 from htl_jax.errors import ConfigError, HtlError, first_line
-from htl_jax.runtime import allocator, compilation_cache, determinism, distributed, preemption
+from htl_jax.runtime import (allocator, compilation_cache, determinism, distributed,
+                             orbax_noise, preemption)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -82,6 +86,100 @@ def define_distributed_flags() -> None:
       'as dead and every other process stops.', lower_bound=1)
   flags.DEFINE_integer('initialization_timeout', 300,
                        'Seconds to wait for every process to join.', lower_bound=1)
+
+
+def define_training_flags(*required: str, long_running: bool = False) -> None:
+  """The flags of a command that trains: ``--config``, the distributed ones, ``--verbose``
+  for the long-running ones (htl-reproduce, htl-tune), and ``required`` marked required."""
+  define_config_flags()
+  define_distributed_flags()
+  if long_running:
+    _define_verbose_flag()
+  require(*required)
+
+
+def start_training(workdir: str, long_running: bool = False, studies: bool = False) -> Any:
+  """A training command's start: the config, ``jax.distributed`` and the process set-up
+  (:func:`join_processes`); for the long-running ones the logs go to the workdir
+  (:func:`log_to_workdir`) and, where a study runs, Optuna's with them."""
+  config = load_config()
+  join_processes()
+  if long_running:
+    log_to_workdir(workdir)
+  if studies:
+    optuna_logs_with_ours()
+  return config
+
+
+def _define_verbose_flag() -> None:
+  flags.DEFINE_bool('verbose', False, 'Library logs on stderr, with the training progress '
+                    'bars (default: into <workdir>/log.txt; the progress lines and the '
+                    'summary stay on stdout).')
+
+
+class _LogOnceClaimed(io.TextIOBase):
+  """A text stream that holds what is written until the command has claimed its workdir
+  (:func:`htl_jax.run_files.claimed`), then appends it all to ``path`` there: a
+  command refused at its checks writes nothing into a workdir that is not its own."""
+
+  def __init__(self, workdir: str, path: str):
+    self.workdir, self.path = workdir, path
+    self.held: list[str] = []
+    self.file = None
+
+  def write(self, text: str) -> int:
+    from htl_jax import run_files  # pylint: disable=g-import-not-at-top
+    if self.file is None and run_files.claimed(self.workdir):
+      self.file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+      self.file.write(''.join(self.held))
+      self.held.clear()
+      print(f'logs: {self.path}', flush=True)
+    if self.file is None:
+      self.held.append(text)
+    else:
+      self.file.write(text)
+    return len(text)
+
+  def flush(self) -> None:
+    if self.file is not None:
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+    super().close()
+
+
+def log_to_workdir(workdir: str) -> None:
+  """Unless ``--verbose``: the primary process's library log lines go to
+  ``<workdir>/log.txt`` once the command has claimed the workdir, and no training run draws
+  a progress bar, so stdout shows only the command's own progress lines. Errors still come
+  as one line on stderr. The other processes of a multi-process worker (on other hosts,
+  never claiming the workdir) keep their logs on stderr, their scheduler's log."""
+  if FLAGS.verbose:
+    return
+  from htl_jax.train import writers  # pylint: disable=g-import-not-at-top
+  writers.PROGRESS_BAR = False
+  if is_primary():
+    logging.get_absl_handler().python_handler.setStream(
+        _LogOnceClaimed(workdir, os.path.join(workdir, 'log.txt')))
+
+
+def optuna_logs_with_ours() -> None:
+  """Optuna's log lines join the library's (the log file unless ``--verbose``) instead of
+  its own stderr handler. Call it only where a study runs: it imports Optuna."""
+  if FLAGS.verbose:
+    return
+  import optuna  # pylint: disable=g-import-not-at-top
+  optuna.logging.disable_default_handler()
+  optuna.logging.enable_propagation()
+
+
+def is_primary() -> bool:
+  """Process 0 of the run (the one that talks to the user), after :func:`join_processes`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return not distributed.is_multiprocess() or jax.process_index() == 0
 
 
 def join_processes() -> None:
@@ -153,14 +251,40 @@ def _config_code_error(error: BaseException, argv: list[str]) -> str:
           f'{type(error).__name__}: {first_line(error)}')
 
 
+def _raised_in_config_flags(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(os.sep + 'config_flags' + os.sep in f.filename for f in frames)
+
+
+_HELP = ('--help', '-h', '-?', '--helpshort', '--helpfull')
+
+
+def _print_help(full: bool) -> NoReturn:
+  """The command's docstring and flags as plain text on stdout; exit 0."""
+  doc = sys.modules['__main__'].__doc__ or ''
+  flags_text = FLAGS.get_help() if full else FLAGS.module_help(sys.argv[0])
+  if not full:                     # absl heads it with the script's path
+    flags_text = flags_text.lstrip('\n').split('\n', 1)[-1]
+  print(re.sub(r'``([^`]+)``', r'\1', doc).strip() + '\n\nflags:\n' + flags_text)
+  sys.exit(0)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; a bad flag, config file or ``--config.X`` is one line, exit 2."""
+  """absl's flag parsing; a bad flag, config file or ``--config.X`` is one line, exit 2;
+  ``--help`` is plain text on stdout, exit 0."""
+  asked = [a for a in argv[1:] if a in _HELP]
+  if asked:
+    _print_help(full='--helpfull' in asked)
   argv = _resolve_config_names(argv)
   try:
     return FLAGS(argv)
   except ConfigError as error:
     fail(str(error))
   except (flags.Error, OSError) as error:       # config_flags wraps what a flag did wrong
+    fail(_one_line(error))
+  except (KeyError, AttributeError) as error:   # config_flags' lookup of a --config.X field
+    if not _raised_in_config_flags(error):
+      raise
     fail(_one_line(error))
   except Exception as error:  # pylint: disable=broad-except
     message = _config_code_error(error, argv)
@@ -183,7 +307,7 @@ def load_config() -> Any:
     print(config)
     sys.exit(0)
   # Before anything touches a device: XLA reads its flags when the backend starts.
-  determinism.set_gpu_determinism(bool(config.get('gpu_determinism', True)))
+  determinism.set_gpu_determinism(bool(config.gpu_determinism))
   return config
 
 
@@ -191,7 +315,10 @@ def start(argv: list[str]) -> None:
   """No stray arguments; INFO logging without orbax's line per checkpoint save."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.INFO)
+    # JAX probing for backends it does not find ("Unable to initialize backend 'tpu'").
+    std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
   logging.get_absl_handler().addFilter(lambda record: 'orbax' not in record.pathname)
 
 
@@ -218,6 +345,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   def guarded(argv: list[str]) -> None:
     start(argv)
     preemption.exit_cleanly_on_sigterm()      # training commands replace it (join_processes)
+    orbax_noise.install()
     compilation_cache.enable(FLAGS.compilation_cache)
     with distributed.stop_all_on_failure():
       try:

@@ -15,9 +15,13 @@ fig7, fig8 (``htl_jax/repro/experiments.py``). Each run trains in ``<workdir>/<v
 seed<k>``; the runs are the trials of an Optuna study in ``<workdir>/optuna.db`` or in
 ``--storage=postgresql://...``, so the same command started on several machines shares the
 work, a finished run is never redone and a killed one resumes. When every run is done the
-command writes ``results.csv``, ``table.md`` (mean ± std, best bold, second underlined, ``*``
-for p <= 0.05) and the experiment's figure, and prints the table. ``--config.NAME=VALUE``
-changes every run.
+command writes ``results.csv``, ``table.md`` / ``table.tex`` / ``table.csv`` (mean ± std,
+best bold, second italic, ``*`` for p <= 0.05) and the experiment's figure.
+``--config.NAME=VALUE`` changes every run.
+
+stdout shows one line per run it starts (runs done of all, what runs, time so far, ETA) and
+a last line naming the table and the figure; the library's logs go to
+``<workdir>/log.txt`` (``--verbose``: on stderr, and the table printed at the end).
 
 On several hosts, one worker can be several processes (``--coordinator_address
 --num_processes --process_id``, or ``srun`` / ``mpirun`` with none of them): its primary
@@ -31,6 +35,7 @@ from absl import flags
 
 from htl_jax.cli import common
 from htl_jax.repro import experiments as experiments_lib
+from htl_jax.repro.progress import Progress
 from htl_jax.repro.protocol import ReproduceOptions, reproduce
 
 flags.DEFINE_string('experiment', None, f'One of {", ".join(experiments_lib.EXPERIMENTS)}.')
@@ -51,22 +56,22 @@ flags.DEFINE_enum('selection', 'delta_m', ['delta_m', 'core'], 'The model-select
                   'against a DNN reference run) or core (the core task\'s best_metric).')
 flags.DEFINE_bool('tune_ablations', False, 'Tune every variant over the subspace it has, '
                   'instead of starting ablations from HTLNet\'s tuned configuration.')
-common.define_config_flags()
-common.define_distributed_flags()
-common.require('experiment', 'workdir')
+common.define_training_flags('experiment', 'workdir', long_running=True)
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
   del argv
-  config = common.load_config()
-  common.join_processes()
+  config = common.start_training(
+      FLAGS.workdir, long_running=True,
+      studies=experiments_lib.get_experiment(FLAGS.experiment).trains)
   options = ReproduceOptions(
       storage=FLAGS.storage, variants=tuple(FLAGS.variants), tuned_dir=FLAGS.tuned,
       tune_trials=FLAGS.tune_trials, trial_seeds=FLAGS.trial_seeds,
-      selection=FLAGS.selection, tune_ablations=FLAGS.tune_ablations)
+      selection=FLAGS.selection, tune_ablations=FLAGS.tune_ablations,
+      progress=Progress.to_stdout() if common.is_primary() else Progress())
   text = reproduce(config, FLAGS.experiment, FLAGS.seeds, FLAGS.workdir, options)
-  if text:
+  if text and FLAGS.verbose:
     print(text)
 
 

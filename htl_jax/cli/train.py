@@ -24,17 +24,13 @@ from htl_jax.train.loop import train_and_evaluate
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics; an existing run '
                     'there is resumed.')
-common.define_config_flags()
-common.define_distributed_flags()
-common.require('workdir')
+common.define_training_flags('workdir')
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
   del argv
-  config = common.load_config()
-  common.join_processes()
-  train_and_evaluate(config, FLAGS.workdir)
+  train_and_evaluate(common.start_training(FLAGS.workdir), FLAGS.workdir)
 
 
 def run() -> None:

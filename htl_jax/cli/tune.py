@@ -14,17 +14,23 @@ config of every trial.
 On several hosts, one worker can be several processes (``--coordinator_address
 --num_processes --process_id``, or ``srun`` / ``mpirun`` with none of them): its primary
 process takes the trials and the others train each one with it.
+
+stdout shows one line per trial it starts (runs done of all, the trial, time so far, ETA)
+and a last line with the best trial, its value and configuration, and ``best.json``'s path;
+the library's logs go to ``<workdir>/log.txt`` (``--verbose``: on stderr).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from absl import flags
 from absl import logging
 
 from htl_jax.cli import common
-from htl_jax.repro import lockstep, tuning
+from htl_jax.repro import lockstep, reference, tuning
+from htl_jax.repro.progress import Progress
 
 flags.DEFINE_string('workdir', None, 'The study\'s directory (trial runs, best.json).')
 flags.DEFINE_string('model', '', 'Model to tune ("" = the config\'s model).')
@@ -41,32 +47,37 @@ flags.DEFINE_integer('random_trials', 0, 'TPE\'s random startup trials (0: a thi
                      '--trials, 3 to 10).', lower_bound=0)
 flags.DEFINE_integer('pruner_warmup_evals', 1,
                      'Evaluations every trial runs before the pruner may stop it.')
-common.define_config_flags()
-common.define_distributed_flags()
-common.require('workdir')
+common.define_training_flags('workdir', long_running=True)
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
   del argv
-  config = common.load_config()
-  common.join_processes()
+  config = common.start_training(FLAGS.workdir, long_running=True, studies=True)
   if FLAGS.model:
     config.model = FLAGS.model
+  progress = Progress.to_stdout() if common.is_primary() else Progress()
+  progress.add(FLAGS.trials * FLAGS.trial_seeds
+               + reference.runs_needed(config, FLAGS.workdir, FLAGS.trial_seeds))
   options = tuning.StudyOptions(
       n_trials=FLAGS.trials, trial_seeds=FLAGS.trial_seeds, study_name=FLAGS.study_name,
       params=tuple(FLAGS.params), random_trials=FLAGS.random_trials,
       pruner_startup_trials=FLAGS.pruner_startup_trials,
-      pruner_warmup_evals=FLAGS.pruner_warmup_evals)
+      pruner_warmup_evals=FLAGS.pruner_warmup_evals, progress=progress)
   summary = tuning.tune(config, FLAGS.workdir, options, storage=FLAGS.storage)
   if lockstep.is_follower():
     return
   logging.info('study %s: %s trials, %.0f s in this process', summary['study'],
                json.dumps(summary['counts']), summary['wall_seconds'])
-  if summary['best'] is not None:
-    best = summary['best']
-    logging.info('best trial %d: valid %s = %.6g with %s', best['trial'], best['metric'],
-                 best['value'], json.dumps(best['overrides']))
+  best = summary['best']
+  if best is None:
+    progress.summary(f'study {summary["study"]}: {json.dumps(summary["counts"])}; no trial '
+                     'completed')
+    return
+  progress.summary(
+      f'study {summary["study"]}: best trial {best["trial"]}, valid {best["metric"]} = '
+      f'{best["value"]:.6g} with {json.dumps(best["overrides"])}; '
+      f'{os.path.join(FLAGS.workdir, "best.json")}')
 
 
 def run() -> None:

@@ -305,6 +305,7 @@ def _check_kuairand(config: Any, published: str) -> Report:
     name = os.path.basename(path)
     checks.append(_columns_check(path, KUAIRAND_COLUMNS[name], kuairand.READ_COLUMNS[name]))
   log_path = paths[0]
+  _check_kuairand_labels(log_path)
   if not str(config.data_dir or ''):
     rows = _collect([pl.scan_csv(log_path, infer_schema=False).select(pl.len())],
                     log_path)[0].item()
@@ -314,6 +315,19 @@ def _check_kuairand(config: Any, published: str) -> Report:
   if published != 'none':
     checks += _compare_all(KUAIRAND_STATS, _kuairand_stats(log_path))
   return Report('KuaiRand-Pure', root, checks)
+
+
+def _check_kuairand_labels(path: str) -> None:
+  """Training's label checks on the log (:func:`htl_jax.data.pipeline.bad_values`)."""
+  binary, core = ('is_click', 'long_view'), 'play_time_ms'
+  value = {c: pl.col(c).cast(pl.Float64, strict=False) for c in (*binary, core)}
+  counts = _collect([pl.scan_csv(path, infer_schema=False).select(
+      **{c: (value[c].is_null() | ~value[c].is_in([0.0, 1.0])).sum() for c in binary},
+      **{core: (value[core].is_null() | value[core].is_nan() | value[core].is_infinite()
+                | (value[core] < 0)).sum()})], path)[0].row(0, named=True)
+  for column, count in counts.items():
+    if count:
+      raise DataError(pipeline.bad_values(path, column, count, core=column == core))
 
 
 def _kuairand_stats(path: str) -> dict[str, Any]:

@@ -350,8 +350,6 @@ def fit(frame: pl.DataFrame, numeric: Sequence[str], is_train: np.ndarray, *,
   Returns:
     The fitted :class:`Encoder`.
   """
-  if encoding not in ENCODINGS:
-    raise DataError(f'config.data.numeric_encoding={encoding!r}; expected one of {ENCODINGS}')
   numeric = set(numeric)
   codes = codes or {}
   fields: list[Field] = []

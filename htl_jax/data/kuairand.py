@@ -44,7 +44,6 @@ from absl import logging
 import numpy as np
 import polars as pl
 
-from htl_jax.data.pipeline import data_option
 from htl_jax.data.schema import FeatureChunk, RawTable, Unparseable
 from htl_jax.errors import DataError, first_line
 
@@ -92,7 +91,7 @@ OUTCOME_COLUMNS = ('is_click', 'is_like', 'is_follow', 'is_comment', 'is_forward
 
 def data_dir(config: Any) -> str:
   """The directory holding the three CSV files ('' = the embedded sample)."""
-  return str(getattr(config, 'data_dir', '') or '') or SAMPLE_DIR
+  return str(config.data_dir or '') or SAMPLE_DIR
 
 
 def input_files(config: Any) -> list[str]:
@@ -205,7 +204,7 @@ def _checked_paths(config: Any) -> list[str]:
 def load_raw(config: Any) -> RawTable:
   """Reads, joins and derives the KuaiRand fields (module docstring)."""
   log_path, user_path, video_path = _checked_paths(config)
-  max_rows = int(data_option(config, 'max_rows', 0))
+  max_rows = int(config.data.max_rows)
   log = _read(log_path, _LOG_SCHEMA, n_rows=max_rows if max_rows > 0 else None)
   users, videos, codes = _side_tables(user_path, video_path)
   bad_time = log['time_ms'].null_count()

@@ -46,18 +46,6 @@ CACHE_VERSION = 3
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-def data_option(config: Any, name: str, default: Any) -> Any:
-  """``config.data.<name>``, or ``default`` when the config has no such key."""
-  data = getattr(config, 'data', None)
-  if data is None:
-    return default
-  try:
-    value = data[name]
-  except (KeyError, AttributeError, TypeError):
-    return default
-  return default if value is None else value
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -66,6 +54,15 @@ def _label_column(raw: RawTable, t: int) -> str:
   if raw.label_columns is not None and t < len(raw.label_columns):
     return raw.label_columns[t]
   return (tuple(raw.binary_tasks) + (raw.core_task,))[t]
+
+
+def bad_values(source: str, column: str, count: int, core: bool) -> str:
+  """The message for ``count`` rows of a label column that training cannot take."""
+  if core:
+    return (f'{source}: column {column!r}: {count} rows with a core value that is NaN, inf '
+            'or negative')
+  return (f'{source}: column {column!r}: {count} rows with a binary label that is not 0 '
+          'or 1 (NaN, inf or another value)')
 
 
 def _validate(raw: RawTable) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +88,10 @@ def _validate(raw: RawTable) -> tuple[np.ndarray, np.ndarray]:
     column = labels[:, t]
     bad = int(np.count_nonzero(~np.isfinite(column) | ((column != 0) & (column != 1))))
     if bad:
-      raise DataError(f'{raw.source}: column {_label_column(raw, t)!r}: {bad} rows with a '
-                      f'binary label that is not 0 or 1 (NaN, inf or another value)')
+      raise DataError(bad_values(raw.source, _label_column(raw, t), bad, core=False))
   bad = int(np.count_nonzero(~np.isfinite(core) | (core < 0)))
   if bad:
-    raise DataError(f'{raw.source}: column {_label_column(raw, num_binary)!r}: {bad} rows '
-                    f'with a core value that is NaN, inf or negative')
+    raise DataError(bad_values(raw.source, _label_column(raw, num_binary), bad, core=True))
   return labels.astype(np.float32), core.astype(np.float32)
 
 
@@ -183,20 +178,16 @@ def prepare(raw: RawTable, config: Any) -> HybridData:
   labels, core = _validate(raw)
   labels, fixed = enforce_nesting(labels)
   logging.info('%s: nesting y^t <= y^(t-1) enforced, %d rows fixed', raw.source, fixed)
-  num_buckets = int(data_option(config, 'numeric_buckets', 20))
-  encoding = str(data_option(config, 'numeric_encoding', 'quantile'))
-  if encoding not in encoding_lib.ENCODINGS:
-    raise DataError(f'config.data.numeric_encoding={encoding!r}; expected one of '
-                    f'{encoding_lib.ENCODINGS}')
-  if num_buckets < 1:
-    raise DataError(f'config.data.numeric_buckets={num_buckets}; expected >= 1')
+  # Their values were checked with the config (htl_jax.train.checks).
+  num_buckets = int(config.data.numeric_buckets)
+  encoding = str(config.data.numeric_encoding)
   missing = [n for n in raw.numeric if n not in raw.features.columns]
   if missing:
     raise DataError(f'{raw.source}: numeric columns {missing} are not among the features')
 
   n = core.shape[0]
   time = None if raw.time is None else np.asarray(raw.time)
-  order, n_train, n_valid = split_order(n, time, int(getattr(config, 'split_seed', 0)))
+  order, n_train, n_valid = split_order(n, time, int(config.split_seed))
   sizes = {'train': n_train, 'valid': n_valid, 'test': n - n_train - n_valid}
   empty = [k for k, v in sizes.items() if v == 0]
   if empty:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from htl_jax.data.pipeline import data_option
 from htl_jax.data.schema import RawTable
 
 DEFAULT_ROWS = 4000
@@ -37,8 +36,8 @@ def input_files(config: Any) -> list[str]:
 
 def load_raw(config: Any) -> RawTable:
   """Generates the table described in the module docstring."""
-  n = int(data_option(config, 'max_rows', 0)) or DEFAULT_ROWS
-  rng = np.random.default_rng(int(getattr(config, 'split_seed', 0)))
+  n = int(config.data.max_rows) or DEFAULT_ROWS
+  rng = np.random.default_rng(int(config.split_seed))
   user_bias = rng.normal(0.0, 0.8, _USERS)
   item_bias = rng.normal(0.0, 0.8, _ITEMS)
   affinity = rng.normal(0.0, 1.0, (_GROUPS, _GROUPS))

@@ -13,11 +13,9 @@ as ``nn.Dense`` creates them, so per-parameter gradient processes such as MetaBa
 each expert's layers separately), but run as few, large matmuls: the first layers of all
 experts that read the same input are ONE matmul over their kernels concatenated along the
 output axis (``x @ [W_1 | ... | W_n]``), and every deeper layer is ONE batched matmul over
-the experts' stacked kernels (expert axis leading). Measured on XLA:CPU (2 cores, batch
-2048, 45 x 10 inputs, old and new code in one interleaved run), against one 2-D matmul per
-expert and layer: MMoE's train step 1.18x faster, PLE's 1.10x, AdaTT's 1.08x, MMoE +
-MetaBalance's 0.97x (unchanged). For the deeper layers, a ``'bnd,nde->bne'`` einsum and
-per-expert 2-D matmuls were both slower than the expert-axis-leading batched matmul.
+the experts' stacked kernels (expert axis leading): fewer, larger matmuls than one 2-D
+matmul per expert and layer, or a ``'bnd,nde->bne'`` einsum (docs/benchmarks.md has the
+measurements).
 """
 
 from __future__ import annotations

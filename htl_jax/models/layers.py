@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from htl_jax.metrics import PROB_EPS
+
 XAVIER = nn.initializers.xavier_uniform()
-PROB_EPS = 1e-7
 
 
 def flatten_fields(emb: jax.Array) -> jax.Array:

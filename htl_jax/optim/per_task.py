@@ -69,7 +69,7 @@ def row_grads_general(loss_terms: LossTermsFn, model_params: Any, rows: jax.Arra
     them (the other towers and gates, where the model keeps its tasks' outputs apart:
     ``ModelOutput.task_probs``). Not by ``vmap``: XLA:CPU then lays the ReLU gradient
     ``[K, B, N]`` out transposed for the weight matmuls, a copy that cost more than the
-    matmuls (the README's Benchmarks). The non-shared parameters' gradient is the sum of
+    matmuls (docs/benchmarks.md). The non-shared parameters' gradient is the sum of
     the per-task ones (the transpose is linear).
 
   Args:

@@ -18,6 +18,7 @@ applied).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 from htl_jax.errors import ConfigError
@@ -164,3 +165,38 @@ def slug(variant: str) -> str:
   """A directory name for ``variant`` (letters, digits, ``._=-``)."""
   keep = [c if c.isalnum() or c in '._=-' else '_' for c in variant]
   return ''.join(keep).strip('_') or 'variant'
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def cell_name(variant: str, seed: int) -> str:
+  return f'{variant}|seed{seed}'
+
+
+def parse_cell(cell: str) -> tuple[str, int]:
+  variant, _, seed = cell.rpartition('|seed')
+  return variant, int(seed)
+
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, slug(variant), f'seed{seed}')
+
+
+def assign(config, key: str, value: Any) -> None:
+  """``config[key] = value``, converted to the field's type (ints given for floats, ...)."""
+  current = config[key]
+  if isinstance(current, bool) or not isinstance(current, (int, float, tuple)):
+    config[key] = value
+  elif isinstance(current, float):
+    config[key] = float(value)
+  elif isinstance(current, int):
+    config[key] = int(value)
+  else:
+    config[key] = tuple(value)
+
+
+def dataset_tag(config) -> str:
+  """Which data a study is about, for its name (one storage may hold several datasets)."""
+  source = config.data.path or config.data_dir or 'sample'
+  return f'{config.dataset}:{os.path.basename(os.path.normpath(source))}'

@@ -28,7 +28,7 @@ import numpy as np
 
 from htl_jax.metrics import LOWER_IS_BETTER
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro.runner import parse_cell, run_dir
+from htl_jax.repro.experiments import parse_cell, run_dir
 
 
 def _pyplot():

@@ -39,11 +39,11 @@ from absl import logging
 from htl_jax.data import default_cache_dir, load_dataset
 from htl_jax.errors import ConfigError
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro import lockstep, reference, report, runner, tuning
-from htl_jax.repro import storage as storage_lib
+from htl_jax.repro import lockstep, report
+from htl_jax.repro.progress import Progress, duration
 from htl_jax.repro.table6 import searched
 from htl_jax.selection import RULES
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.train.checks import check_config
 
 TUNED = 'tuned.json'
@@ -62,6 +62,7 @@ class ReproduceOptions:
     trial_seeds: seeds of every tuning trial (its value is their mean).
     selection: the rule of every run ('delta_m' or 'core', :mod:`htl_jax.selection`).
     tune_ablations: every variant its own full study (not HTLNet's configuration).
+    progress: the runs done of all, and the lines that say so (none by default).
   """
 
   storage: str = ''
@@ -71,6 +72,7 @@ class ReproduceOptions:
   trial_seeds: int = 3
   selection: str = 'delta_m'
   tune_ablations: bool = False
+  progress: Progress = dataclasses.field(default_factory=Progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ class StudyPlan:
 def _with(config, overrides: dict[str, Any]):
   out = copy.deepcopy(config)
   for key, value in overrides.items():
-    runner.assign(out, key, value)
+    experiments_lib.assign(out, key, value)
   return out
 
 
@@ -151,6 +153,7 @@ def tune_studies(config, plans: dict[str, StudyPlan], tuned_dir: str, storage_ur
                  options: ReproduceOptions) -> None:
   """Step 1: every study reaches ``tune_trials`` finished trials (a knob study after the
   study it starts from)."""
+  from htl_jax.repro import storage as storage_lib, tuning  # pylint: disable=g-import-not-at-top
   opened = None if lockstep.is_follower() else storage_lib.open_storage(storage_url)
   for slug, plan in plans.items():
     base = config
@@ -162,15 +165,24 @@ def tune_studies(config, plans: dict[str, StudyPlan], tuned_dir: str, storage_ur
     summary = tuning.run_study(
         base, os.path.join(tuned_dir, slug), opened,
         tuning.StudyOptions(n_trials=options.tune_trials, trial_seeds=options.trial_seeds,
-                            study_name=f'tune:{runner.dataset_tag(config)}:{slug}',
-                            params=plan.params))
+                            study_name=f'tune:{experiments_lib.dataset_tag(config)}:{slug}',
+                            params=plan.params, progress=options.progress))
     if not lockstep.is_follower():
       logging.info('tuned %s: %s', slug, json.dumps(summary['counts']))
+
+
+def _reference_runs(config, workdir: str, tuned_dir: str, options: ReproduceOptions) -> int:
+  """How many runs :func:`_reference` will train (for the progress total)."""
+  from htl_jax.repro import reference  # pylint: disable=g-import-not-at-top
+  if options.tune_trials == 0 and (reference.find(tuned_dir) or reference.find(workdir)):
+    return 0
+  return reference.runs_needed(config, tuned_dir or workdir, options.trial_seeds)
 
 
 def _reference(config, workdir: str, tuned_dir: str, storage_url: str,
                options: ReproduceOptions) -> str:
   """Step 0 under ``delta_m``: the study set's reference.json (made where it is missing)."""
+  from htl_jax.repro import reference  # pylint: disable=g-import-not-at-top
   if config.selection_reference:
     return str(config.selection_reference)
   if options.tune_trials == 0:
@@ -178,7 +190,8 @@ def _reference(config, workdir: str, tuned_dir: str, storage_url: str,
     if found:
       return found
   directory = tuned_dir or workdir
-  return reference.ensure(config, directory, storage_url, options.trial_seeds)
+  return reference.ensure(config, directory, storage_url, options.trial_seeds,
+                          options.progress)
 
 
 def reproduce(config, experiment_name: str, seeds: int, workdir: str,
@@ -200,6 +213,9 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str,
   check_config(config)
   if options.selection not in RULES:
     raise ConfigError(f'--selection={options.selection!r} is not one of {list(RULES)}')
+  if experiment.trains and seeds == 0 and options.tune_trials == 0:
+    raise ConfigError('--seeds=0 only tunes, and --tune_trials=0 tunes nothing: give '
+                      '--seeds >= 1, or --tune_trials >= 1 to tune only')
   if options.tuned_dir and not options.tune_trials and not os.path.isdir(options.tuned_dir):
     raise ConfigError(f'--tuned={options.tuned_dir}: no such directory (the tune/ folder of '
                       'a reproduction, or a folder of htl-tune workdirs)')
@@ -207,37 +223,53 @@ def reproduce(config, experiment_name: str, seeds: int, workdir: str,
   if not lockstep.is_follower():
     run_files.claim(workdir, run_files.REPRODUCTION, {
         'experiment': experiment_name, 'selection': options.selection,
-        'data': runner.dataset_tag(config)})
+        'data': experiments_lib.dataset_tag(config)})
   if not experiment.trains:
     if lockstep.is_follower():
       return ''
     data = load_dataset(config, config.cache_dir or default_cache_dir())
-    text = report.dataset_table(data, f'{experiment.title} ({runner.dataset_tag(config)})')
+    text = report.dataset_table(data, f'{experiment.title} ({experiments_lib.dataset_tag(config)})')
     run_files.write_text(os.path.join(workdir, 'table.md'), text)
+    options.progress.summary(f'{experiment_name}: {os.path.join(workdir, "table.md")}')
     return text
+  # Optuna's modules: imported only once something trains (table1 needs none).
+  from htl_jax.repro import runner  # pylint: disable=g-import-not-at-top
+  from htl_jax.repro import storage as storage_lib  # pylint: disable=g-import-not-at-top
   storage_url = storage_lib.storage_url(workdir, options.storage)
   tuned_dir = options.tuned_dir or (os.path.join(workdir, 'tune') if options.tune_trials
                                     else '')
   config = copy.deepcopy(config)
   config.selection = options.selection
+  plans, chains = plan_studies(config, experiment, chosen, options.tune_ablations)
+  options.progress.add(_reference_runs(config, workdir, tuned_dir, options)
+                       + len(plans) * options.tune_trials * options.trial_seeds
+                       + len(chosen) * seeds)
   if options.selection == 'delta_m':
     config.selection_reference = _reference(config, workdir, tuned_dir, storage_url, options)
-  plans, chains = plan_studies(config, experiment, chosen, options.tune_ablations)
   if options.tune_trials > 0:
     tune_studies(config, plans, tuned_dir, storage_url, options)
   tuned = tuned_values(tuned_dir, plans, chains)
   if seeds == 0:                  # tuning only
     if not lockstep.is_follower():
       run_files.write_json(os.path.join(workdir, TUNED), tuned)
+      options.progress.summary(f'{experiment_name}: tuned only; '
+                               f'{os.path.join(workdir, TUNED)}')
     return ''
   results = runner.run_experiment(config, experiment_name, seeds, workdir,
-                                  storage=options.storage, variants=chosen, tuned=tuned)
+                                  storage=options.storage, variants=chosen, tuned=tuned,
+                                  progress=options.progress)
   if lockstep.is_follower():
     return ''
   run_files.write_json(os.path.join(workdir, TUNED), tuned)
   text = report.write_report(workdir, results, experiment, chosen, report.ReportContext(
       config=config, tuned=tuned, tuned_dir=tuned_dir))
+  outputs = [os.path.join(workdir, 'table.md')]
   if experiment.figure:
     path = report.draw_figure(experiment.figure, workdir, results)
     text += f'\nFigure: {path}\n'
+    outputs.append(path)
+  options.progress.summary(
+      f'{experiment_name}: {len(results)} of {len(chosen) * seeds} runs in the table, '
+      f'{duration(options.progress.clock() - options.progress.started_at)}; '
+      + ', '.join(outputs))
   return text

@@ -20,8 +20,9 @@ from absl import logging
 
 from htl_jax.errors import RunError
 from htl_jax.repro import lockstep, runner
+from htl_jax.repro.progress import Progress
 from htl_jax.selection import read_reference, reference_record
-from htl_jax.train import run_files
+from htl_jax import run_files
 
 FILE = 'reference.json'
 VARIANT = 'reference'
@@ -35,7 +36,16 @@ def find(directory: str) -> Optional[str]:
   return path if directory and os.path.isfile(path) else None
 
 
-def ensure(config, directory: str, storage_url: str, seeds: int) -> str:
+def runs_needed(config, directory: str, seeds: int) -> int:
+  """The reference runs a study set in ``directory`` still needs (for a progress total):
+  ``seeds`` under ``delta_m`` without a reference, else 0."""
+  if config.selection != 'delta_m' or config.selection_reference or find(directory):
+    return 0
+  return seeds
+
+
+def ensure(config, directory: str, storage_url: str, seeds: int,
+           progress: Optional[Progress] = None) -> str:
   """The path of ``<directory>/reference.json``, running the reference first if needed.
 
   Args:
@@ -43,6 +53,7 @@ def ensure(config, directory: str, storage_url: str, seeds: int) -> str:
     directory: the study set's folder (a reproduction's ``tune/``, a ``htl-tune`` workdir).
     storage_url: the Optuna storage the study set shares.
     seeds: seeds ``config.seed .. + seeds - 1`` (a trial's seeds).
+    progress: counts its runs (the caller has them in its total).
 
   Raises:
     RunError: an existing reference was run over other seeds.
@@ -62,7 +73,8 @@ def ensure(config, directory: str, storage_url: str, seeds: int) -> str:
                directory)
   results = runner.run_cells(
       base, {VARIANT: {}}, wanted, directory,
-      runner.CellStudy(f'reference:{runner.dataset_tag(config)}', storage_url))
+      runner.CellStudy(f'reference:{runner.dataset_tag(config)}', storage_url),
+      progress=progress)
   if not lockstep.is_follower():
     runs = [results[runner.cell_name(VARIANT, s)] for s in wanted]
     run_files.write_json(path, reference_record(runs, OVERRIDES['model'], wanted,

@@ -32,9 +32,9 @@ from scipy import stats
 
 from htl_jax import metrics as metrics_lib
 from htl_jax.repro import experiments as experiments_lib
-from htl_jax.repro.runner import parse_cell
+from htl_jax.repro.experiments import parse_cell
 from htl_jax.selection import DELTA_M, delta_m, read_reference, selection
-from htl_jax.train.run_files import write_text
+from htl_jax.run_files import write_text
 
 SIGNIFICANCE = 0.05
 COLUMNS = ('variant', 'seed', 'split', 'task', 'metric', 'value', 'best_step',

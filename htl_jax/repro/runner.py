@@ -32,41 +32,18 @@ from optuna.trial import TrialState
 
 from htl_jax.errors import PreemptedError
 from htl_jax.repro import experiments as experiments_lib
+# The cells' names and folders (imported by the report and figures without Optuna).
+from htl_jax.repro.experiments import assign, cell_name, dataset_tag, parse_cell, run_dir
 from htl_jax.repro import lockstep, table6
+from htl_jax.repro.progress import Progress
 from htl_jax.selection import selection
 from htl_jax.repro import storage as storage_lib
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.train.checks import check_config
 from htl_jax.train.loop import train_and_evaluate
 
 RunCell = Callable[[Any, str], dict]          # (config, run_dir) -> metrics.json's dict
 _CELL = 'cell'
-
-
-def cell_name(variant: str, seed: int) -> str:
-  return f'{variant}|seed{seed}'
-
-
-def parse_cell(cell: str) -> tuple[str, int]:
-  variant, _, seed = cell.rpartition('|seed')
-  return variant, int(seed)
-
-
-def run_dir(workdir: str, variant: str, seed: int) -> str:
-  return os.path.join(workdir, experiments_lib.slug(variant), f'seed{seed}')
-
-
-def assign(config, key: str, value: Any) -> None:
-  """``config[key] = value``, converted to the field's type (ints given for floats, ...)."""
-  current = config[key]
-  if isinstance(current, bool) or not isinstance(current, (int, float, tuple)):
-    config[key] = value
-  elif isinstance(current, float):
-    config[key] = float(value)
-  elif isinstance(current, int):
-    config[key] = int(value)
-  else:
-    config[key] = tuple(value)
 
 
 def cell_config(base, overrides: dict[str, Any], seed: int,
@@ -90,19 +67,15 @@ def train_cell(config, directory: str) -> dict:
   return train_and_evaluate(config, directory)
 
 
-def dataset_tag(config) -> str:
-  """Which data a study is about, for its name (one storage may hold several datasets)."""
-  source = config.data.path or config.data_dir or 'sample'
-  return f'{config.dataset}:{os.path.basename(os.path.normpath(source))}'
-
-
 class CellObjective:
   """Runs the cell a waiting trial carries; returns its validation selection metric."""
 
   def __init__(self, base, cells: dict[str, dict[str, Any]], workdir: str,
-               tuned: dict[str, dict[str, Any]], run_cell: RunCell):
+               tuned: dict[str, dict[str, Any]], run_cell: RunCell,
+               progress: Optional[Progress] = None):
     self.base, self.cells, self.workdir = base, cells, workdir
     self.tuned, self.run_cell = tuned, run_cell
+    self.progress = progress or Progress()
     self.rule = selection(base)
     self.current: Optional[int] = None      # the trial this process runs
 
@@ -121,7 +94,9 @@ class CellObjective:
     result = run_files.read_metrics(directory)
     if result is None:
       lockstep.announce({'cell': cell})
+      self.progress.say(f'run {variant}, seed {seed}')
       result = self.train(cell)
+      self.progress.finished()
     # A cell's value only informs the study's dashboard: the report reads the run dirs.
     value = self.rule.value(result['valid'])
     return float(value) if value is not None else 0.0
@@ -197,7 +172,8 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> Non
 def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
                    storage: str = '', variants: Optional[list[str]] = None,
                    tuned: Optional[dict[str, dict[str, Any]]] = None,
-                   run_cell: RunCell = train_cell) -> dict[str, dict]:
+                   run_cell: RunCell = train_cell, progress: Optional[Progress] = None
+                   ) -> dict[str, dict]:
   """Runs (or joins) every cell of an experiment; returns ``{cell: metrics.json dict}``
   (``{}`` in the non-primary processes of a multi-process worker).
 
@@ -210,6 +186,7 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
     variants: a subset of the experiment's variants (all when empty).
     tuned: per variant, its tuned overrides (applied under the variant's own).
     run_cell: what a cell does (tests pass a cheap one).
+    progress: counts the cells (:class:`htl_jax.repro.progress.Progress`).
   """
   experiment = experiments_lib.get_experiment(experiment_name)
   chosen = experiments_lib.select_variants(experiment, list(variants or []))
@@ -218,7 +195,7 @@ def run_experiment(base, experiment_name: str, seeds: int, workdir: str, *,
   return run_cells(base, chosen, range(seeds), workdir,
                    CellStudy(f'reproduce:{experiment_name}:{dataset_tag(base)}',
                              storage_lib.storage_url(workdir, storage)),
-                   tuned=tuned, run_cell=run_cell)
+                   tuned=tuned, run_cell=run_cell, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,17 +208,21 @@ class CellStudy:
 
 def run_cells(base, variants: dict[str, dict[str, Any]], seeds, workdir: str,
               study: CellStudy, *, tuned: Optional[dict[str, dict[str, Any]]] = None,
-              run_cell: RunCell = train_cell) -> dict[str, dict]:
+              run_cell: RunCell = train_cell, progress: Optional[Progress] = None
+              ) -> dict[str, dict]:
   """Runs (or joins) the cells ``variants x seeds`` in ``<workdir>/<variant>/seed<k>``;
   returns ``{cell: metrics.json dict}`` (``{}`` in the non-primary processes of a
   multi-process worker). Every cell's config is checked before any runs, and so is every
-  existing run dir: it must hold a run of its cell's config (a workdir belongs to one)."""
+  existing run dir: it must hold a run of its cell's config (a workdir belongs to one).
+  ``progress`` counts the cells (the caller has them in its total)."""
   cells = {cell_name(v, s): overrides for v, overrides in variants.items() for s in seeds}
   tuned = tuned or {}
-  objective = CellObjective(base, cells, workdir, tuned, run_cell)
+  objective = CellObjective(base, cells, workdir, tuned, run_cell, progress)
   for cell in cells:               # every cell's config is valid, and its own run dir's
     variant, seed = parse_cell(cell)
-    run_files.check_owner(run_dir(workdir, variant, seed), objective.config_of(cell))
+    directory = run_dir(workdir, variant, seed)
+    run_files.check_owner(directory, objective.config_of(cell))
+    objective.progress.skip(run_files.read_metrics(directory) is not None)
   if lockstep.is_follower():        # the primary process of this worker takes the cells
     lockstep.follow(lambda announced: objective.train(announced['cell']))
     return {}

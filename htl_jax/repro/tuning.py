@@ -50,10 +50,11 @@ from htl_jax.repro import lockstep, reference
 from htl_jax.repro import seeds as seeds_lib
 from htl_jax.repro import storage as storage_lib
 from htl_jax.repro import tuning_outputs
+from htl_jax.repro.progress import Progress
 from htl_jax.repro.study import has_heartbeat, open_study, trial_counts
 from htl_jax.repro import table6
 from htl_jax.repro.table6 import search_space
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.train.checks import check_config
 
 
@@ -124,9 +125,10 @@ class TrialObjective:
   """
 
   def __init__(self, study: optuna.Study, base, workdir: str, space: dict[str, tuple],
-               n_trials: int, trial_seeds: int = 1):
+               n_trials: int, trial_seeds: int = 1, progress: Optional[Progress] = None):
     self.study, self.base, self.workdir = study, base, workdir
     self.space, self.n_trials, self.trial_seeds = space, n_trials, trial_seeds
+    self.progress = progress or Progress()
     self.rule = selection_lib.selection(base)
     self.current: Optional[int] = None      # the trial this process runs
 
@@ -148,6 +150,19 @@ class TrialObjective:
     logging.info('trial %d%s: %s', trial.number,
                  '' if origin is None else f' (retry of trial {origin}, resuming)', params)
     lockstep.announce({'params': params, 'trial_dir': trial_dir})
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   for t in self.study.get_trials(deepcopy=False))
+    self.progress.say(f'tune {os.path.basename(os.path.normpath(self.workdir))}: trial '
+                      f'{trial.number} ({finished + 1} of {self.n_trials}), '
+                      f'{self.trial_seeds} seed(s)')
+    try:
+      return self._train(trial, plan, trial_dir, reported)
+    finally:
+      self.progress.finished(self.trial_seeds)
+
+  def _train(self, trial: optuna.Trial, plan: TrialPlan, trial_dir: str,
+             reported: set[int]) -> float:
+    """The trial's seeds, pruned or recorded; their mean value."""
 
     def after_round(index: int, mean: Optional[float]) -> None:
       _stop_if_pruned(lockstep.share(self._report(trial, reported, index, mean)))
@@ -303,6 +318,8 @@ class StudyOptions:
     pruner_warmup_evals: evaluations every trial runs before it can be pruned (the first
       ones are noisy: on Hillstrom the first epoch's NRMSE did not predict the last one's).
     poll_seconds: wait between checks while the last trials run in other processes.
+    progress: counts the study's runs, ``n_trials x trial_seeds`` (the caller has them in
+      its total), and says which trial runs (:mod:`htl_jax.repro.progress`).
   """
 
   n_trials: int
@@ -313,6 +330,7 @@ class StudyOptions:
   pruner_startup_trials: int = 3
   pruner_warmup_evals: int = 1
   poll_seconds: float = 2.0
+  progress: Progress = dataclasses.field(default_factory=Progress)
 
   @property
   def random_startup(self) -> int:
@@ -357,7 +375,10 @@ def run_study(base, workdir: str, storage, options: StudyOptions) -> dict[str, A
                      pruner_warmup_evals=options.pruner_warmup_evals,
                      trial_seeds=options.trial_seeds, random_trials=options.random_startup)
   objective = TrialObjective(study, base, workdir, space, options.n_trials,
-                             options.trial_seeds)
+                             options.trial_seeds, options.progress)
+  counts = trial_counts(study)
+  options.progress.skip(min(counts['COMPLETE'] + counts['PRUNED'], options.n_trials)
+                        * options.trial_seeds)
 
   def write(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     tuning_outputs.write_outputs(study, workdir, base.model, objective.rule)
@@ -412,7 +433,8 @@ def tune(base, workdir: str, options: StudyOptions, storage: str = '') -> dict[s
   url = storage_lib.storage_url(workdir, storage)
   if base.selection == 'delta_m' and not base.selection_reference:
     base = base.copy_and_resolve_references()
-    base.selection_reference = reference.ensure(base, workdir, url, options.trial_seeds)
+    base.selection_reference = reference.ensure(base, workdir, url, options.trial_seeds,
+                                                options.progress)
   opened = None
   if not lockstep.is_follower():          # only the primary process talks to Optuna
     os.makedirs(workdir, exist_ok=True)     # the SQLite file goes there

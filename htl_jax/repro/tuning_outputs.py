@@ -23,6 +23,7 @@ module because ``trials_dataframe`` needs pandas, which nothing else here uses.
 from __future__ import annotations
 
 import csv
+import io
 import glob
 import json
 import math
@@ -33,7 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from htl_jax.selection import Selection, mean_metrics
-from htl_jax.train.run_files import write_json
+from htl_jax.run_files import write_json, write_text
 
 
 def _seed_metrics(workdir: str, run_dir: str) -> list[dict[str, Any]]:
@@ -105,12 +106,11 @@ def trial_rows(study: optuna.Study) -> tuple[list[str], list[dict[str, Any]]]:
 def write_trials_csv(study: optuna.Study, path: str) -> None:
   """Writes ``trials.csv`` atomically (several processes of one study may write it)."""
   columns, rows = trial_rows(study)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns, restval='')
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=columns, restval='')
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text(path, text.getvalue())
 
 
 def write_outputs(study: optuna.Study, workdir: str, model: str, rule: Selection

@@ -4,10 +4,9 @@ XLA:CPU allocates one scratch block per executed step (all temporaries of the co
 program; ``compiled.memory_analysis().temp_size_in_bytes``). glibc's ``malloc`` serves blocks
 above ``M_MMAP_THRESHOLD`` (at most 32 MiB by default) with a fresh ``mmap`` and unmaps them on
 ``free``, so EVERY step page-faults its whole scratch block in again: HTLNet with the
-gradient process at batch 2048 has 33 MiB of scratch and takes ~8,400 page faults a step
-(it took ~10,700, 10-20 ms of a ~50 ms step, with 41 MiB before its scratch was trimmed),
-while HTLNet without the gradient process (29 MiB) takes none. Raising the mmap and
-trim thresholds lets the block come from the heap and stay there, so later steps reuse it.
+gradient process at batch 2048 has more scratch than the threshold, and its page faults
+were a large part of a step (docs/benchmarks.md has the numbers). Raising the mmap and trim
+thresholds lets the block come from the heap and stay there, so later steps reuse it.
 
 This is a process-wide setting, so nothing applies it on import and no library function
 calls it: the commands that train (:func:`htl_jax.cli.common.join_processes`) and

@@ -32,6 +32,8 @@ import platform
 from absl import logging
 import jax
 
+from htl_jax import run_files
+
 ENV = 'HTL_JAX_COMPILATION_CACHE'
 
 
@@ -89,13 +91,7 @@ def _atomic_cache_class():
       path = self.path / f'{key}{lru_cache._CACHE_SUFFIX}'  # pylint: disable=protected-access
       if path.exists():
         return
-      tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-      try:
-        tmp.write_bytes(value)
-        os.replace(tmp, path)
-      finally:
-        with contextlib.suppress(OSError):
-          tmp.unlink()
+      run_files.write_bytes(str(path), value)
 
   return AtomicFileCache, jax_cache
 

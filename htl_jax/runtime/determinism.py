@@ -14,7 +14,8 @@ told otherwise:
 switch for speed) decides it at the start of every command (``htl_jax.cli.common``), before
 anything touches a device. Library users call it themselves, before their first device use.
 On CPU both are no-ops (tested: a run's metrics are identical with and without them), so
-they are set whatever the backend will be, without starting one to find out.
+they are set whatever the backend will be, without starting one to find out; what is in
+effect is logged by a run on a GPU only (:func:`describe`), and at ``--verbosity=1`` here.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def set_gpu_determinism(enabled: bool = True) -> bool:
     ``XLA_FLAGS`` (XLA read them at the start); otherwise a warning says so.
   """
   if not enabled:
-    logging.info('GPU determinism off (config.gpu_determinism=False): XLA may pick '
+    logging.vlog(1, 'GPU determinism off (config.gpu_determinism=False): XLA may pick '
                  'non-deterministic GPU kernels and run float32 matmuls as TF32')
     current = status()
     return current['deterministic_ops'] and current['matmul_precision'] == PRECISION
@@ -86,6 +87,15 @@ def set_gpu_determinism(enabled: bool = True) -> bool:
     logging.warning('%s=true set after JAX started its backend: it applies to the next '
                     'process only; set it before the first device use', FLAG)
     return False
-  logging.info('GPU determinism on: %s=true, float32 matmuls at %r precision (set '
+  logging.vlog(1, 'GPU determinism on: %s=true, float32 matmuls at %r precision (set '
                'config.gpu_determinism=False for speed)', FLAG, PRECISION)
   return True
+
+
+def describe() -> str:
+  """One line on what is in effect, for a run's log on a GPU (the settings change nothing
+  on a CPU, so nothing is said there)."""
+  current = status()
+  if current['deterministic_ops'] and current['matmul_precision'] == PRECISION:
+    return f'GPU determinism on ({FLAG}=true, float32 matmuls)'
+  return 'GPU determinism off: non-deterministic kernels and TF32 matmuls are allowed'

@@ -10,7 +10,7 @@
   predictions on the original scale.
 * ``serving.json``: the contract: the input signature (field order, vocabulary sizes), the
   outputs, the platforms, the jax version, and the preprocessing that turns raw rows into
-  ``ids`` (the run's ``preprocessing.json``, :class:`htl_jax.train.run_files.Preprocessing`):
+  ``ids`` (the run's ``preprocessing.json``, :class:`htl_jax.run_files.Preprocessing`):
   ``ids[:, j]`` is field ``fields[j]``'s id, ``0 <= ids[:, j] < vocab_sizes[j]`` (0 = null /
   unseen in training).
 
@@ -34,12 +34,13 @@ import jax.numpy as jnp
 
 from htl_jax.errors import ConfigError, first_line
 from htl_jax.serve.run import TrainedRun, load_run
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.train import step as step_lib
 
 MODEL_FILE = 'model.jax_export'
 SIGNATURE_FILE = 'serving.json'
 DEFAULT_PLATFORMS = ('cpu', 'cuda')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')     # what jax.export lowers for
 FORMAT = 1
 
 
@@ -143,9 +144,13 @@ def export_run(workdir: str, out_dir: str, *, platforms: Sequence[str] = DEFAULT
 
   Raises:
     RunError: ``workdir`` holds no finished run.
-    ConfigError: ``out_dir`` is a file, or lies in the training run.
+    ConfigError: ``out_dir`` is a file, or lies in the training run; an unknown platform.
   """
   check_out_dir(out_dir, workdir)
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise ConfigError(f'--platforms: {", ".join(map(repr, unknown)) or "none given"}; '
+                      f'jax.export lowers for {", ".join(PLATFORMS)}')
   run = run or load_run(workdir)
   exported, fallback = _lower(run, platforms)
   os.makedirs(out_dir, exist_ok=True)

@@ -3,7 +3,7 @@
 :func:`predict_file` reads the input with the run's own loader (KuaiRand directory,
 Kaggle transactions, tabular CSV / Parquet) ``chunk_rows`` rows at a time, encodes each
 chunk with the preprocessing fitted at training time
-(:class:`htl_jax.train.run_files.Preprocessing`),
+(:class:`htl_jax.run_files.Preprocessing`),
 runs the trainer's eval step (:func:`htl_jax.train.step.eval_step`, compiled data-parallel
 as in training) on batches of ``config.eval_batch_size`` rows and appends, per input row and
 in input order:
@@ -29,7 +29,6 @@ to a temporary name beside it and renamed at the end, so a failed run leaves no 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 import shutil
@@ -42,12 +41,13 @@ import numpy as np
 import polars as pl
 
 from htl_jax import data as data_lib
-from htl_jax.data import kaggle_revenue, tabular
+from htl_jax.data import kaggle_revenue, pipeline, tabular
 from htl_jax.data.encoding import Encoder
 from htl_jax.data.schema import FeatureChunk, Unparseable
 from htl_jax.errors import ConfigError, DataError
 from htl_jax.serve.run import TrainedRun, load_run
-from htl_jax.train import parallel, run_files
+from htl_jax import run_files
+from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
 
 PROB_PREFIX = 'prob_'
@@ -133,41 +133,30 @@ def passthrough_columns(config: Any, override: Optional[str] = None) -> tuple[st
 # ----------------------------------------------------------------------------- scoring
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_eval(setup):
-  """The eval step of ``setup``, data-parallel as in training (compiled once per setup)."""
-  return parallel.pmap_step(functools.partial(step_lib.eval_step, setup), donate_state=False)
-
-
 class BatchScorer:
   """The trainer's eval step on fixed-size batches (the run's ``eval_batch_size``)."""
 
   def __init__(self, run: TrainedRun, batch_size: Optional[int] = None):
     self.batch_size = int(batch_size or run.config.eval_batch_size)
-    self._eval = _compiled_eval(run.setup)
+    self._setup = run.setup
     self._state = parallel.replicate(run.state)
 
   def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of int32 ids ``[N, F]``.
 
-    The last batch is padded by repeating the first row (weight 0), as the trainer does.
-    Each batch's result is read before the next is dispatched: dispatching a whole chunk
-    ahead held ~100 MB more and was not faster on 2 cores.
+    The last batch is padded as the trainer's evaluation pads it
+    (:func:`htl_jax.data.pipeline.batch_rows`). Each batch's result is read before the next
+    is dispatched.
     """
     probs, core = [], []
-    for start in range(0, x.shape[0], self.batch_size):
-      rows = x[start:start + self.batch_size]
-      real = rows.shape[0]
-      weight = np.ones(self.batch_size, np.float32)
-      if real < self.batch_size:
-        pad = np.repeat(rows[:1], self.batch_size - real, axis=0)
-        rows = np.concatenate([rows, pad])
-        weight[real:] = 0.0
-      batch = {'x': rows, 'index': np.arange(start, start + self.batch_size, dtype=np.int32),
-               'weight': weight}
-      out = self._eval(self._state, parallel.shard(batch))
-      probs.append(parallel.unshard(out['probs'])[:real])
-      core.append(parallel.unshard(out['core'])[:real])
+    for index, weight in pipeline.batch_rows(x.shape[0], self.batch_size, shuffle=False,
+                                             seed=0, epoch=0, drop_remainder=False):
+      real = int(np.sum(weight > 0))
+      batch = {'x': x[index], 'index': index, 'weight': weight}
+      out = parallel.unreplicate(step_lib.eval_program(self._setup, self._state,
+                                                       parallel.shard(batch)))
+      probs.append(out['probs'][:real])
+      core.append(out['core'][:real])
     return np.concatenate(probs), np.concatenate(core)
 
 

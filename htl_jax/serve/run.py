@@ -1,7 +1,7 @@
 """A finished training run, loaded back from its workdir for prediction and export.
 
 A workdir written by :func:`htl_jax.train.loop.train_and_evaluate` holds the run's files
-(:mod:`htl_jax.train.run_files`): ``config.json``, ``preprocessing.json``,
+(:mod:`htl_jax.run_files`): ``config.json``, ``preprocessing.json``,
 ``checkpoints/best`` and, once the run finished, ``metrics.json``. :func:`load_run` rebuilds
 the static setup through the trainer's own pieces (``make_setup``) and restores from the best
 checkpoint only what inference reads, the parameters and the temperature
@@ -17,9 +17,9 @@ from typing import Any
 import ml_collections
 
 from htl_jax.errors import RunError
-from htl_jax.train import run_files
+from htl_jax import run_files
 from htl_jax.train.checkpoint import restore_serving
-from htl_jax.train.run_files import Preprocessing
+from htl_jax.run_files import Preprocessing
 from htl_jax.train.state import ServingState, TrainSetup, abstract_serving_state, make_setup
 
 

@@ -3,7 +3,8 @@
 Two ``CheckpointManager``s under ``<workdir>/checkpoints``:
 
 - ``latest/``: saved periodically (at evaluation and ``checkpoint_every`` steps, at most once
-  every ``checkpoint_seconds``; always on SIGTERM / SIGINT and at the end); a restarted run
+  every ``checkpoint_seconds``: orbax's ``ContinuousCheckpointingPolicy`` decides, on the
+  primary process for all of them; always on SIGTERM / SIGINT and at the end); a restarted run
   resumes from its newest step and continues exactly as if it had never stopped (state,
   temperature, PRNG key, optimizer and gradient-process states, and the loop's
   early-stopping counters are all saved);
@@ -21,18 +22,16 @@ partial restore), for prediction and export.
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
-import sys
-import time
 from typing import Any, Optional
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
 from htl_jax.errors import RunError, first_line
-from htl_jax.train import run_files
+from htl_jax import run_files
 
 
 class Checkpoints:
@@ -47,16 +46,17 @@ class Checkpoints:
 
   def __init__(self, workdir: str, best_mode: str, keep_latest: int = 2,
                min_seconds: float = 0.0):
-    """``min_seconds``: the least time between two writes that :meth:`due` allows (0: every
-    call is due, and every best state is written at once)."""
-    quiet_abandoned_io()
+    """``min_seconds``: the least time between two periodic writes (0: every :meth:`due`
+    step writes, and every best state is written at once)."""
     self.min_seconds = float(min_seconds)
-    self._last_write = time.monotonic()
     self._pending_best: Optional[tuple[int, Any, dict, float]] = None
     self._best_in_memory: Optional[tuple[Any, dict]] = None
     self.root = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS))
+    policy = (save_decision_policy.ContinuousCheckpointingPolicy(
+        minimum_interval_secs=self.min_seconds) if self.min_seconds > 0 else None)
     self.latest = _manager(os.path.join(self.root, 'latest'), ocp.StandardCheckpointHandler(),
-                           ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True))
+                           ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True,
+                                                        save_decision_policy=policy))
     # Two best checkpoints: the second one stands in if the best is damaged.
     self.best = _manager(os.path.join(self.root, 'best'), ocp.StandardCheckpointHandler(),
                          ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
@@ -77,16 +77,17 @@ class Checkpoints:
           f'{first_line(error)[:300]}; the previous one (step '
           f'{max(previous) if previous else "none"}) is intact') from None
 
-  def due(self) -> bool:
-    """Whether a periodic ``latest`` save should write now (``min_seconds`` have passed)."""
-    return time.monotonic() - self._last_write >= self.min_seconds
+  def due(self, step: int) -> bool:
+    """Whether a periodic ``latest`` save of ``step`` should write (orbax's policy: no
+    newer one on disk, ``min_seconds`` since the last; the same answer in every process)."""
+    return self.latest.should_save(step)
 
   def save_latest(self, step: int, state: Any, loop: dict) -> None:
-    """Writes the waiting best state, then ``state`` as the latest."""
+    """Writes the waiting best state, then ``state`` as the latest (whatever the policy:
+    the caller asked :meth:`due`, or it is the last or a stop's save)."""
     self.flush_best()
     if self.latest.latest_step() != step:
       self._save(self.latest, step, state, loop)
-    self._last_write = time.monotonic()
 
   def save_best(self, step: int, state: Any, loop: dict, value: float) -> None:
     """A new best (host) state: written now, or with the next latest one (``min_seconds``)."""
@@ -163,46 +164,6 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
           'resume with the config of that run, or give this one another --workdir')
 
 
-def _is_closed_loop_noise(error: Optional[BaseException]) -> bool:
-  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
-
-
-class _AbandonedOrbaxTasks(std_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned writes."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    text = record.getMessage()
-    return not ('exception was never retrieved' in text and 'orbax' in text)
-
-
-def quiet_abandoned_io() -> None:
-  """Silences what an abandoned orbax read or write prints later, once per process.
-
-  When one array of a checkpoint fails to read or write, orbax gives up on the others; their
-  TensorStore callbacks still fire, on the event loop orbax has closed meanwhile, and each
-  ``RuntimeError: Event loop is closed`` is printed with its traceback (through
-  ``sys.excepthook`` from TensorStore's threads), and asyncio logs each abandoned write task
-  ("Task exception was never retrieved"): tens of tracebacks around the one line that says
-  what happened. They carry nothing (the failure is already reported), so this drops exactly
-  those and passes every other exception and log record on.
-  """
-  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
-  if getattr(previous_excepthook, 'drops_closed_loop_noise', False):
-    return
-
-  def excepthook(kind, error, traceback) -> None:
-    if not _is_closed_loop_noise(error):
-      previous_excepthook(kind, error, traceback)
-
-  def unraisablehook(unraisable: Any) -> None:
-    if not _is_closed_loop_noise(unraisable.exc_value):
-      previous_unraisablehook(unraisable)
-
-  excepthook.drops_closed_loop_noise = True
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-  std_logging.getLogger('asyncio').addFilter(_AbandonedOrbaxTasks())
-
-
 def _last_readable(manager: ocp.CheckpointManager, steps: list[int], like: Any, args: Any,
                    move_damaged: bool = True) -> Optional[tuple[Any, int]]:
   """The items of the last of ``steps`` that reads completely, restored with ``args``, and
@@ -262,7 +223,6 @@ def restore_serving(workdir: str, like: Any) -> Optional[tuple[Any, int]]:
   directory = os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS, 'best'))
   if not os.path.isdir(directory):
     return None
-  quiet_abandoned_io()
   manager = _manager(directory, ocp.PyTreeCheckpointHandler(),
                      ocp.CheckpointManagerOptions(read_only=True, create=False))
   try:

@@ -25,7 +25,8 @@ from htl_jax.metrics import CORE_METRICS
 from htl_jax.models import MODELS, model_class
 from htl_jax.selection import RULES, selection
 from htl_jax.train import parallel
-from htl_jax.train.state import EMBEDDING_OPTIMIZERS, GRAD_PROCESSES, resolve_grad_process
+from htl_jax.train.optimizer import EMBEDDING_OPTIMIZERS, GRAD_PROCESSES
+from htl_jax.train.state import resolve_grad_process
 
 FEEDS = ('auto', 'device', 'host')
 

@@ -1,7 +1,7 @@
-"""The gradient of one global batch, in the order of docs/design.md.
+"""The per-task gradients of one global batch, in the order of docs/design.md.
 
-:func:`compute` is steps 1-6 of the train step (:mod:`htl_jax.train.step`), each a short
-function below:
+:func:`compute` is steps 1-4 of the train step (:mod:`htl_jax.train.step`), each a short
+function below; steps 5-7 are the run's optax chain (:mod:`htl_jax.train.optimizer`):
 
 1. **Lookup** (:func:`htl_jax.embedding.lookup`): the embedding rows of the batch,
    ``[B, F, d]``; a model with independent tasks (DNN) looks every field up once per task's
@@ -16,21 +16,15 @@ function below:
    gathered, dense gradients averaged, so what follows sees the GLOBAL batch (1 and N
    devices give the same update).
 4. **Sum by id** (:func:`_sum_by_id`): per task, the row gradients of each distinct id
-   summed into one slot, ``[K, slots, d]`` (:func:`htl_jax.embedding.sum_rows_by_id`).
-5. **Gradient process**: Algorithm 1 (Eq. 16-17), PCGrad or MetaBalance combines the
-   per-task gradients of ``theta_s`` (rows and shared layers jointly) into one.
-6. **Back to the table, plus L2** (:func:`htl_jax.embedding.table_gradient`): the L2 term
-   of the looked-up rows (not a task, so after the process) is added, and the result
-   becomes the table's gradient: a dense ``[M, d]`` array for dense Adam, or
-   :class:`htl_jax.embedding.RowGradients` (one slot per looked-up row, never O(vocab)) for
-   ``lazy_adam``, whose ids' first occurrences come from a persistent scratch in the state
-   (:func:`htl_jax.embedding.first_occurrence_in`).
+   summed into one slot, ``[K, slots, d]`` (:func:`htl_jax.embedding.sum_rows_by_id`), with
+   ``lazy_adam``'s first occurrences from a persistent scratch in the state
+   (:func:`htl_jax.embedding.first_occurrence_in`); O(batch), never O(vocabulary).
 
-The diagnostics are the data of the paper's Fig. 5: per task, the norm of its gradient on
-``theta_s`` before and after the process and its cosine with the core gradient. With a
-process they come from the gradients computed anyway; without one, steps 2-4 run per task
-only where ``with_diagnostics`` is true, and never change the update (the training loop
-compiles that variant separately and runs it at evaluation steps only).
+The diagnostics are the data of the paper's Fig. 5 (:class:`htl_jax.optim.TaskDiagnostics`):
+per task, the norm of its gradient on ``theta_s`` before and after the process and its
+cosine with the core gradient. With a process the process records them; without one, steps
+2-4 run per task here only where ``with_diagnostics`` is true, and never change the update
+(the training loop compiles that variant separately and runs it at evaluation steps only).
 
 The step RNG is ``fold_in(rng, step)``; Gumbel noise is keyed by each example's position in
 its split, so 1 and N devices draw the same noise.
@@ -47,33 +41,37 @@ from htl_jax import embedding
 from htl_jax.optim import TaskDiagnostics, per_task
 from htl_jax.optim import stacked as stacked_lib
 from htl_jax.train import parallel
+from htl_jax.train.optimizer import TableBatch
 from htl_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 
 
 class StepGradients(NamedTuple):
-  """What :func:`compute` returns.
+  """What :func:`compute` returns: the run's chain's input and what it reads of the batch.
 
   Attributes:
-    grads: shaped like ``state.params`` (``theta_s`` combined by the gradient process, L2
-      included); with ``lazy_adam`` the table's is :class:`embedding.RowGradients`.
+    stacked: shaped like ``state.params``: the table's per-task gradients (``[K, M, d]``
+      dense, or ``[K, N, d]`` slots), the shared model layers' ``[K, ...]``, every other
+      leaf the summed gradient (without a gradient process, the table's one summed "task"
+      has K = 1).
+    table_batch: the batch's ids, rows and slots (:class:`htl_jax.train.optimizer.TableBatch`).
     losses: ``[K]`` per-task losses (mean over devices).
-    balance_state: the gradient process's new state.
-    diagnostics: the Fig. 5 diagnostics (:class:`htl_jax.optim.TaskDiagnostics`).
+    diagnostics: without a gradient process, Fig. 5's data taken here (else None: the
+      process's state has them after the update).
     id_scratch: ``lazy_adam``'s id scratch to keep in the state (None with dense Adam).
   """
 
-  grads: Any
+  stacked: Any
+  table_batch: TableBatch
   losses: jax.Array
-  balance_state: Any
-  diagnostics: TaskDiagnostics
+  diagnostics: TaskDiagnostics | None
   id_scratch: jax.Array | None
 
 
 def compute(setup: TrainSetup, state: TrainState, batch: Batch,
             with_diagnostics: jax.Array | bool = False) -> StepGradients:
-  """Steps 1-6 of the module docstring: the gradient of every parameter for this batch.
+  """Steps 1-4 of the module docstring: the per-task gradients the chain combines.
 
   Args:
     with_diagnostics: without a gradient process, whether to take the per-task gradients
@@ -94,25 +92,15 @@ def compute(setup: TrainSetup, state: TrainState, batch: Batch,
   losses, rest, shared = parallel.mean((grads.losses, grads.rest, grads.shared))
   # 4. Sum by id.
   by_id = setup.grad_process != 'none' or first is not None
-  slots = _sum_by_id(setup, ids, row_grads, first, by_id)
-  stacked = {'embedding': slots.grads, 'shared': shared}
-  # 5. The gradient process.
+  table_grads, where = embedding.split_slots(
+      _sum_by_id(setup, ids, row_grads, first, by_id))
+  stacked = {'embedding': {'table': table_grads}, 'model': {**rest, **shared}}
+  diagnostics = None
   if setup.grad_process == 'none':
-    combined = jax.tree.map(lambda g: g[0], stacked)
-    balance_state = state.opt_state['balance']
     diagnostics = _diagnostics_on_request(setup, state, batch, rows, ids, first,
                                           with_diagnostics)
-  else:
-    combined, balance_state = setup.balance(state.hparams).update(
-        stacked, state.opt_state['balance'])
-    diagnostics = balance_state.diagnostics
-  # 6. Back to the table, plus L2.
-  table_grad = embedding.table_gradient(
-      slots._replace(grads=combined['embedding']), ids, global_rows,
-      state.params['embedding']['table'], state.hparams.l2 if setup.use_l2 else None,
-      setup.sparse_table)
-  grads = {'embedding': {'table': table_grad}, 'model': {**rest, **combined['shared']}}
-  return StepGradients(grads, losses, balance_state, diagnostics, scratch)
+  return StepGradients(stacked, TableBatch(ids, global_rows, where), losses, diagnostics,
+                       scratch)
 
 
 def lookup(setup: TrainSetup, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -166,20 +154,21 @@ def _gather_rows(row_grads: tuple[jax.Array, ...], rows: jax.Array
                  ) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """Step 3 for the sparse part: every device's rows and their per-task gradients
   (local means -> global mean). The dense gradients are averaged by ``parallel.mean``."""
-  n = parallel.num_replicas()
+  n = parallel.device_count()
   return tuple(parallel.gather(g, 0) / n for g in row_grads), parallel.gather(rows, 0)
 
 
 def _sum_by_id(setup: TrainSetup, ids: jax.Array, row_grads: tuple[jax.Array, ...],
-               first: jax.Array | None, by_id: bool) -> embedding.RowGradients:
-  """Step 4: ``[K, slots, d]`` per-task gradients of the batch's distinct ids.
+               first: jax.Array | None, by_id: bool) -> embedding.TableGradient:
+  """Step 4: the per-task gradients of the batch's distinct ids: ``[K, M, d]`` dense (a table
+  smaller than the batch's lookups), or ``[K, N, d]`` slots summed by id (``RowSums``).
 
   ``by_id=False`` (the summed gradient into a dense table: nothing reads per-id sums) keeps
-  one slot per looked-up row; the table's scatter in step 6 adds the occurrences up.
+  one slot per looked-up row (``RowOccurrences``); the table's scatter adds them up.
   """
   if not by_id:
     flat = ids.reshape(-1)
-    return embedding.RowGradients(
+    return embedding.RowOccurrences(
         flat, jnp.stack(row_grads).reshape(len(row_grads), flat.shape[0], -1))
   return embedding.sum_rows_by_id(ids, row_grads, setup.layout.rows, first=first)
 
@@ -201,8 +190,8 @@ def _diagnostics_on_request(setup: TrainSetup, state: TrainState, batch: Batch,
   def diagnose():
     grads = _task_gradients(setup, state, batch, rows)
     row_grads, _ = _gather_rows(grads.rows, rows)
-    slots = _sum_by_id(setup, ids, row_grads, first, by_id=True)
-    stacked = {'embedding': slots.grads, 'shared': parallel.mean(grads.shared)}
+    slots, _ = embedding.split_slots(_sum_by_id(setup, ids, row_grads, first, by_id=True))
+    stacked = {'embedding': slots, 'shared': parallel.mean(grads.shared)}
     return _raw_diagnostics(stacked)
 
   def skip():

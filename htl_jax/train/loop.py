@@ -1,6 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the whole run, resumable (docs/design.md).
 
-Writes the run's files into ``workdir`` (:mod:`htl_jax.train.run_files`): ``config.json``,
+Writes the run's files into ``workdir`` (:mod:`htl_jax.run_files`): ``config.json``,
 ``preprocessing.json``, ``metrics.jsonl`` (one line per evaluation: train loss, temperature,
 examples/s, validation metrics per task and the selection value, and per task the gradient
 diagnostics on ``theta_s`` of the paper's Fig. 5, :class:`htl_jax.optim.TaskDiagnostics`),
@@ -40,9 +40,11 @@ from htl_jax.data import default_cache_dir, load_dataset, pipeline
 from htl_jax.data.schema import HybridData, Split
 from htl_jax.errors import ConfigError, DataError, PreemptedError
 from htl_jax.losses import CoreTransform
+from htl_jax.runtime import determinism
 from htl_jax.selection import Selection, selection
 from htl_jax.train import feed as feed_lib
-from htl_jax.train import parallel, run_files
+from htl_jax import run_files
+from htl_jax.train import parallel
 from htl_jax.train import step as step_lib
 from htl_jax.train.checkpoint import Checkpoints
 from htl_jax.train.checks import check_config
@@ -56,28 +58,20 @@ __all__ = ['EarlyStopping', 'Evaluation', 'Run', 'prepare', 'train_and_evaluate'
 # ----------------------------------------------------------------------------- evaluation
 
 
-def predict(p_eval, state, split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(programs: '_Programs', state, split: Split, batch_size: int
+            ) -> tuple[np.ndarray, np.ndarray]:
   """Binary probabilities ``[N, T]`` and core predictions ``[N]`` of a whole split.
 
-  Each process predicts its part of each batch; ``p_eval`` gathers the parts.
+  Each process predicts its part of each batch; the program gathers the parts.
   """
   probs, core = [], []
   for batch in pipeline.batches(split, batch_size, shuffle=False, seed=0, epoch=0,
                                 drop_remainder=False, part=parallel.process_part()):
-    out = parallel.unreplicate(p_eval(state, parallel.shard(batch)))
+    out = parallel.unreplicate(programs.evaluate(state, parallel.shard(batch)))
     keep = out['weight'] > 0
     probs.append(out['probs'][keep])
     core.append(out['core'][keep])
   return np.concatenate(probs), np.concatenate(core)
-
-
-def evaluate(setup: TrainSetup, p_eval, state, split: Split, batch_size: int,
-             split_name: str, warned: set) -> dict[str, dict[str, Optional[float]]]:
-  """Metrics of a whole split; undefined ones are ``None`` (see ``writers.defined_metrics``)."""
-  probs, core_pred = predict(p_eval, state, split, batch_size)
-  metrics = metrics_lib.evaluate_tasks(split.y, probs, split.core, core_pred,
-                                       setup.spec.tasks, group=split.group)
-  return defined_metrics(metrics, split_name, warned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,23 +126,38 @@ def prepare(config, workdir: str) -> tuple[HybridData, TrainSetup]:
 
 
 class _Programs:
-  """The compiled programs of one run, compiled (or loaded) before its first timed step."""
+  """The compiled programs of one run (:data:`htl_jax.train.step.train_program`,
+  :data:`~htl_jax.train.step.eval_program`), compiled or loaded before its first timed step.
 
-  def __init__(self, steps: step_lib.Steps, feeder: feed_lib.Feeder, rstate: Any,
+  jit's cache keeps them: an ahead-of-time compile here is what the calls then run, and a
+  later run of an equal setup finds them there. With several processes they compile at
+  their first call (a pmap's ahead-of-time lowering there takes the global shapes).
+  """
+
+  def __init__(self, setup: TrainSetup, feeder: feed_lib.Feeder, rstate: Any,
                max_steps: int, diagnosed: bool, eval_example: dict):
+    step_lib.bound_programs(setup)
+    self.setup, self.mode, self.max_steps = setup, feeder.mode, max_steps
+    self.diagnosed = diagnosed and setup.grad_process == 'none'
     count = np.ones(parallel.local_device_count(), np.int32)
-    self.train = self.diagnosed = None
-    if feeder.has_dispatches:
-      source = feeder.example_source()
-      self.train = steps.compiled(steps.train(feeder.mode, max_steps), rstate, source, count)
-      self.diagnosed = (steps.compiled(steps.train(feeder.mode, max_steps, True), rstate,
-                                       source, count) if diagnosed else self.train)
-    self.evaluate = steps.compiled(steps.evaluate, rstate, eval_example)
+    if parallel.process_count() == 1:
+      if feeder.has_dispatches:
+        source = feeder.example_source()
+        for flag in {False, self.diagnosed}:
+          step_lib.train_program.lower(*self._statics(flag), rstate, source, count).compile()
+      step_lib.eval_program.lower(setup, rstate, eval_example).compile()
+
+  def _statics(self, diagnosed: bool) -> tuple:
+    return self.setup, self.max_steps, self.mode, diagnosed
 
   def run(self, rstate: Any, dispatch: feed_lib.Dispatch, source: Any) -> tuple[Any, dict]:
-    fn = self.diagnosed if dispatch.diagnosed else self.train
-    return fn(rstate, source, np.full(parallel.local_device_count(), dispatch.num_steps,
-                                      np.int32))
+    # A run without a process takes Fig. 5's diagnostics in its own program, at evaluations.
+    diagnosed = self.diagnosed and dispatch.diagnosed
+    return step_lib.train_program(*self._statics(diagnosed), rstate, source, np.full(
+        parallel.local_device_count(), dispatch.num_steps, np.int32))
+
+  def evaluate(self, state: Any, batch: dict) -> dict:
+    return step_lib.eval_program(self.setup, state, batch)
 
 
 def _eval_example(split: Split, batch_size: int) -> dict:
@@ -218,18 +227,14 @@ class Run:
 
   def _start(self) -> None:
     config = self.config
-    # Several processes write every checkpoint together: each must make the same choice,
-    # so no clock decides there.
-    self.ckpt = Checkpoints(self.workdir, self.rule.mode, min_seconds=(
-        config.checkpoint_seconds if parallel.process_count() == 1 else 0))
+    self.ckpt = Checkpoints(self.workdir, self.rule.mode,
+                            min_seconds=config.checkpoint_seconds)
     self._exit.callback(self.ckpt.close)
     state = init_state(self.setup, config)
     self.stopping = EarlyStopping()
     restored = self.ckpt.restore_latest(state)
-    if restored is not None:
-      # The config's hyperparameters win over the checkpoint's (a resumed run may change
-      # them on purpose; the same config resumes the same run).
-      state = restored[0].replace(hparams=state.hparams)
+    if restored is not None:          # the same config (run_files.check_owner): same values
+      state = restored[0]
       self.stopping = EarlyStopping.from_json(restored[1])
       logging.info('resumed from step %d', int(state.step))
     start = int(state.step)
@@ -244,8 +249,8 @@ class Run:
     self.feeder = feed_lib.Feeder(self.data, config, dispatches, max_steps)
     self.rstate = parallel.replicate(state)
     del state
-    self.programs = _Programs(step_lib.compiled_steps(self.setup), self.feeder, self.rstate,
-                              max_steps, at_eval or config.grad_diagnostics == 'every_step',
+    self.programs = _Programs(self.setup, self.feeder, self.rstate, max_steps,
+                              at_eval or config.grad_diagnostics == 'every_step',
                               _eval_example(self.data.valid, config.eval_batch_size))
     self.progress = Progress(self.writer, int(config.batch_size))
 
@@ -258,6 +263,8 @@ class Run:
                  self.total_steps, self.per_epoch, parallel.device_count(),
                  parallel.process_count(), setup.grad_process, setup.grad_path,
                  self.rule.describe())
+    if parallel.platform() == 'gpu':
+      logging.info(determinism.describe())
 
   # --------------------------------------------------------------------------- the loop
 
@@ -294,21 +301,20 @@ class Run:
           break
         train_start = time.perf_counter()
         self.progress.restart_timer()
-      elif step % self.config.checkpoint_every == 0 and self.ckpt.due():
+      elif step % self.config.checkpoint_every == 0 and self.ckpt.due(step):
         self._save_latest(step)
     self.progress.drain(self._keep_best)
 
   def _evaluate(self, step: int) -> Evaluation:
     """Validation metrics, the selection value, early stopping, the best checkpoint and
     the ``metrics.jsonl`` line of ``step``; the latest checkpoint when one is due."""
-    valid = evaluate(self.setup, self.programs.evaluate, self.rstate, self.data.valid,
-                     self.config.eval_batch_size, 'valid', self.warned)
+    valid = self._metrics(self.rstate, 'valid')
     value = self.rule.value(valid)
     improved = self.rule.better(value, self.stopping.best_value)
     self.stopping = self.stopping.update(step, value, self.rule, self.config.patience,
                                          self.config.min_improvement)
     # The state is copied to the host only for a checkpoint (a best one, or a due one).
-    due = self.ckpt.due()
+    due = self.ckpt.due(step)
     host_state = parallel.unreplicate(self.rstate) if improved or due else None
     if improved:
       self.ckpt.save_best(step, host_state, self.stopping.to_json(), value)
@@ -324,6 +330,14 @@ class Run:
     if due:
       self.ckpt.save_latest(step, host_state, self.stopping.to_json())
     return Evaluation(step, valid, value, self.stopping)
+
+  def _metrics(self, state: Any, split_name: str) -> dict[str, dict[str, Optional[float]]]:
+    """Metrics of a whole split; undefined ones are None (``writers.defined_metrics``)."""
+    split = getattr(self.data, split_name)
+    probs, core_pred = predict(self.programs, state, split, self.config.eval_batch_size)
+    metrics = metrics_lib.evaluate_tasks(split.y, probs, split.core, core_pred,
+                                         self.setup.spec.tasks, group=split.group)
+    return defined_metrics(metrics, split_name, self.warned)
 
   def _save_latest(self, step: int) -> None:
     self.ckpt.save_latest(step, parallel.unreplicate(self.rstate), self.stopping.to_json())
@@ -348,11 +362,8 @@ class Run:
     final = self.ckpt.restore_best(host_state)
     final_state = parallel.replicate(final[0]) if final is not None else self.rstate
     config = self.config
-    result = {'valid': evaluate(self.setup, self.programs.evaluate, final_state,
-                                self.data.valid, config.eval_batch_size, 'valid',
-                                self.warned),
-              'test': evaluate(self.setup, self.programs.evaluate, final_state,
-                               self.data.test, config.eval_batch_size, 'test', self.warned),
+    result = {'valid': self._metrics(final_state, 'valid'),
+              'test': self._metrics(final_state, 'test'),
               'best_step': self.stopping.best_step, 'steps': step,
               'epochs': step / self.per_epoch,
               'train_seconds': float(self.stopping.train_seconds),

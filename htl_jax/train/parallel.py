@@ -21,7 +21,7 @@ nothing here needs ``shard_map``; a later move to it touches this file only.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from flax import jax_utils
 import jax
@@ -64,8 +64,8 @@ def mean(tree: Any) -> Any:
   """Average over all devices (inside a pmapped step).
 
   The leaves of each dtype travel as ONE flat vector: gloo (CPU, several processes) runs a
-  tuple all-reduce leaf by leaf, and HTLNet's ~50 tower leaves cost ~5x one vector of the
-  same size. With one device this is the identity.
+  tuple all-reduce leaf by leaf, one collective per leaf (HTLNet has ~50 tower leaves).
+  With one device this is the identity.
   """
   if device_count() == 1:
     return tree
@@ -85,17 +85,12 @@ def mean(tree: Any) -> Any:
 def gather(x: jax.Array, axis: int = 0) -> jax.Array:
   """Concatenate every device's ``x`` along ``axis``, in global device order (in a step).
 
-  With one device this is the identity; skipping the collective saves a copy of the
-  per-task row gradients (~3 ms a step at batch 2048 on CPU).
+  With one device this is the identity (the collective would copy the per-task row
+  gradients for nothing).
   """
   if device_count() == 1:
     return x
   return jax.lax.all_gather(x, AXIS, axis=axis, tiled=True)
-
-
-def num_replicas() -> int:
-  """Number of devices in the step (``pmap`` runs over all devices of all processes)."""
-  return device_count()
 
 
 def platform() -> str:
@@ -113,21 +108,15 @@ def _local_sharding() -> jax.sharding.NamedSharding:
 def replicate(tree: Any) -> Any:
   """Pytree -> one copy per local device (leading device axis), as ``pmap`` lays it out.
 
-  Each leaf comes to the host once and each device's copy goes from there straight to its
-  own device, so no device holds another's copy, and passing the result to a pmapped step
-  moves no data (with a donated state, the step reuses these buffers; tested). Leaves may be
-  numpy or JAX arrays or scalars.
+  Each device's copy goes from the host straight to its own device (:func:`put_sharded` of
+  a broadcast view: no host copy per device), so no device holds another's copy, and
+  passing the result to a pmapped step moves no data (with a donated state, the step reuses
+  these buffers; tested). Leaves may be numpy or JAX arrays or scalars.
   """
-  devices = jax.local_devices()
-  sharding = _local_sharding()
-
-  def put(x: Any) -> jax.Array:
-    one = np.asarray(x)[None]
-    copies = [jax.device_put(one, device) for device in devices]
-    return jax.make_array_from_single_device_arrays((len(devices),) + one.shape[1:],
-                                                    sharding, copies)
-
-  return jax.tree.map(put, jax.device_get(tree))
+  n = local_device_count()
+  return put_sharded(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None],
+                                                            (n,) + np.shape(x)),
+                                  jax.device_get(tree)))
 
 
 def put_sharded(tree: Any) -> Any:
@@ -166,23 +155,26 @@ def unshard(x: Any) -> np.ndarray:
   return x.reshape((-1,) + x.shape[2:])
 
 
-def pmap_step(fn: Callable[..., Any], donate_state: bool = True) -> Callable[..., Any]:
-  """Compile ``fn(state, batch)`` data-parallel over all devices of all processes."""
-  return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,) if donate_state else ())
+def pmap_program(fn: Callable[..., Any], static: tuple[int, ...] = (),
+                 donate: Optional[int] = None, gathered: bool = False) -> Callable[..., Any]:
+  """``fn`` compiled data-parallel over all devices of all processes.
 
-
-def pmap_gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Like :func:`pmap_step` (no donation), with every output gathered over all devices.
-
-  Each device returns the outputs of the whole global batch (leading axis in global batch
-  order); :func:`unreplicate` takes them on the host. Used for evaluation, so that each
-  row is predicted by exactly one device and every process sees every prediction.
+  Args:
+    fn: the per-device program.
+    static: positions of its static arguments (hashable: a setup, a count), broadcast to
+      every device; jit's cache keeps one program per value and shapes.
+    donate: the position of the argument whose buffers the program reuses (the state).
+    gathered: every output gathered over all devices: each device returns the outputs of
+      the whole global batch (leading axis in global batch order), which
+      :func:`unreplicate` takes on the host. Evaluation uses it, so that each row is
+      predicted by exactly one device and every process sees every prediction.
   """
-
-  def gathered(*args):
-    return jax.tree.map(lambda x: gather(x, 0), fn(*args))
-
-  return jax.pmap(gathered, axis_name=AXIS)
+  program = fn
+  if gathered:
+    def program(*args):
+      return jax.tree.map(lambda x: gather(x, 0), fn(*args))
+  return jax.pmap(program, axis_name=AXIS, static_broadcasted_argnums=static,
+                  donate_argnums=() if donate is None else (donate,))
 
 
 def same_on_all_processes(values: np.ndarray) -> bool:

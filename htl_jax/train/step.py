@@ -2,17 +2,15 @@
 
 ``train_step(setup, state, batch, with_diagnostics) -> (state, metrics)``:
 
-1.-6. the gradient of every parameter (:func:`gradient_path.compute`): lookup, per-task
-   gradients of ``theta_s``, across devices, sum by id, the gradient process (Algorithm 1,
-   PCGrad or MetaBalance), back to the table plus L2;
-7. Adam with one learning rate (:func:`htl_jax.train.state.make_optimizer`): dense
-   ``optax.adam`` on every parameter, or, with ``embedding_optimizer='lazy_adam'``, on the
-   model's parameters and only the batch's rows of the table
-   (:func:`htl_jax.embedding.row_adam`), so no part of the step costs O(vocab);
+1.-4. the per-task gradients (:func:`gradient_path.compute`): lookup, per-task gradients of
+   ``theta_s``, across devices, sums by id;
+5.-7. the run's optax chain (:mod:`htl_jax.train.optimizer`): the gradient process
+   (Algorithm 1, PCGrad or MetaBalance), the table's gradient plus L2, and Adam with one
+   learning rate (dense, or row-wise on the batch's rows with ``lazy_adam``, so no part of
+   the step costs O(vocab));
 8. the temperature decay (Appendix A), kept in the train state.
 
-The metrics carry the losses, the gradient norm and the data of the paper's Fig. 5 (see
-:mod:`htl_jax.train.gradient_path`).
+The metrics carry the losses, the update's norm and the data of the paper's Fig. 5.
 
 ``train_step_on_rows`` is the same step on a split kept on the device
 (``config.feed='device'``): the host puts each epoch's row numbers on the devices once, and
@@ -20,22 +18,25 @@ every step gathers its own batch there, so nothing travels per step. ``train_ste
 several steps in one program (one dispatch), for either feed; the loop runs every step
 through it.
 
-:func:`compiled_steps` keeps the data-parallel programs of a setup (:class:`Steps`) for the
-later runs of equal setups in the process, and bounds how many it keeps.
+The compiled programs are module-level pmapped functions with the setup static
+(:data:`train_program`, :data:`eval_program`): jit's cache is the only cache of compiled
+programs, so runs of equal setups (every step-shaping config field equal) share them.
+:func:`bound_programs` keeps that cache's memory bounded over many setups.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from htl_jax import embedding
+from htl_jax.optim.row_adam import apply_row_updates
 from htl_jax.train import gradient_path, parallel
-from htl_jax.train.state import ServingState, TrainSetup, TrainState, decay_tau
+from htl_jax.train import optimizer as optimizer_lib
+from htl_jax.train.state import ServingState, TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 
@@ -44,24 +45,24 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch,
                with_diagnostics: jax.Array | bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on one global batch (the local shard under ``pmap``)."""
-  # 1.-6. The gradient of every parameter.
-  grads, losses, balance_state, diag, scratch = gradient_path.compute(
-      setup, state, batch, with_diagnostics)
-  # 7. Adam.
-  updates, optimizer_state = setup.optimizer(state.hparams).update(
-      grads, state.opt_state['optimizer'], state.params)
-  params = embedding.apply_updates(state.params, updates)
-  loss = jnp.sum(losses)
-  grad_norm = jnp.sqrt(embedding.squared_norm(grads))
+  # 1.-4. The per-task gradients.
+  grads = gradient_path.compute(setup, state, batch, with_diagnostics)
+  # 5.-7. The gradient process, the table's gradient plus L2, Adam: one optax chain.
+  updates, opt_state = setup.optimizer.update(grads.stacked, state.opt_state, state.params,
+                                              table_batch=grads.table_batch)
+  params = apply_row_updates(state.params, updates)
+  loss = jnp.sum(grads.losses)
+  update_norm = jnp.sqrt(embedding.squared_norm(updates))
   # 8. The temperature decay.
   new_step = state.step + 1
-  new_state = state.replace(
-      step=new_step, params=params, tau=decay_tau(state.tau, new_step, state.hparams),
-      opt_state={'balance': balance_state, 'optimizer': optimizer_state},
-      id_scratch=scratch)
-  metrics = {'loss': loss, 'task_losses': losses, 'grad_norm': grad_norm,
-             'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm), 'tau': state.tau,
-             'diagnostics': diag}
+  new_state = state.replace(step=new_step, params=params, opt_state=opt_state,
+                            tau=state.tau_schedule.after(state.tau, new_step),
+                            id_scratch=grads.id_scratch)
+  diagnostics = (grads.diagnostics if setup.grad_process == 'none'
+                 else optimizer_lib.process_state(opt_state).diagnostics)
+  metrics = {'loss': loss, 'task_losses': grads.losses, 'update_norm': update_norm,
+             'finite': jnp.isfinite(loss) & jnp.isfinite(update_norm), 'tau': state.tau,
+             'diagnostics': diagnostics}
   return new_state, metrics
 
 
@@ -70,7 +71,7 @@ def gather_batch(resident: dict[str, jax.Array], index: jax.Array) -> Batch:
   batch = {'x': resident['x'][index], 'y': resident['y'][index],
            'core': resident['core'][index], 'index': index,
            'weight': jnp.ones(index.shape, jnp.float32)}
-  # Gathered once, not fused into (and redone by) each consumer: SB's step 0.4 -> 0.25 ms.
+  # Gathered once, not fused into (and redone by) each consumer.
   return jax.lax.optimization_barrier(batch)
 
 
@@ -141,84 +142,37 @@ def train_steps(setup: TrainSetup, state: TrainState, source: Any, num_steps: ja
   return jax.lax.fori_loop(0, num_steps, body, (state, out))
 
 
-class Steps:
-  """The data-parallel programs of one setup, compiled once per input shape.
-
-  :meth:`train` gives the pmapped :func:`train_steps` of a feed and a steps-per-dispatch;
-  the ``diagnosed`` variant takes Fig. 5's per-task diagnostics, which a run without a
-  gradient process takes only at evaluations: a second program rather than a ``lax.cond``
-  in one, because XLA:CPU pays for an untaken branch (MMoE: 29 ms a step with the cond,
-  22 ms without). With a gradient process the diagnostics come free and there is one
-  program. :meth:`compiled` compiles a program for its arguments' shapes ahead of time
-  (before a run's first timed step), or finds it compiled.
-  """
-
-  def __init__(self, setup: TrainSetup):
-    self.setup = setup
-    self.evaluate = parallel.pmap_gathered(functools.partial(eval_step, setup))
-    self._train: dict[tuple, Callable[..., Any]] = {}
-    self._compiled: dict[tuple, Any] = {}
-
-  def train(self, feed: str, max_steps: int, diagnosed: bool = False) -> Callable[..., Any]:
-    """``(state, source, num_steps) -> (state, metrics)``, data-parallel."""
-    diagnosed = diagnosed and self.setup.grad_process == 'none'
-    key = (feed, max_steps, diagnosed)
-    if key not in self._train:
-      self._train[key] = parallel.pmap_step(functools.partial(
-          train_steps, self.setup, max_steps=max_steps, feed=feed,
-          with_diagnostics=diagnosed))
-    return self._train[key]
-
-  def compiled(self, fn: Callable[..., Any], *args) -> Callable[..., Any]:
-    """``fn`` compiled for ``args``' shapes (lowered and compiled now, or found).
-
-    With several processes, ``fn`` itself: it compiles at its first call (a pmap's
-    ahead-of-time lowering there takes the global shapes, not a process's).
-    """
-    if parallel.process_count() > 1:
-      return fn
-    key = (fn, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)),
-           jax.tree.structure(args))
-    if key not in self._compiled:
-      self._compiled[key] = fn.lower(*args).compile()
-      _bound_kept(keep=self)
-    return self._compiled[key]
-
-  @property
-  def num_programs(self) -> int:
-    return len(self._compiled)
+def _train_program(setup: TrainSetup, max_steps: int, feed: str, diagnosed: bool,
+                   state: TrainState, source: Any, num_steps: jax.Array
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+  return train_steps(setup, state, source, num_steps, max_steps=max_steps, feed=feed,
+                     with_diagnostics=diagnosed)
 
 
-# The compiled steps this process keeps for later runs: runs of equal setups (every
-# step-shaping config field equal; seeds and Hyperparams may differ) reuse them. Past this
-# many setups, or this many compiled programs (a setup has one per batch shape), the least
-# recently used setups are dropped and JAX's caches cleared, so a process that runs hundreds
-# of configurations (a tuning study) holds a bounded number of programs (each holds a few
-# hundred memory maps; the kernel allows 65,530); the ones still kept recompile from the
-# persistent compilation cache when next called.
+# ``train_program(setup, max_steps, feed, diagnosed, state, source, num_steps)``: the
+# data-parallel :func:`train_steps`, compiled once per setup and shapes (the first four are
+# static, the state donated). ``diagnosed``: Fig. 5's per-task diagnostics in a run without
+# a gradient process (a second program rather than a ``lax.cond`` in one: XLA:CPU pays for
+# an untaken branch; with a process they come free and there is one program).
+train_program = parallel.pmap_program(_train_program, static=(0, 1, 2, 3), donate=4)
+# ``eval_program(setup, state, batch)``: :func:`eval_step`, outputs gathered over devices.
+eval_program = parallel.pmap_program(eval_step, static=(0,), gathered=True)
+
+# The setups whose programs jit's cache holds, most recent last. Past this many, the cache
+# is cleared (the programs still needed load from the persistent compilation cache), so a
+# process that runs hundreds of configurations (a tuning study over embedding sizes and
+# batch sizes) holds a bounded number of programs: each holds a few hundred memory maps,
+# and the kernel allows 65,530.
 MAX_KEPT_SETUPS = 4
-MAX_KEPT_PROGRAMS = 16
-_KEPT: collections.OrderedDict[TrainSetup, Steps] = collections.OrderedDict()
+_SEEN: collections.OrderedDict[int, None] = collections.OrderedDict()
 
 
-def compiled_steps(setup: TrainSetup) -> Steps:
-  """The data-parallel steps of ``setup`` (kept for later runs of equal setups)."""
-  steps = _KEPT.pop(setup, None) or Steps(setup)
-  _KEPT[setup] = steps
-  _bound_kept(keep=steps)
-  return steps
-
-
-def _bound_kept(keep: Steps) -> None:
-  """Drops the least recently used setups (never ``keep``) past the bounds above."""
-  dropped = False
-  while len(_KEPT) > 1 and (
-      len(_KEPT) > MAX_KEPT_SETUPS
-      or sum(steps.num_programs for steps in _KEPT.values()) > MAX_KEPT_PROGRAMS):
-    oldest = next(iter(_KEPT))
-    if _KEPT[oldest] is keep:
-      break
-    del _KEPT[oldest]
-    dropped = True
-  if dropped:
+def bound_programs(setup: TrainSetup) -> None:
+  """Notes that ``setup`` runs next; clears jit's caches once more setups than
+  :data:`MAX_KEPT_SETUPS` have come through since the last clear."""
+  _SEEN.pop(id(setup), None)
+  _SEEN[id(setup)] = None
+  if len(_SEEN) > MAX_KEPT_SETUPS:
     jax.clear_caches()
+    _SEEN.clear()
+    _SEEN[id(setup)] = None

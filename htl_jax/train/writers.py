@@ -103,6 +103,11 @@ def _step_of(line: str) -> float:
     return math.inf
 
 
+# Whether runs draw a tqdm bar: None = when stderr is a terminal (the long commands turn it
+# off: their own progress lines are on stdout).
+PROGRESS_BAR: Optional[bool] = None
+
+
 class RunWriter:
   """The run's ``metrics.jsonl``, TensorBoard events and progress display."""
 
@@ -121,7 +126,9 @@ class RunWriter:
     with open(self.path, 'w') as f:
       f.writelines(lines)
     self.events = tensorboardX.SummaryWriter(logdir=workdir, purge_step=resume_step + 1)
-    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    if progress_bar is None:
+      progress_bar = sys.stderr.isatty() if PROGRESS_BAR is None else PROGRESS_BAR
+    show_bar = progress_bar
     self.bar = (tqdm.tqdm(total=total_steps, initial=resume_step, unit='step',
                           dynamic_ncols=True, file=sys.stderr) if show_bar else None)
 

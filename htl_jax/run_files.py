@@ -159,6 +159,16 @@ def differing_fields(stored: Mapping[str, Any], config: ml_collections.ConfigDic
           if name not in MAY_CHANGE and old.get(name) != new.get(name)]
 
 
+# The workdirs this process has claimed (:func:`claim`): a command's log file goes into its
+# workdir only once the workdir is its own (htl_jax.cli.common.log_to_workdir).
+_CLAIMED: set[str] = set()
+
+
+def claimed(workdir: str) -> bool:
+  """Whether this process has claimed ``workdir`` (:func:`claim` succeeded)."""
+  return os.path.realpath(workdir) in _CLAIMED
+
+
 def claim(workdir: str, mark: str, identity: Mapping[str, Any]) -> None:
   """``workdir`` holds one thing: a training run (``config.json``), a tuning study
   (``study.json``) or a reproduction (``reproduction.json``). Writes ``mark`` with
@@ -176,9 +186,25 @@ def claim(workdir: str, mark: str, identity: Mapping[str, Any]) -> None:
                         if stored.get(k) != wanted.get(k))
       raise ConfigError(f'{workdir} holds {_KINDS[mark]} of its own ({diffs}); use another '
                         '--workdir')
-    return
-  os.makedirs(workdir, exist_ok=True)
-  write_json(path, wanted)
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, wanted)
+  _CLAIMED.add(os.path.realpath(workdir))
+
+
+def _refuse_nesting(workdir: str) -> None:
+  """ConfigError when ``workdir`` lies inside another training run's workdir (a slip such as
+  ``--workdir=runs/a/checkpoints/b``: the run would live among that run's checkpoints)."""
+  path = os.path.dirname(os.path.realpath(workdir))
+  while True:
+    if (os.path.isfile(os.path.join(path, CONFIG))
+        and os.path.isdir(os.path.join(path, CHECKPOINTS))):     # a run, not any config.json
+      raise ConfigError(f'--workdir {workdir}: lies inside the training run {path}; give '
+                        'this run a workdir of its own')
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
 
 
 def _refuse_other_kinds(workdir: str, mark: str) -> None:
@@ -187,20 +213,32 @@ def _refuse_other_kinds(workdir: str, mark: str) -> None:
       raise ConfigError(f'{workdir} holds {kind} ({other}); use another --workdir')
 
 
+_UNREADABLE = object()
+
+
+def _stored(path: str) -> Any:
+  """The JSON in ``path``: None without the file, ``_UNREADABLE`` when it does not read."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return _UNREADABLE
+
+
 def check_owner(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir belongs to one config: ConfigError (one line naming the fields that differ)
   when ``workdir`` holds a run of another config, or is a study's or a reproduction's.
   Reads only; nothing is changed."""
   _refuse_other_kinds(workdir, CONFIG)
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.isfile(path):
+  _refuse_nesting(workdir)
+  stored = _stored(os.path.join(workdir, CONFIG))
+  if stored is None:
     return
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except (OSError, ValueError):
+  if stored is _UNREADABLE:
     raise ConfigError(f'{workdir}: its {CONFIG} does not read; this is not a run this '
-                      'command can resume (give it another --workdir)') from None
+                      'command can resume (give it another --workdir)')
   diffs = differing_fields(stored, config)
   if diffs:
     shown = '; '.join(f'{name}: {old!r} there, {new!r} here' for name, old, new in diffs[:6])
@@ -256,7 +294,7 @@ def finished_metrics(workdir: str) -> dict[str, Any]:
   result = read_metrics(workdir)
   if result is None:
     raise RunError(f'{workdir}: no finished run here (no {METRICS}; train it to the end '
-                   'with experiments.main first)')
+                   'with htl-train first)')
   return result
 
 
@@ -312,13 +350,8 @@ def save_preprocessing(workdir: str, preprocessing: Preprocessing) -> str:
 def check_same_data(workdir: str, preprocessing: Preprocessing) -> None:
   """ConfigError when ``workdir``'s run fitted other preprocessing (other data under the
   same names: another file, other rows): its checkpoints would mean other values."""
-  path = os.path.join(workdir, PREPROCESSING)
-  if not os.path.isfile(path):
-    return
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except (OSError, ValueError):
+  stored = _stored(os.path.join(workdir, PREPROCESSING))
+  if stored is None or stored is _UNREADABLE:
     return                      # unreadable: the run is resumed and the file written again
   fitted = json.loads(json.dumps(preprocessing.to_dict()))
   if stored != fitted:
