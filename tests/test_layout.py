@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,18 @@ def test_experiments_import_only_the_package():
 @pytest.mark.parametrize('path', _sources(PACKAGE), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_library_file_over_500_lines(path):
   assert len(path.read_text().splitlines()) <= 500
+
+
+@pytest.mark.parametrize('module', ['htl_jax.cli.reproduce', 'htl_jax.cli.train',
+                                    'htl_jax.cli.predict', 'htl_jax.cli.export',
+                                    'htl_jax.cli.check_data'])
+def test_commands_without_a_study_do_not_import_optuna(module):
+  """A command module, with the report and figures, loads without Optuna (table1 and the
+  tables of finished runs need none: it is the `repro` extra's)."""
+  code = (f'import sys, {module}\n'
+          'import htl_jax.repro.report, htl_jax.repro.figures, htl_jax.repro.protocol\n'
+          'print(sorted(m for m in sys.modules if m.split(".")[0] == "optuna"))\n')
+  done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == '[]'
