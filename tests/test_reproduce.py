@@ -368,3 +368,12 @@ def test_a_cell_keeps_its_tuning_trials_schedule():
   for key in ('batch_size', 'eval_every', 'checkpoint_every', 'log_every', 'max_steps'):
     assert cell[key] == trial[key], key
   assert cell.eval_every == round(base.eval_every * base.batch_size / 2048) < base.eval_every
+
+
+def test_a_variant_whose_study_finished_no_trial_says_it_ran_at_the_defaults():
+  """A study whose trials were all pruned (e.g. every batch larger than the split) leaves
+  its variant at the config's defaults: table.md says so instead of staying silent."""
+  text = report.tuned_section({'DNN': {}, 'HTLNet': {'gamma': 1.0}}, tuned_dir='runs/tune')
+  assert '- DNN: the defaults of the config: its study has no completed trial' in text
+  assert '- HTLNet: gamma=1' in text
+  assert report.tuned_section({'DNN': {}}) == ''        # no tuning asked: nothing to say

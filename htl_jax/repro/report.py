@@ -288,17 +288,25 @@ def _tuning_budget(tuned_dir: str) -> str:
   return f' Tuning: {cap} of {runs} finished runs ended at the cap.' if runs else ''
 
 
-def tuned_section(tuned: dict[str, dict[str, Any]]) -> str:
-  """The overrides every variant started from (its tuning studies' best configuration)."""
-  if not any(tuned.values()):
+def tuned_section(tuned: dict[str, dict[str, Any]], tuned_dir: str = '') -> str:
+  """The overrides every variant started from (its tuning studies' best configuration);
+  with studies in ``tuned_dir``, a variant whose study finished no trial says so."""
+  if not tuned_dir and not any(tuned.values()):
     return ''
   lines = ['', 'Tuned configurations (each variant\'s studies over Table 6; the variant\'s '
            'own overrides apply on top):', '']
   for variant, overrides in tuned.items():
     values = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}'
                        for k, v in sorted(overrides.items()))
-    lines.append(f'- {variant}: {values or "the defaults of the config (no tuned study)"}')
+    lines.append(f'- {variant}: {values or _untuned(tuned_dir)}')
   return '\n'.join(lines) + '\n'
+
+
+def _untuned(tuned_dir: str) -> str:
+  if tuned_dir:
+    return ('the defaults of the config: its study has no completed trial (see its '
+            'trials.csv for why)')
+  return 'the defaults of the config (no tuned study)'
 
 
 def write_report(workdir: str, results: dict[str, dict],
@@ -310,7 +318,7 @@ def write_report(workdir: str, results: dict[str, dict],
   write_csv(os.path.join(workdir, 'results.csv'), table)
   built = build_table(table, experiment, variants)
   text = (markdown(built, experiment) + rule_section(context, table)
-          + tuned_section(context.tuned or {}))
+          + tuned_section(context.tuned or {}, context.tuned_dir))
   write_text(os.path.join(workdir, 'table.md'), text)
   write_text(os.path.join(workdir, 'table.tex'), latex(built, experiment))
   write_text(os.path.join(workdir, 'table.csv'), wide_csv(built))
