@@ -173,19 +173,25 @@ def claim(workdir: str, mark: str, identity: Mapping[str, Any]) -> None:
   """``workdir`` holds one thing: a training run (``config.json``), a tuning study
   (``study.json``) or a reproduction (``reproduction.json``). Writes ``mark`` with
   ``identity`` (e.g. the study's name) the first time; ConfigError, one line and nothing
-  changed, when it holds another kind of thing or another ``identity``."""
+  changed, when it holds another kind of thing or another ``identity``. A key the stored
+  mark lacks (written by an older release) is accepted and added."""
   _refuse_other_kinds(workdir, mark)
   path = os.path.join(workdir, mark)
   wanted = json.loads(json.dumps(dict(identity)))
   if os.path.isfile(path):
     with open(path) as f:
       stored = json.load(f)
-    if stored != wanted:
+    known = {k: v for k, v in wanted.items() if k in stored}
+    if stored != known:
       diffs = '; '.join(f'{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here'
-                        for k in sorted(set(stored) | set(wanted))
+                        for k in sorted(set(stored) | set(known))
                         if stored.get(k) != wanted.get(k))
-      raise ConfigError(f'{workdir} holds {_KINDS[mark]} of its own ({diffs}); use another '
-                        '--workdir')
+      hint = ('pass --storage=' + str(stored['storage']) + ' to go on with that study, or '
+              'use another folder') if stored.get('storage', wanted.get('storage')) != wanted.get(
+                  'storage') else 'use another --workdir'
+      raise ConfigError(f'{workdir} holds {_KINDS[mark]} of its own ({diffs}); {hint}')
+    if known != wanted:
+      write_json(path, {**stored, **wanted})
   else:
     os.makedirs(workdir, exist_ok=True)
     write_json(path, wanted)

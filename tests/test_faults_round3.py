@@ -32,7 +32,9 @@ import polars as pl
 import pytest
 
 from conftest import REPO, TINY_ARG, cli_overrides, snapshot
+from htl_jax import run_files
 from htl_jax.data import kuairand
+from htl_jax.errors import ConfigError
 
 _ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HTL_JAX_HEARTBEAT_SECONDS': '1'}
 
@@ -221,6 +223,33 @@ def test_a_second_study_in_a_tuning_workdir_is_refused(tmp_path, cache_dir):
   _one_error_line(_run([*base, '--model=mmoe']), 2, 'holds a tuning study of its own',
                   "model: 'shared_bottom' there, 'mmoe' here")
   assert snapshot(workdir) == before
+
+
+def test_the_same_study_from_another_storage_is_refused(tmp_path, cache_dir):
+  """A study's folder belongs to its storage: the same study name from another storage
+  (e.g. a second reproduction with the same --tuned and its own optuna.db) would overwrite
+  best.json and trials.csv with other trials."""
+  workdir = tmp_path / 'tune'
+  base = ['experiments.tune', f'--config=configs/kuairand.py:{TINY_ARG}',
+          *cli_overrides(cache_dir), f'--workdir={workdir}', '--trials=1',
+          '--params=learning_rate', '--model=shared_bottom']
+  assert _run(base).returncode == 0
+  before = snapshot(workdir)
+  other = f'sqlite:///{tmp_path}/other.db'
+  _one_error_line(_run([*base, f'--storage={other}']), 2, 'holds a tuning study of its own',
+                  f"storage: 'sqlite:///{workdir}/optuna.db' there, '{other}' here",
+                  f'pass --storage=sqlite:///{workdir}/optuna.db')
+  assert snapshot(workdir) == before
+
+
+def test_a_mark_of_an_older_release_is_completed_not_refused(tmp_path):
+  run_files.write_json(str(tmp_path / run_files.STUDY), {'study': 's', 'model': 'dnn'})
+  run_files.claim(str(tmp_path), run_files.STUDY, {'study': 's', 'model': 'dnn', 'storage': 'x'})
+  with open(tmp_path / run_files.STUDY) as f:
+    assert json.load(f)['storage'] == 'x'
+  with pytest.raises(ConfigError, match=r"storage: 'x' there, 'y' here\); pass --storage=x "):
+    run_files.claim(str(tmp_path), run_files.STUDY, {'study': 's', 'model': 'dnn',
+                                                      'storage': 'y'})
 
 
 # ----------------------------------------------------------------------------- 4. storage

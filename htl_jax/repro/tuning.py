@@ -368,8 +368,12 @@ def run_study(base, workdir: str, storage, options: StudyOptions) -> dict[str, A
     follow_trials(base, options.trial_seeds)
     return {'study': study_name, 'counts': {}, 'best': None,
             'wall_seconds': time.perf_counter() - start}
+  # The study's folder belongs to the study in ONE storage: a second storage's study of the
+  # same name (another --workdir's optuna.db with the same --tuned) would overwrite its
+  # best.json and trials.csv with its own trials.
   run_files.claim(workdir, run_files.STUDY, {'study': study_name, 'model': base.model,
-                                              'selection': base.selection})
+                                              'selection': base.selection,
+                                              'storage': storage_lib.masked(storage.url)})
   study = open_study(base, storage, study_name=study_name, space=space,
                      pruner_startup_trials=options.pruner_startup_trials,
                      pruner_warmup_evals=options.pruner_warmup_evals,
