@@ -371,9 +371,11 @@ def run_study(base, workdir: str, storage, options: StudyOptions) -> dict[str, A
   # The study's folder belongs to the study in ONE storage: a second storage's study of the
   # same name (another --workdir's optuna.db with the same --tuned) would overwrite its
   # best.json and trials.csv with its own trials.
+  url = getattr(storage, 'url', '')            # an in-memory storage (tests) has none
   run_files.claim(workdir, run_files.STUDY, {'study': study_name, 'model': base.model,
                                               'selection': base.selection,
-                                              'storage': storage_lib.masked(storage.url)})
+                                              'storage': storage_lib.masked(url) if url
+                                              else 'in memory'})
   study = open_study(base, storage, study_name=study_name, space=space,
                      pruner_startup_trials=options.pruner_startup_trials,
                      pruner_warmup_evals=options.pruner_warmup_evals,
