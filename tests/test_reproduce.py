@@ -377,3 +377,44 @@ def test_a_variant_whose_study_finished_no_trial_says_it_ran_at_the_defaults():
   assert '- DNN: the defaults of the config: its study has no completed trial' in text
   assert '- HTLNet: gamma=1' in text
   assert report.tuned_section({'DNN': {}}) == ''        # no tuning asked: nothing to say
+
+
+def test_a_command_with_fewer_variants_leaves_the_others_cells_to_them(tmp_path):
+  """Two commands share one study with different --variants: each runs its own cells and
+  puts the other's back (they were pruned, so the other command's table missed them)."""
+  workdir, calls = str(tmp_path / 'suite'), []
+
+  def cell(config, run_dir):
+    calls.append((config.grad_process, config.seed))
+    os.makedirs(run_dir, exist_ok=True)
+    result = {'valid': {'y': {'nrmse': 1.0}}, 'test': {'y': {'nrmse': 1.0}}}
+    with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
+      json.dump(result, f)
+    return result
+
+  from htl_jax.repro import storage as storage_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir)
+  storage = storage_lib.open_storage(storage_lib.storage_url(workdir))
+  name = 'reproduce:table3:kuairand:sample'
+  wide = ['HTLNet|seed0', 'w/o Optimization|seed0']
+  runner.open_cell_study(name, storage, wide)           # the wider command enqueued first
+  narrow = runner.run_experiment(kuairand.get_config(), 'table3', 1, workdir,
+                                 variants=['w/o Optimization'], run_cell=cell)
+  assert list(narrow) == ['w/o Optimization|seed0'] and calls == [('none', 0)]
+  study = optuna.load_study(study_name=name, storage=storage)
+  waiting = [t.user_attrs['cell'] for t in study.trials if t.state.name == 'WAITING']
+  assert waiting == ['HTLNet|seed0']                    # put back, not lost
+  both = runner.run_experiment(kuairand.get_config(), 'table3', 1, workdir,
+                               variants=['HTLNet', 'w/o Optimization'], run_cell=cell)
+  assert sorted(both) == wide and calls == [('none', 0), ('auto', 0)]
+
+
+def test_a_cell_that_only_was_pruned_is_waiting_again(tmp_path):
+  from htl_jax.repro import storage as storage_lib  # pylint: disable=g-import-not-at-top
+  storage = storage_lib.open_storage(storage_lib.storage_url(str(tmp_path)))
+  study = runner.open_cell_study('cells', storage, ['HTLNet|seed0'])
+  with pytest.warns(UserWarning, match='Heartbeat'):
+    taken = study.ask()
+  study.tell(taken, state=optuna.trial.TrialState.PRUNED)
+  runner.open_cell_study('cells', storage, ['HTLNet|seed0'])
+  assert [t.state.name for t in study.trials] == ['PRUNED', 'WAITING']

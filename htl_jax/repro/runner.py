@@ -82,8 +82,12 @@ class CellObjective:
   def __call__(self, trial: optuna.Trial) -> float:
     self.current = trial.number
     cell = trial.user_attrs.get(_CELL)
-    if cell is None or cell not in self.cells:
+    if cell is None:
       trial.set_user_attr('note', 'no waiting cell was left for this process')
+      raise optuna.TrialPruned()
+    if cell not in self.cells:       # another command's cell (other --variants): put it back
+      trial.study.enqueue_trial({}, user_attrs={_CELL: cell})
+      trial.set_user_attr('note', f'{cell} is not a cell of this process; put back')
       raise optuna.TrialPruned()
     if self._running_elsewhere(trial, cell):
       trial.set_user_attr('note', f'{cell} is running in another process')
@@ -122,7 +126,8 @@ def open_cell_study(name: str, storage, cells: list[str], direction: str = 'mini
                     ) -> optuna.Study:
   """The study called ``name``; its creator enqueues one waiting trial per cell.
 
-  A later command with more cells (more seeds, another variant) adds the missing ones.
+  A later command with more cells (more seeds, another variant) adds the missing ones, and
+  a cell whose every trial was pruned (none ran it) is waiting again.
   """
   try:
     study = optuna.create_study(study_name=name, storage=storage, direction=direction)
@@ -132,7 +137,8 @@ def open_cell_study(name: str, storage, cells: list[str], direction: str = 'mini
     created = False
   if not created:
     _wait_until_ready(study)
-  known = {t.user_attrs.get(_CELL) for t in study.get_trials(deepcopy=False)}
+  known = {t.user_attrs.get(_CELL) for t in study.get_trials(deepcopy=False)
+           if t.state != TrialState.PRUNED}
   for cell in cells:
     if cell not in known:
       study.enqueue_trial({}, user_attrs={_CELL: cell})
@@ -147,13 +153,15 @@ def _wait_until_ready(study: optuna.Study, timeout: float = 60.0) -> None:
     time.sleep(0.2)
 
 
-def work(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
-  """Take waiting cells until none is waiting or running (a dead one is retried)."""
+def work(study: optuna.Study, objective: CellObjective) -> None:
+  """Take waiting cells until none of this process's cells is waiting or running (a dead one
+  is retried). Other commands' cells in the same study (other ``--variants``) are theirs."""
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   pause = max(0.2, storage_lib.heartbeat_seconds() / 4)
   while True:
     storage_lib.fail_stale_trials(study)
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+    states = [t.state for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get(_CELL) in objective.cells]
     if TrialState.WAITING in states:
       with storage_lib.quiet_experimental():
         try:
