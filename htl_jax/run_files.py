@@ -186,9 +186,10 @@ def claim(workdir: str, mark: str, identity: Mapping[str, Any]) -> None:
       diffs = '; '.join(f'{k}: {stored.get(k)!r} there, {wanted.get(k)!r} here'
                         for k in sorted(set(stored) | set(known))
                         if stored.get(k) != wanted.get(k))
-      hint = ('pass --storage=' + str(stored['storage']) + ' to go on with that study, or '
-              'use another folder') if stored.get('storage', wanted.get('storage')) != wanted.get(
-                  'storage') else 'use another --workdir'
+      theirs = stored.get('storage')        # a study's folder belongs to its storage
+      hint = (f'pass --storage={theirs} to go on with that study, or use another folder'
+              if theirs is not None and theirs != wanted.get('storage')
+              else 'use another --workdir')
       raise ConfigError(f'{workdir} holds {_KINDS[mark]} of its own ({diffs}); {hint}')
     if known != wanted:
       write_json(path, {**stored, **wanted})
